@@ -1,0 +1,112 @@
+"""The one interface every quantization format implements.
+
+A quantized weight is a small frozen type (STYLE habit 4). It stores a float matrix
+W of shape (out_features, in_features) in some compact form and offers five verbs:
+
+    quantize   a classmethod building it from a float weight (per format)
+    dequantize W back as a float tensor, optionally only rows [start, stop)
+    forward    y = x @ W^T, dequantizing one tile of rows at a time, so that a full
+               dequantized copy never exists and autograd saves none (the backward
+               pass dequantizes the tiles again, as QLoRA does)
+    nbytes     the true storage size of its buffers
+    save/load  its buffers are a plain state dict (safetensors-ready) and `meta()`
+               is the JSON needed to rebuild an empty instance of the right shape
+
+Formats differ only in how they encode rows; all the tiling lives here.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+__all__ = ["QuantizedWeight", "TILE_ELEMENTS"]
+
+# Rows are dequantized in tiles of at most this many elements (16 MB in fp32).
+TILE_ELEMENTS = 1 << 22
+
+
+class _QuantMatmul(torch.autograd.Function):
+    """y = x @ W^T with W dequantized tile by tile; the backward redoes the tiles."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, qweight: "QuantizedWeight") -> torch.Tensor:
+        ctx.qweight = qweight
+        return qweight._matmul(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return ctx.qweight._matmul_transposed(grad_out), None
+
+
+class QuantizedWeight(nn.Module):
+    """Base of all formats: shape bookkeeping, tiled matmul, size, state-dict round trip."""
+
+    format: ClassVar[str] = ""
+    bits: int = 16
+
+    def __init__(self, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.out_features = out_features
+        self.in_features = in_features
+
+    # -- what a format must provide -------------------------------------------------
+    def dequantize(
+        self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None
+    ) -> torch.Tensor:
+        """Rows [start, stop) of W as a (stop - start, in_features) float tensor."""
+        raise NotImplementedError
+
+    def meta(self) -> dict[str, Any]:
+        """JSON-able settings needed (with the shape) to rebuild an empty instance."""
+        raise NotImplementedError
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, meta: dict[str, Any]) -> "QuantizedWeight":
+        """An instance with correctly shaped, uninitialised buffers (for loading)."""
+        raise NotImplementedError
+
+    # -- shared machinery ---------------------------------------------------------------
+    def nbytes(self) -> int:
+        """True storage: every buffer's bytes, packed codes and scales included."""
+        return sum(t.numel() * t.element_size() for t in self.state_dict().values())
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes() / (self.out_features * self.in_features)
+
+    def _row_tiles(self) -> list[tuple[int, int]]:
+        step = max(1, TILE_ELEMENTS // max(1, self.in_features))
+        return [(a, min(a + step, self.out_features)) for a in range(0, self.out_features, step)]
+
+    @torch.no_grad()
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        tiles = self._row_tiles()
+        if len(tiles) == 1:
+            return x @ self.dequantize(x.dtype).T
+        out = x.new_empty(*x.shape[:-1], self.out_features)
+        for a, b in tiles:
+            out[..., a:b] = x @ self.dequantize(x.dtype, a, b).T  # (..., in) @ (in, b-a)
+        return out
+
+    @torch.no_grad()
+    def _matmul_transposed(self, g: torch.Tensor) -> torch.Tensor:
+        """g @ W for g of shape (..., out_features): the gradient w.r.t. the input."""
+        out = None
+        for a, b in self._row_tiles():
+            part = g[..., a:b] @ self.dequantize(g.dtype, a, b)  # (..., b-a) @ (b-a, in)
+            out = part if out is None else out.add_(part)
+        assert out is not None
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            return _QuantMatmul.apply(x, self)
+        return self._matmul(x)
+
+    def extra_repr(self) -> str:
+        m = ", ".join(f"{k}={v}" for k, v in self.meta().items())
+        return f"{self.out_features}x{self.in_features}, {m}"

@@ -1,0 +1,104 @@
+"""QuantLinear: a frozen linear layer whose weight is a QuantizedWeight.
+
+It is a drop-in for `nn.Linear` inside a Hugging Face model (same in/out features,
+same call), so adapters can wrap it exactly as they wrap a float layer. Also here:
+the per-format dispatch (`quantize_weight`, `empty_weight`) and the two functions the
+rest of restora uses to look at any base layer without knowing its format:
+`weight_of` (dense float weight) and `linear_shape`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import QuantizedWeight
+from .int8 import Int8Weight
+from .nf4 import NF4Weight
+from .spec import QuantSpec
+from .uniform import UniformWeight, rtn_quantize
+
+__all__ = ["QuantLinear", "quantize_weight", "empty_weight", "weight_of", "linear_shape", "is_linear"]
+
+
+def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest style quantization of one (out, in) weight. GPTQ lives in gptq.py."""
+    if spec.format in ("nf4", "fp4"):
+        return NF4Weight.quantize(weight, spec.format, spec.group_size, spec.double_quant)
+    if spec.format == "int8":
+        return Int8Weight.quantize(weight, spec.group_size)
+    if spec.format in ("rtn", "gptq"):
+        # gptq without calibration data is not gptq: callers use restora.quant.gptq for that.
+        return rtn_quantize(weight, spec.bits, spec.group_size)
+    raise ValueError(f"format {spec.format!r} is not a quantized format")
+
+
+def empty_weight(out_features: int, in_features: int, meta: dict[str, Any]) -> QuantizedWeight:
+    """An empty QuantizedWeight of the format named in `meta` (for loading a checkpoint)."""
+    fmt = meta.get("format")
+    if fmt in ("nf4", "fp4"):
+        return NF4Weight.empty(out_features, in_features, meta)
+    if fmt == "int8":
+        return Int8Weight.empty(out_features, in_features, meta)
+    if fmt in ("rtn", "gptq"):
+        return UniformWeight.empty(out_features, in_features, meta)
+    raise ValueError(f"unknown quantized format {fmt!r} in checkpoint metadata")
+
+
+class QuantLinear(nn.Module):
+    """y = x W^T + b with W held by a QuantizedWeight (frozen) and b an optional float buffer."""
+
+    def __init__(self, qweight: QuantizedWeight, bias: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.qweight = qweight
+        self.in_features = qweight.in_features
+        self.out_features = qweight.out_features
+        if bias is not None:
+            self.register_buffer("bias", bias.detach().clone())
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, spec: QuantSpec) -> "QuantLinear":
+        w = weight_of(linear)
+        bias = getattr(linear, "bias", None)
+        return cls(quantize_weight(w, spec), bias)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.qweight.dequantize(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.qweight(x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+def is_linear(module: nn.Module) -> bool:
+    """A float nn.Linear, a GPT-2 Conv1D, or a QuantLinear."""
+    return isinstance(module, (nn.Linear, QuantLinear)) or type(module).__name__ == "Conv1D"
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """(out_features, in_features) of any supported base layer."""
+    if isinstance(module, (nn.Linear, QuantLinear)):
+        return module.out_features, module.in_features
+    if type(module).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
+        return int(module.nf), int(module.weight.shape[0])
+    raise TypeError(f"{type(module).__name__} is not a linear layer restora can wrap")
+
+
+def weight_of(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The dense (out, in) weight of any supported base layer, as a new float tensor."""
+    if isinstance(module, QuantLinear):
+        return module.dequantize(dtype)
+    if isinstance(module, nn.Linear):
+        return module.weight.detach().to(dtype).clone()
+    if type(module).__name__ == "Conv1D":
+        return module.weight.detach().T.to(dtype).clone()
+    raise TypeError(f"{type(module).__name__} is not a linear layer restora can wrap")

@@ -1,0 +1,133 @@
+"""Uniform k-bit weights with an asymmetric scale and zero point per group.
+
+One storage type serves both round-to-nearest (RTN) and GPTQ: they differ only in how
+the integer codes are chosen, not in what the codes mean (STYLE habit 4). For a group
+of `group_size` inputs of one output row,
+
+    scale = (max - min) / (2^k - 1),   zero = round(-min / scale)
+    q     = clamp(round(w / scale) + zero, 0, 2^k - 1)
+    w    ~ (q - zero) * scale
+
+Scales are stored in fp16 (as GPTQ checkpoints do) and the codes are chosen with the
+fp16-rounded scale, so quantize and dequantize agree exactly. Codes are bit-packed
+(see packing.py): 3 bits cost 3 bits. With GPTQ's act-order the group of input column
+j is `g_idx[j]` instead of j // group_size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from .base import QuantizedWeight
+from .packing import pack_codes, unpack_codes
+
+__all__ = ["UniformWeight", "uniform_params", "quantize_with", "rtn_quantize"]
+
+
+def uniform_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale (fp16-representable) and integer zero point for the last dim of `w`."""
+    maxq = 2**bits - 1
+    lo = w.amin(dim=-1).clamp(max=0)
+    hi = w.amax(dim=-1).clamp(min=0)
+    scale = ((hi - lo) / maxq).clamp(min=1e-8).half().float()
+    zero = torch.round(-lo / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """Integer codes of `w` on the grid (scale, zero), broadcast over the last dim."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+class UniformWeight(QuantizedWeight):
+    """Buffers: qweight uint8 (out, in*k/8) packed codes; scales fp16 (out, groups);
+    zeros uint8 (out, groups); g_idx int32 (in,) only with act-order."""
+
+    format = "rtn"
+
+    def __init__(
+        self,
+        out_features: int,
+        in_features: int,
+        bits: int,
+        group_size: int = 64,
+        method: str = "rtn",
+        act_order: bool = False,
+    ) -> None:
+        super().__init__(out_features, in_features)
+        if group_size != -1 and in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide in_features {in_features}")
+        self.bits = bits
+        self.group_size = group_size
+        self.method = method
+        self.act_order = act_order
+        groups = 1 if group_size == -1 else in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features * bits // 8, dtype=torch.uint8))
+        self.register_buffer("scales", torch.zeros(out_features, groups, dtype=torch.float16))
+        self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        if act_order:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+
+    @property
+    def _group(self) -> int:
+        return self.in_features if self.group_size == -1 else self.group_size
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        bits: int,
+        group_size: int,
+        method: str = "rtn",
+        g_idx: torch.Tensor | None = None,
+    ) -> "UniformWeight":
+        """Pack integer codes (out, in) with per-group scales/zeros (out, groups)."""
+        out_f, in_f = codes.shape
+        q = cls(out_f, in_f, bits, group_size, method, act_order=g_idx is not None).to(codes.device)
+        q.qweight.copy_(pack_codes(codes.to(torch.uint8), bits))
+        q.scales.copy_(scales.half())
+        q.zeros.copy_(zeros.to(torch.uint8))
+        if g_idx is not None:
+            q.g_idx.copy_(g_idx.to(torch.int32))
+        return q
+
+    def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        stop = self.out_features if stop is None else stop
+        rows = stop - start
+        codes = unpack_codes(self.qweight[start:stop], self.bits, self.in_features).float()  # (rows, in)
+        scales = self.scales[start:stop].float()
+        zeros = self.zeros[start:stop].float()
+        if self.act_order:
+            g = self.g_idx.long()
+            return ((codes - zeros[:, g]) * scales[:, g]).to(dtype)
+        codes = codes.view(rows, -1, self._group)  # (rows, groups, group)
+        w = (codes - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
+        return w.view(rows, self.in_features).to(dtype)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "format": self.method,
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "act_order": self.act_order,
+        }
+
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, meta: dict[str, Any]) -> "UniformWeight":
+        return cls(
+            out_features, in_features, meta["bits"], meta["group_size"], meta["format"], meta.get("act_order", False)
+        )
+
+
+def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> UniformWeight:
+    """Round-to-nearest: each group's own min/max grid, every weight to its nearest level."""
+    out_f, in_f = weight.shape
+    g = in_f if group_size == -1 else group_size
+    w = weight.detach().float().view(out_f, in_f // g, g)  # (out, groups, group)
+    scale, zero = uniform_params(w, bits)  # (out, groups)
+    codes = quantize_with(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).view(out_f, in_f)
+    return UniformWeight.from_codes(codes, scale, zero, bits, group_size, "rtn")
