@@ -1,0 +1,103 @@
+"""The `restora` command line, generated from typed functions (STYLE habit 6).
+
+Each subcommand is a plain function in restora.commands with type hints and a
+docstring whose "Args:" section documents each parameter. This module turns the
+signature into argparse options: parameters without a default become positionals,
+`bool` becomes --flag/--no-flag, `Literal[...]` becomes choices, `X | None` is optional.
+Defaults and help live only in the function. Errors users cause (ValueError,
+FileNotFoundError, RuntimeError) print as one line, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import re
+import sys
+import types
+import typing
+from collections.abc import Callable
+from typing import Any, Literal, get_args, get_origin
+
+__all__ = ["main", "build_parser"]
+
+
+def _param_docs(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
+    doc = inspect.getdoc(fn) or ""
+    summary, _, rest = doc.partition("\nArgs:\n")
+    docs: dict[str, str] = {}
+    current = None
+    for line in rest.splitlines():
+        m = re.match(r"\s{4}(\w+):\s*(.*)", line)
+        if m:
+            current = m.group(1)
+            docs[current] = m.group(2)
+        elif current and line.startswith(" " * 8):
+            docs[current] += " " + line.strip()
+        else:
+            current = None
+    return summary.strip(), docs
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _add_command(sub: Any, name: str, fn: Callable[..., Any]) -> None:
+    summary, docs = _param_docs(fn)
+    p = sub.add_parser(name, help=summary.splitlines()[0] if summary else name, description=summary)
+    hints = typing.get_type_hints(fn)
+    for pname, param in inspect.signature(fn).parameters.items():
+        tp = _unwrap_optional(hints.get(pname, str))
+        flag = "--" + pname.replace("_", "-")
+        help_ = docs.get(pname, "")
+        kwargs: dict[str, Any] = {"help": help_}
+        if get_origin(tp) is Literal:
+            kwargs["choices"] = list(get_args(tp))
+            tp = type(get_args(tp)[0])
+        if param.default is inspect.Parameter.empty:
+            p.add_argument(pname, type=tp, **kwargs)
+            continue
+        if tp is bool:
+            p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=param.default, help=help_)
+            continue
+        if get_origin(tp) in (list, tuple):
+            inner = get_args(tp)[0] if get_args(tp) else str
+            p.add_argument(flag, dest=pname, type=inner, nargs="+", default=param.default, **kwargs)
+            continue
+        if param.default is not None:
+            kwargs["help"] = f"{help_} (default: {param.default})".strip()
+        p.add_argument(flag, dest=pname, type=tp, default=param.default, **kwargs)
+    p.set_defaults(_fn=fn)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import commands
+
+    parser = argparse.ArgumentParser(prog="restora", description="LoRA on quantized bases, and Post LoRA Restoration.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, fn in commands.COMMANDS.items():
+        _add_command(sub, name, fn)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    fn = args.pop("_fn")
+    args.pop("command")
+    try:
+        result = fn(**args)
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"restora: error: {msg}", file=sys.stderr)
+        return 2
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

