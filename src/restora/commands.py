@@ -156,4 +156,23 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64, chat: bool = Fal
     return 0
 
 
-COMMANDS = {"quantize": quantize, "info": info, "generate": generate}
+def demo(out: str = "runs/demo", calib_samples: int = 128, data_dir: str | None = None) -> int:
+    """The embedded demo, offline: quantize SmolLM2-135M with GPTQ (4 bits, group 64) and RTN,
+    report held-out perplexity of each against the float source, and show a greedy completion.
+
+    Args:
+        out: folder for the demo's checkpoints.
+        calib_samples: GPTQ calibration rows from the SQL Create Context train split.
+        data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
+    """
+    base = Path(out)
+    for fmt in ("rtn", "gptq"):
+        print(f"== {fmt} 4-bit, group 64 ==")
+        quantize("smollm2-135m", str(base / f"{fmt}-4b"), format=fmt, bits=4, group_size=64,
+                 calib_samples=calib_samples, data_dir=data_dir)
+    prompt = "Write a SQL query that counts the rows of the table singer."
+    print("== greedy completion from the 4-bit GPTQ checkpoint ==")
+    return generate(str(base / "gptq-4b"), prompt, max_new_tokens=48, chat=True)
+
+
+COMMANDS = {"quantize": quantize, "info": info, "generate": generate, "demo": demo}

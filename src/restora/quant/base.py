@@ -103,6 +103,8 @@ class QuantizedWeight(nn.Module):
         return out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):  # e.g. bf16 compute: dequantize straight to it
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         if torch.is_grad_enabled() and x.requires_grad:
             return _QuantMatmul.apply(x, self)
         return self._matmul(x)

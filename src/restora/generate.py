@@ -1,0 +1,122 @@
+"""Batched greedy decoding with a KV cache and stop strings.
+
+Prompts are left-padded into one batch (B, T). The prompt pass fills the cache; each
+further step feeds one token per row (B, 1) with explicit position ids, so padded rows
+decode exactly as they would alone. A row finishes at EOS, at a stop string (the text
+is cut before it), or after `max_new_tokens`; finished rows are dropped from the batch
+(cache rows included) so late steps cost only what is still running.
+
+The base may be float or quantized in any restora format, with or without adapters:
+decoding only calls the model. For a different adapter per row, pass `row_adapters`
+and a `set_rows` callback (restora.adapters' batched forward provides one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+__all__ = ["greedy_generate"]
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _select_cache(cache: Any, keep: torch.Tensor) -> Any:
+    """Keep only rows `keep` of a transformers cache (DynamicCache or legacy tuples)."""
+    if hasattr(cache, "batch_select_indices"):
+        cache.batch_select_indices(keep)
+        return cache
+    if hasattr(cache, "layers"):
+        for layer in cache.layers:
+            layer.keys = layer.keys[keep]
+            layer.values = layer.values[keep]
+        return cache
+    return tuple(tuple(t[keep] for t in layer) for layer in cache)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int = 128,
+    stop: Sequence[str] = (),
+    batch_size: int = 8,
+    bf16: bool = True,
+    add_special_tokens: bool = True,
+    row_adapters: Sequence[int] | None = None,
+    set_rows: Callable[[nn.Module, torch.Tensor], None] | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions of `prompts` (in order), each cut at its first stop string."""
+    if max_new_tokens <= 0:
+        raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if row_adapters is not None and (set_rows is None or len(row_adapters) != len(prompts)):
+        raise ValueError("row_adapters needs one entry per prompt and a set_rows callback")
+    device = next(model.parameters()).device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    encoded = [tokenizer(p, add_special_tokens=add_special_tokens)["input_ids"] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
+    results: list[str] = [""] * len(prompts)
+    use_bf16 = bf16 and device.type == "cpu"
+    for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
+        rows = order[a : a + batch_size]
+        T = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), T), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), T), dtype=torch.long)
+        for j, i in enumerate(rows):  # left padding
+            ids[j, T - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[j, T - len(encoded[i]) :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
+        alive = torch.arange(len(rows), device=device)  # batch row -> index into `rows`
+        if row_adapters is not None and set_rows is not None:
+            set_rows(model, torch.tensor([row_adapters[i] for i in rows], device=device))
+        out_tokens: list[list[int]] = [[] for _ in rows]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            cache = res.past_key_values
+            next_tok = res.logits[:, -1].argmax(-1)  # (B,)
+            last_pos = pos[:, -1]
+            for _ in range(max_new_tokens):
+                done = torch.zeros(len(alive), dtype=torch.bool)
+                for j, r in enumerate(alive.tolist()):
+                    t = int(next_tok[j])
+                    if t == eos:
+                        done[j] = True
+                        continue
+                    out_tokens[r].append(t)
+                    if stop and _cut_at_stop(tokenizer.decode(out_tokens[r][-16:]), stop)[1]:
+                        done[j] = True
+                    elif len(out_tokens[r]) >= max_new_tokens:
+                        done[j] = True
+                if done.all():
+                    break
+                keep = (~done).nonzero().flatten().to(device)
+                if len(keep) < len(alive):
+                    alive, next_tok, mask, last_pos = alive[keep], next_tok[keep], mask[keep], last_pos[keep]
+                    cache = _select_cache(cache, keep)
+                    if row_adapters is not None and set_rows is not None:
+                        set_rows(model, torch.tensor([row_adapters[rows[r]] for r in alive.tolist()], device=device))
+                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+                last_pos = last_pos + 1
+                res = model(
+                    input_ids=next_tok[:, None],
+                    attention_mask=mask,
+                    position_ids=last_pos[:, None],
+                    past_key_values=cache,
+                    use_cache=True,
+                )
+                cache = res.past_key_values
+                next_tok = res.logits[:, -1].argmax(-1)
+        for j, i in enumerate(rows):
+            results[i] = _cut_at_stop(tokenizer.decode(out_tokens[j], skip_special_tokens=True), stop)[0]
+    return results

@@ -1,0 +1,348 @@
+"""Completion-only supervised fine-tuning of adapters on a frozen (possibly quantized) base.
+
+The PLR protocol (SEEDS 000): rank 16, lr 2e-4, effective batch 32, up to 10 epochs,
+keep the epoch with the lowest validation loss. Only parameters with requires_grad
+(the adapter's) train; the base stays bit-identical.
+
+Loss. Logits are computed only where a label exists: the decoder's hidden states at
+label positions are gathered, (N, H), and projected to the vocabulary in chunks, each
+chunk under activation checkpointing, so full-vocabulary logits for the batch never
+exist at once and prompt positions never reach the LM head:
+
+    loss = sum_i CE(lm_head(h_i), y_{i+1}) / (label tokens in the effective batch)
+
+Batches. The effective batch is `batch_size` rows, split into micro-batches of
+`micro_batch_size` (gradient accumulation). Epoch e visits rows in the permutation
+drawn from (seed, e), so a resumed run sees the same order.
+
+Checkpoints. Every `save_every` optimizer steps the adapter, AdamW moments and the
+trainer position are written to DIR/checkpoint (safetensors + JSON, temp-then-rename),
+so a killed run resumes losing at most the optimizer step in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+__all__ = ["TrainConfig", "train", "completion_loss", "evaluate_loss", "Example"]
+
+Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with -100 on prompt positions
+LOGIT_CHUNK = 1024  # label positions projected to the vocabulary at once
+
+
+@dataclass
+class TrainConfig:
+    """Training settings (defaults follow the PLR protocol where it has one).
+
+    epochs: passes over the training rows (ignored when max_steps > 0).
+    max_steps: stop after this many optimizer steps (0 = run all epochs).
+    lr: peak learning rate of AdamW.
+    batch_size: effective batch in rows per optimizer step.
+    micro_batch_size: rows per forward/backward; must divide batch_size.
+    schedule: "constant" or "cosine", both after linear warmup.
+    warmup_ratio: fraction of all steps spent warming up.
+    weight_decay: AdamW weight decay on adapter parameters.
+    optimizer: "adamw" (fp32 moments), "adamw8bit" (blockwise 8-bit moments) or
+        "paged_adamw8bit" (bitsandbytes, CUDA only).
+    bf16: run the forward/backward under bf16 autocast (fast on CPUs with AMX/AVX512-BF16).
+    grad_checkpointing: recompute decoder activations in the backward pass.
+    save_every: optimizer steps between resumable checkpoints (0 = never).
+    seed: seed of data order and adapter init.
+    max_grad_norm: clip the adapter gradient norm (0 = no clipping).
+    """
+
+    epochs: int = 1
+    max_steps: int = 0
+    lr: float = 2e-4
+    batch_size: int = 32
+    micro_batch_size: int = 8
+    schedule: str = "constant"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    optimizer: str = "adamw"
+    bf16: bool = True
+    grad_checkpointing: bool = False
+    save_every: int = 1
+    seed: int = 0
+    max_grad_norm: float = 1.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.micro_batch_size <= 0:
+            raise ValueError(f"batch_size and micro_batch_size must be positive, got {self.batch_size}, {self.micro_batch_size}")
+        if self.batch_size % self.micro_batch_size:
+            raise ValueError(f"micro_batch_size {self.micro_batch_size} does not divide batch_size {self.batch_size}")
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule must be constant or cosine, got {self.schedule!r}")
+        if self.optimizer not in ("adamw", "adamw8bit", "paged_adamw8bit"):
+            raise ValueError(f"optimizer must be adamw, adamw8bit or paged_adamw8bit, got {self.optimizer!r}")
+        if self.epochs <= 0 and self.max_steps <= 0:
+            raise ValueError("set epochs > 0 or max_steps > 0")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def resume_key(self) -> dict[str, Any]:
+        """Settings that must match for --resume to be meaningful."""
+        d = asdict(self)
+        for k in ("save_every", "extra"):
+            d.pop(k)
+        return d
+
+
+def _backbone_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    head = model.get_output_embeddings()
+    backbone = getattr(model, model.base_model_prefix, None)
+    if head is None or backbone is None:
+        raise ValueError(f"{type(model).__name__}: cannot find the decoder and LM head for completion-only loss")
+    return backbone, head
+
+
+def _collate(rows: Sequence[Example], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    T = max(len(r["input_ids"]) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), -100, dtype=torch.long)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)
+    for i, r in enumerate(rows):  # right padding
+        n = len(r["input_ids"])
+        ids[i, :n] = torch.tensor(r["input_ids"])
+        labels[i, :n] = torch.tensor(r["labels"])
+        mask[i, :n] = 1
+    return ids, labels, mask
+
+
+def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = head(h).float()  # (n, V): one chunk only
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def completion_loss(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Summed CE over label positions (and their count), logits only at those positions."""
+    backbone, head = _backbone_and_head(model)
+    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    target = labels[:, 1:]  # token t+1 is predicted at position t
+    sel = target != -100  # (B, T-1)
+    h = hidden[:, :-1][sel]  # (N, H)
+    y = target[sel]  # (N,)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for a in range(0, h.shape[0], LOGIT_CHUNK):
+        hc, yc = h[a : a + LOGIT_CHUNK], y[a : a + LOGIT_CHUNK]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce, head, hc, yc, use_reentrant=False)
+        else:
+            total = total + _chunk_ce(head, hc, yc)
+    return total, int(y.numel())
+
+
+@torch.no_grad()
+def evaluate_loss(model: nn.Module, rows: Sequence[Example], pad_id: int, micro_batch_size: int = 8, bf16: bool = True) -> float:
+    """Mean completion log loss (nats/token) over `rows`."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding
+    for a in range(0, len(order), micro_batch_size):
+        ids, labels, mask = _collate([rows[i] for i in order[a : a + micro_batch_size]], pad_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and ids.device.type == "cpu"):
+            s, n = completion_loss(model, ids, labels, mask)
+        total += float(s)
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm = int(cfg.warmup_ratio * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "cosine":
+        p = (step - warm) / max(1, total - warm)
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * p))
+    return cfg.lr
+
+
+def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw8bit":
+        from .optim8bit import AdamW8bit
+
+        return AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "paged_adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError as e:
+            raise RuntimeError("optimizer paged_adamw8bit needs bitsandbytes (and CUDA): pip install bitsandbytes") from e
+        return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
+    try:
+        write(tmp)
+        old = target.with_name(f".{target.name}.old")
+        if target.exists():
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old.exists():
+            shutil.rmtree(old)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _save_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    def write(tmp: Path) -> None:
+        tensors = {f"param/{k}": p.detach().contiguous() for k, p in named.items()}
+        index = {id(p): k for k, p in named.items()}
+        for group in opt.param_groups:
+            for p in group["params"]:
+                for sk, sv in opt.state.get(p, {}).items():
+                    if torch.is_tensor(sv):
+                        tensors[f"opt/{index[id(p)]}/{sk}"] = sv.detach().contiguous()
+        save_file(tensors, str(tmp / "state.safetensors"))
+        (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
+
+    _atomic_dir_write(folder, write)
+
+
+def _load_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
+    state = json.loads((folder / "trainer.json").read_text())
+    mine = cfg.resume_key()
+    for k, v in state["config"].items():
+        if mine.get(k) != v:
+            raise ValueError(f"cannot resume from {folder}: setting {k} was {v!r}, now {mine.get(k)!r}")
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for k, p in named.items():
+            key = f"param/{k}"
+            if key not in tensors:
+                raise ValueError(f"cannot resume from {folder}: adapter tensor {k} is missing")
+            p.copy_(tensors[key])
+    for k, p in named.items():
+        st = {sk.split("/")[-1]: v for sk, v in tensors.items() if sk.startswith(f"opt/{k}/")}
+        if st:
+            opt.state[p] = {sk: (v.clone()) for sk, v in st.items()}
+    return state
+
+
+def train(
+    model: nn.Module,
+    train_rows: Sequence[Example],
+    val_rows: Sequence[Example],
+    cfg: TrainConfig,
+    out_dir: str | Path,
+    pad_id: int,
+    save_best: Callable[[Path, dict[str, Any]], None],
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Train the model's trainable (adapter) parameters; return the metrics summary.
+
+    `save_best(folder, metrics)` writes the adapter as it is now to `folder` (a PEFT-style
+    adapter folder); it is called whenever validation loss improves, at each epoch's end.
+    """
+    if not train_rows:
+        raise ValueError("the training set is empty after filtering")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not named:
+        raise ValueError("the model has no trainable parameters: add an adapter first")
+    params = list(named.values())
+    opt = _make_optimizer(params, cfg)
+    accum = cfg.batch_size // cfg.micro_batch_size
+    steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    ckpt = out / "checkpoint"
+    step, best, history = 0, float("inf"), []
+    if resume:
+        if not (ckpt / "trainer.json").is_file():
+            raise FileNotFoundError(f"{ckpt}/trainer.json is missing: nothing to resume")
+        state = _load_checkpoint(ckpt, named, opt, cfg)
+        step, best, history = state["step"], state["best_val_loss"], state["history"]
+    backbone, _ = _backbone_and_head(model)
+    if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+    model.train()
+    metrics_log = (out / "metrics.jsonl").open("a")
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress)
+    t_start, tokens_seen = time.perf_counter(), 0
+    use_bf16 = cfg.bf16 and next(model.parameters()).device.type == "cpu"
+    try:
+        while step < total_steps:
+            epoch, k = divmod(step, steps_per_epoch)
+            g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
+            perm = torch.randperm(len(train_rows), generator=g).tolist()
+            batch = [train_rows[i] for i in perm[k * cfg.batch_size : (k + 1) * cfg.batch_size]]
+            lr = _lr_at(step, total_steps, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            n_labels = sum(sum(1 for y in r["labels"][1:] if y != -100) for r in batch)
+            loss_sum = 0.0
+            for a in range(0, len(batch), cfg.micro_batch_size):
+                ids, labels, mask = _collate(batch[a : a + cfg.micro_batch_size], pad_id)
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                    s, _ = completion_loss(model, ids, labels, mask)
+                (s / max(n_labels, 1)).backward()
+                loss_sum += float(s)
+                tokens_seen += int(mask.sum())
+            if cfg.max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            loss = loss_sum / max(n_labels, 1)
+            rate = tokens_seen / (time.perf_counter() - t_start)
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
+            bar.update(1)
+            record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": rate}
+            epoch_end = step % steps_per_epoch == 0 or step == total_steps
+            if epoch_end and val_rows:
+                val = evaluate_loss(model, val_rows, pad_id, cfg.micro_batch_size, use_bf16)
+                record["val_loss"] = val
+                history.append({"epoch": epoch + 1, "step": step, "val_loss": val})
+                if val < best:
+                    best = val
+                    save_best(out, {"best_epoch": epoch + 1, "best_val_loss": val, "history": history})
+            elif epoch_end and not val_rows:
+                save_best(out, {"best_epoch": epoch + 1, "history": history})
+            metrics_log.write(json.dumps(record) + "\n")
+            metrics_log.flush()
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
+                state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key()}
+                _save_checkpoint(ckpt, named, opt, state)
+    finally:
+        bar.close()
+        metrics_log.close()
+    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history else epochs
+    return {
+        "steps": step,
+        "epochs": epochs,
+        "best_epoch": best_epoch,
+        "best_val_loss": best if history else None,
+        "history": history,
+        "tokens_per_s": tokens_seen / max(time.perf_counter() - t_start, 1e-9),
+    }
