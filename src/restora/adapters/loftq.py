@@ -254,7 +254,9 @@ def _resolve_targets(model: nn.Module, targets: list[str] | None) -> list[str]:
         else:
             hits = [n for n in layers if n.rsplit(".", 1)[-1] == target]
         if not hits:
-            raise ValueError(f"LoftQ target {target!r} matches no module: expected a module name or a leaf like 'q_proj'")
+            raise ValueError(
+                f"LoftQ target {target!r} matches no module: expected a module name or a leaf like 'q_proj'"
+            )
         chosen += [h for h in hits if h not in chosen]
     return chosen
 
@@ -307,6 +309,7 @@ def loftq_init_model(
             res.quant_error / res.weight_norm,
             res.error / res.weight_norm,
         )
-        bar.set_postfix_str(f"{spec.bits}b rel.err {res.quant_error / res.weight_norm:.3f}->{res.error / res.weight_norm:.3f}")
+        rel_q, rel_l = res.quant_error / res.weight_norm, res.error / res.weight_norm
+        bar.set_postfix_str(f"{spec.bits}b rel.err {rel_q:.3f}->{rel_l:.3f}")
     return results
 
