@@ -1,0 +1,307 @@
+"""GPTQ: post-training quantization with second-order error compensation.
+
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers", ICLR 2023.
+
+For one linear layer with weight W (out, in) and calibration inputs X (n, in), GPTQ picks
+codes Q on the k-bit grid that keep the layer's output close:
+
+    min_Q || X Wᵀ − X Qᵀ ||²,   i.e. per row w:  (w − q) H (w − q)ᵀ / 2,   H = 2/n · Xᵀ X   (in, in)
+
+Rows are independent given H. Columns are rounded one at a time in a fixed order (Optimal
+Brain Surgeon with the order fixed); after rounding column j the columns F that come after it
+absorb the error:
+
+    δ   = (w_j − q_j) / [U]_jj                     (out,)      U = upper Cholesky factor of H⁻¹
+    w_F ← w_F − δ · [U]_j,F                        (out, |F|)
+
+Section 4 of the paper makes this fast and stable:
+  * Cholesky: the rows of H⁻¹ needed in this order are the rows of U, so H⁻¹ is never updated.
+    Dampening λ = damp · mean diag(H) is added to the diagonal first; inputs that never fire
+    (H_jj = 0, "dead") get H_jj = 1 and a zero weight.
+  * Lazy batch updates: columns go in blocks of B = block_size. Inside a block the update touches
+    the block only; the rest of W gets one (out, B) @ (B, rest) product per block.
+  * Act-order (optional): columns in order of decreasing diag(H), so the most salient inputs are
+    rounded first, while the most columns remain to absorb their error. Groups are then formed in
+    that permuted order; g_idx maps each original column to its group.
+
+Group parameters (scale, zero per `group_size` columns of a row) are set when the loop reaches a
+group's first column, from the current (already error-compensated) weights of that group, with
+restora.quant.uniform's grid, so the codes mean exactly what UniformWeight stores.
+
+`gptq_quantize_model` runs this over a whole model block by block, as in the paper's
+sequential scheme.
+
+  * Block 0's inputs are captured once per calibration row (a pre-hook raises as soon as block 0
+    is called), with every keyword argument the block needs (attention mask, rotary position
+    embeddings, ...).
+  * For each block, forward hooks on its linear layers gather their inputs over all calibration
+    rows (one row at a time, no padding), H = 2/n Σ x xᵀ in float32.
+  * All layers of a block are quantized from the float block's inputs ("true sequential" off, as
+    GPTQModel allows). Layers that read the very same input tensor (q/k/v, gate/up) share H and are
+    quantized as one stacked matrix: rows are independent, so the codes are the same as one by one.
+  * The block's outputs are then recomputed with the quantized weights and become the next block's
+    inputs: each block is quantized with inputs that came through the already-quantized earlier
+    blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .linear import QuantLinear, linear_shape, weight_of
+from .model import check_spec_fits, decoder_blocks, quantizable_layers, set_module
+from .spec import QuantSpec
+from .uniform import UniformWeight, quantize_with, uniform_params
+
+__all__ = ["gptq_quantize", "gptq_codes", "gptq_quantize_model", "GPTQCodes", "hessian_of"]
+
+
+class GPTQCodes(NamedTuple):
+    """What GPTQ chose for a weight (out, in); columns in their original order."""
+
+    codes: torch.Tensor  # (out, in) integer codes in [0, 2^k)
+    scales: torch.Tensor  # (out, groups) fp16-representable float32
+    zeros: torch.Tensor  # (out, groups) integer zero points
+    g_idx: torch.Tensor | None  # (in,) group of each original column; act-order only
+    loss: float  # Σ δ² / 2, the paper's per-layer error estimate
+
+
+def hessian_of(x: torch.Tensor) -> torch.Tensor:
+    """H = 2/n · Xᵀ X in float32 for inputs x (..., in)."""
+    x = x.reshape(-1, x.shape[-1]).float()  # (n, in)
+    return (x.T @ x).mul_(2.0 / max(1, x.shape[0]))  # (in, in)
+
+
+def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean diag(H); λ grows if H is not PD."""
+    mean_diag = h.diagonal().mean().item()
+    lam = damp * mean_diag
+    for _ in range(6):
+        hd = h.clone()
+        hd.diagonal().add_(lam)
+        low, info = torch.linalg.cholesky_ex(hd)
+        if info.item() == 0:
+            up, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
+            if info.item() == 0:
+                return up
+        lam = lam * 10 if lam > 0 else 0.01 * mean_diag
+    raise ValueError(f"gptq: Hessian is not positive definite even with dampening {lam:.3g} (damp={damp})")
+
+
+@torch.no_grad()
+def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> GPTQCodes:
+    """The GPTQ algorithm (paper, Algorithm 1) on one weight (out, in) with Hessian (in, in)."""
+    out_f, in_f = weight.shape
+    if hessian.shape != (in_f, in_f):
+        raise ValueError(f"gptq: hessian shape {tuple(hessian.shape)} does not match weight inputs {in_f}")
+    if spec.group_size != -1 and in_f % spec.group_size:
+        raise ValueError(f"gptq: group size {spec.group_size} does not divide in_features {in_f}")
+    bits, gs, bs = spec.bits, (in_f if spec.group_size == -1 else spec.group_size), spec.block_size
+    w_all = weight.detach().float().clone()  # (out, in)
+    h = hessian.detach().to(w_all.device, torch.float32).clone()  # (in, in)
+
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    w_all[:, dead] = 0.0
+    perm = None
+    if spec.act_order:
+        perm = torch.argsort(h.diagonal(), descending=True)  # (in,)
+        w_all = w_all[:, perm]
+        h = h[perm][:, perm]
+    u = _inverse_cholesky(h, spec.damp)  # (in, in) upper
+    del h
+
+    codes = torch.zeros_like(w_all)  # (out, in), permuted order
+    scales = w_all.new_zeros(out_f, in_f // gs)  # (out, groups)
+    zeros = w_all.new_zeros(out_f, in_f // gs)
+    loss = w_all.new_zeros(())
+    scale = zero = w_all.new_zeros(out_f)
+    for i1 in range(0, in_f, bs):
+        i2 = min(i1 + bs, in_f)
+        w1 = w_all[:, i1:i2].clone()  # (out, b) the block, updated in place
+        err1 = torch.zeros_like(w1)  # (out, b) δ of each column
+        u1 = u[i1:i2, i1:i2]  # (b, b)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:  # a new group: its grid from its current weights
+                seg = torch.cat([w1[:, i : i + gs], w_all[:, i2 : col + gs]], dim=1)  # (out, gs)
+                scale, zero = uniform_params(seg, bits)  # (out,), (out,)
+                scales[:, col // gs] = scale
+                zeros[:, col // gs] = zero
+            w = w1[:, i]  # (out,)
+            c = quantize_with(w, scale, zero, bits)
+            codes[:, col] = c
+            delta = (w - (c - zero) * scale) / u1[i, i]
+            w1[:, i:].addr_(delta, u1[i, i:], alpha=-1.0)  # w_F -= δ ⊗ U_j,F
+            err1[:, i] = delta
+        loss += err1.square().sum() / 2
+        w_all[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # lazy update of the rest
+
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)  # original column j sits at permuted position inv[j]
+        codes = codes[:, inv]
+        g_idx = (inv // gs).to(torch.int32)  # (in,)
+    return GPTQCodes(codes, scales, zeros, g_idx, float(loss))
+
+
+def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> UniformWeight:
+    """GPTQ-quantize one weight (out, in) given its Hessian (in, in); a UniformWeight, method gptq."""
+    r = gptq_codes(weight, hessian, spec)
+    return UniformWeight.from_codes(r.codes, r.scales, r.zeros, spec.bits, spec.group_size, "gptq", g_idx=r.g_idx)
+
+
+# -- whole model, block by block ------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by the pre-hook on block 0 once its inputs are captured."""
+
+
+def _capture_block0(
+    model: nn.Module, block0: nn.Module, calibration: list[torch.Tensor], device: torch.device
+) -> list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]]:
+    """(hidden states, other args, kwargs) that block 0 receives for each calibration row."""
+    captured: list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]] = []
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, tuple(args[1:]), kwargs))
+        raise _StopForward
+
+    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for ids in calibration:
+            try:
+                model(input_ids=ids.view(1, -1).to(device), use_cache=False)  # (1, T)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, *args, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class _InputCollector:
+    """Forward hooks on a block's linear layers gathering their inputs, once per distinct tensor.
+
+    Layers called with the very same tensor object within a row (q/k/v, gate/up) share one
+    `leader` whose inputs stand for all of them.
+    """
+
+    def __init__(self, layers: dict[str, nn.Module]) -> None:
+        self.leader: dict[str, str] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}
+        self._row: list[tuple[torch.Tensor, str]] = []
+        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+
+    def new_row(self) -> None:
+        self._row = []
+
+    def _hook(self, name: str) -> Any:
+        def fn(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+            x = args[0]
+            lead = next((n for t, n in self._row if t is x), None)
+            if lead is None:
+                lead = name
+                self._row.append((x, name))
+                self.inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]).float().clone())
+            if self.leader.setdefault(name, lead) != lead:
+                raise RuntimeError(f"gptq: layer {name} changed which layers share its input between rows")
+
+        return fn
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def _dense_standin(q: QuantLinear, dtype: torch.dtype) -> nn.Linear:
+    """An nn.Linear with the dequantized weight: the same numbers QuantLinear multiplies by,
+    without dequantizing again at every calibration row."""
+    lin = nn.utils.skip_init(
+        nn.Linear, q.in_features, q.out_features, bias=q.bias is not None, device=q.qweight.qweight.device, dtype=dtype
+    )
+    lin.weight.data = q.dequantize(dtype)
+    if q.bias is not None:
+        lin.bias.data = q.bias.to(dtype)
+    return lin
+
+
+@torch.no_grad()
+def gptq_quantize_model(
+    model: nn.Module, spec: QuantSpec, calibration: list[torch.Tensor], progress: bool = True
+) -> nn.Module:
+    """Replace every decoder linear layer of `model` by a GPTQ QuantLinear, in place.
+
+    `calibration` is a list of 1-D token-id tensors (any lengths). Returns the model.
+    """
+    if spec.format != "gptq":
+        raise ValueError(f"gptq_quantize_model needs a gptq spec, got format {spec.format!r}")
+    if not calibration:
+        raise ValueError("gptq needs calibration data: got an empty list of rows")
+    for k, ids in enumerate(calibration):
+        if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
+            raise ValueError(f"calibration row {k}: expected a non-empty 1-D tensor of token ids, got {tuple(ids.shape)}")
+    names = quantizable_layers(model)
+    check_spec_fits(model, spec, names)
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        rows = _capture_block0(model, blocks[0], calibration, device)
+        bar = tqdm(total=len(names), desc=f"gptq {spec.label()}", disable=not progress, leave=False)
+        for b, block in enumerate(blocks):
+            mine = [n for n in names if n.startswith(f"{prefix}.{b}.")]
+            layers = {n: model.get_submodule(n) for n in mine}
+            collector = _InputCollector(layers)
+            try:
+                for hidden, args, kwargs in rows:
+                    collector.new_row()
+                    _run_block(block, hidden, args, kwargs)
+            finally:
+                collector.remove()
+
+            quantized: dict[str, QuantLinear] = {}
+            for lead in collector.inputs:
+                group = [n for n in mine if collector.leader.get(n) == lead]
+                h = hessian_of(torch.cat(collector.inputs[lead]))  # (in, in) from (n, in)
+                collector.inputs[lead] = []
+                w = torch.cat([weight_of(layers[n]) for n in group])  # (Σ out, in): rows are independent
+                r = gptq_codes(w, h, spec)
+                start = 0
+                for n in group:
+                    out_f, _ = linear_shape(layers[n])
+                    rows_ = slice(start, start + out_f)
+                    qw = UniformWeight.from_codes(
+                        r.codes[rows_], r.scales[rows_], r.zeros[rows_], spec.bits, spec.group_size, "gptq", r.g_idx
+                    )
+                    quantized[n] = QuantLinear(qw, getattr(layers[n], "bias", None))
+                    start += out_f
+                    bar.update(1)
+                bar.set_postfix_str(f"block {b} {lead.rsplit('.', 1)[-1]} loss {r.loss:.3g}")
+            missing = [n for n in mine if n not in quantized]
+            if missing:
+                raise ValueError(f"gptq: layers {missing} received no calibration input")
+
+            for n, q in quantized.items():  # outputs of the quantized block feed the next block
+                set_module(model, n, _dense_standin(q, layers[n].weight.dtype))
+            rows = [(_run_block(block, hidden, args, kwargs), args, kwargs) for hidden, args, kwargs in rows]
+            for n, q in quantized.items():
+                set_module(model, n, q)
+        bar.close()
+    finally:
+        model.train(was_training)
+    return model
