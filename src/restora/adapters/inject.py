@@ -42,7 +42,7 @@ PRESETS: dict[str, str | None] = {"all": None, "all-linear": None, "attn": _ATTN
 
 
 def linear_layers(model: nn.Module, blocks_only: bool = False) -> list[str]:
-    """Paths of the linear layers an adapter could wrap (not the insides of existing adapters)."""
+    """Paths of the linear layers, adapted or not (an adapter counts as its layer; its insides do not)."""
     prefix = ""
     if blocks_only:
         blocks = decoder_blocks(model)
@@ -51,7 +51,9 @@ def linear_layers(model: nn.Module, blocks_only: bool = False) -> list[str]:
     return [
         name
         for name, module in model.named_modules()
-        if is_linear(module) and name.startswith(prefix) and not any(name.startswith(p) for p in inside)
+        if (is_linear(module) or isinstance(module, AdapterModule))
+        and name.startswith(prefix)
+        and not any(name.startswith(p) for p in inside)
     ]
 
 
