@@ -77,6 +77,15 @@ def base_model(fmt: str) -> nn.Module:
     return copy.deepcopy(_BASES[fmt])
 
 
+_BASE_LOGITS: dict[str, torch.Tensor] = {}
+
+
+def base_logits(fmt: str) -> torch.Tensor:
+    if fmt not in _BASE_LOGITS:
+        _BASE_LOGITS[fmt] = logits(base_model(fmt))
+    return _BASE_LOGITS[fmt]
+
+
 def inputs() -> torch.Tensor:
     return torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(1))
 
@@ -124,7 +133,7 @@ def effective_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
 def test_fresh_adapter_is_identity(kind: str, fmt: str) -> None:
-    base = logits(base_model(fmt))
+    base = base_logits(fmt)
     model = adapted(kind, fmt, trained=False)
     assert torch.equal(logits(model), base)
 
@@ -155,7 +164,7 @@ def test_merged_equals_unmerged(kind: str, fmt: str) -> None:
             # the same requantization up to codes flipped by float rounding at a grid boundary
             assert (got - want).abs().gt(1e-6).float().mean() < 1e-3
         merged = logits(model)
-        quant_err = (logits(base_model(fmt)) - logits(float_model())).abs().max()
+        quant_err = (base_logits(fmt) - base_logits("float")).abs().max()
         assert (merged - unmerged).abs().max() <= 3 * quant_err  # rounds about as much as quantizing once
     for m in layers:
         m.unmerge()
@@ -259,7 +268,7 @@ def test_swap_base_changes_only_the_base_contribution(kind: str, fmt: str) -> No
 
 @pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
 def test_disable_adapters(kind: str, fmt: str) -> None:
-    base = logits(base_model(fmt))
+    base = base_logits(fmt)
     model = adapted(kind, fmt)
     adapted_out = logits(model)
     assert not torch.equal(adapted_out, base)
@@ -318,3 +327,44 @@ def test_merge_onto_float_biased_conv1d_is_exact() -> None:
             torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-6)
             layer.unmerge()
             torch.testing.assert_close(layer(x), before, atol=1e-6, rtol=1e-6)
+
+
+def tiny_family(family: str) -> nn.Module:
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if family == "gpt2":
+        return tf.GPT2LMHeadModel(tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=256, n_positions=64,
+                                                bos_token_id=0, eos_token_id=0)).eval()
+    config_cls, model_cls = {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "gemma": (tf.GemmaConfig, tf.GemmaForCausalLM),
+    }[family]
+    cfg = config_cls(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    return model_cls(cfg).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral", "gemma", "gpt2"])
+def test_presets_on_model_families(family: str) -> None:
+    """all = every decoder linear (MLP included), attn = q/k/v/o, ia3 = k/v/down; fresh adapters are the identity."""
+    from restora.adapters import select_targets
+    from restora.quant.model import quantizable_layers
+
+    model = tiny_family(family)
+    leaves = lambda paths: sorted({p.split(".", 3)[-1] for p in paths})  # noqa: E731 - e.g. self_attn.q_proj
+    assert select_targets(model, "all") == quantizable_layers(model)
+    if family == "gpt2":
+        assert leaves(select_targets(model, "attn")) == ["attn.c_attn", "attn.c_proj"]
+        assert leaves(select_targets(model, "ia3")) == ["attn.c_attn", "mlp.c_proj"]
+    else:
+        assert {p.rsplit(".", 1)[-1] for p in select_targets(model, "attn")} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+        assert {p.rsplit(".", 1)[-1] for p in select_targets(model, "ia3")} == {"k_proj", "v_proj", "down_proj"}
+    ids = inputs()
+    with torch.no_grad():
+        base = model(ids).logits
+        for add, cfg in ((add_lora, LoRAConfig(r=2, alpha=4)), (add_ia3, IA3Config())):
+            m = copy.deepcopy(model)
+            add(m, cfg)
+            assert torch.equal(m(ids).logits, base)

@@ -1,7 +1,7 @@
 """Adapter folders interoperate with real PEFT in both directions, and bad folders fail clearly.
 
 Interop (@peer, skipped without peft): PEFT loads restora-saved LoRA / rsLoRA / (IA)³ folders
-and restora loads PEFT-saved ones, on a tiny Llama (nn.Linear) and a tiny GPT-2 (Conv1D),
+and restora loads PEFT-saved ones, on a tiny Llama (nn.Linear), Qwen2 (biased q/k/v) and GPT-2 (Conv1D),
 with the same logits (fp32, atol 1e-5). Bad input: every broken folder gives a one-line error
 naming the file and the mismatch, and leaves the model without adapters.
 """
@@ -23,7 +23,7 @@ from restora.adapters import (
 )
 
 KINDS = ["lora", "rslora", "ia3"]
-FAMILIES = ["llama", "gpt2"]
+FAMILIES = ["llama", "qwen2", "gpt2"]  # nn.Linear, nn.Linear with q/k/v biases, Conv1D
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -34,8 +34,22 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_qwen2(seed: int = 0) -> nn.Module:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    model = Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():  # random (not zero) q/k/v biases, so output-side (IA)³ vectors meet a bias
+        for name, p in model.named_parameters():
+            if name.endswith("proj.bias"):
+                p.normal_(0, 0.1)
+    return model
+
+
 def tiny(family: str) -> nn.Module:
-    return tiny_llama(seed=0) if family == "llama" else tiny_gpt2(seed=0)
+    return {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}[family](seed=0)
 
 
 def inputs() -> torch.Tensor:
@@ -80,7 +94,7 @@ def peft_adapter(family: str, kind: str) -> nn.Module:
         if kind == "ia3":
             cfg = PeftIA3Config(task_type="CAUSAL_LM")
         else:
-            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"] if family == "llama" else ["c_attn", "c_fc"]
+            targets = ["c_attn", "c_fc"] if family == "gpt2" else ["q_proj", "k_proj", "v_proj", "o_proj", "down_proj"]
             cfg = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=kind == "rslora",
                              fan_in_fan_out=family == "gpt2", task_type="CAUSAL_LM")
         peft_model = get_peft_model(model, cfg)

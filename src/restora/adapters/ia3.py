@@ -73,7 +73,7 @@ class IA3Linear(nn.Module):
         self.base_layer = base_layer
         self.is_feedforward = is_feedforward
         self.in_features, self.out_features = in_features, out_features
-        w = next(iter(base_layer.parameters()), None)
+        w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # QuantLinear has buffers only
         size = in_features if is_feedforward else out_features
         self.ia3_l = nn.Parameter(torch.ones(size, device=w.device if w is not None else None))
         self.adapter_enabled = True

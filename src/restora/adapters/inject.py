@@ -18,6 +18,7 @@ Wrapping replaces the module at its path, so the path of every adapter parameter
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -100,7 +101,7 @@ def target_names(model: nn.Module, paths: list[str]) -> list[str]:
     return sorted(names)
 
 
-def _wrap(model: nn.Module, paths: list[str], make) -> list[str]:  # noqa: ANN001 - a module factory
+def _wrap(model: nn.Module, paths: list[str], make: Callable[[str, nn.Module], nn.Module]) -> list[str]:
     for path in paths:
         module = model.get_submodule(path)
         if isinstance(module, AdapterModule):

@@ -66,7 +66,7 @@ class LoRAConfig:
     target_modules: str | list[str] = "all"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.r, int) or self.r <= 0:
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             raise ValueError(f"LoRA r must be a positive integer, got {self.r!r}")
         if not self.alpha > 0:
             raise ValueError(f"LoRA alpha must be positive, got {self.alpha!r}")
@@ -155,7 +155,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.r = config.r
         self.scaling = config.scaling
-        w = next(iter(base_layer.parameters()), None)
+        w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # QuantLinear has buffers only
         device = w.device if w is not None else None
         self.lora_A = nn.Linear(in_features, config.r, bias=False, device=device)  # weight (r, in)
         self.lora_B = nn.Linear(config.r, out_features, bias=False, device=device)  # weight (out, r)
