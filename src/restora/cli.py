@@ -2,7 +2,8 @@
 
 Each subcommand is a plain function in restora.commands with type hints and a
 docstring whose "Args:" section documents each parameter. This module turns the
-signature into argparse options: parameters without a default become positionals,
+signature into argparse options: parameters without a default become positionals
+(keyword-only ones become required options such as --out),
 `bool` becomes --flag/--no-flag, `Literal[...]` becomes choices, `X | None` is optional.
 Defaults and help live only in the function. Errors users cause (ValueError,
 FileNotFoundError, RuntimeError) print as one line, with exit code 2.
@@ -60,7 +61,10 @@ def _add_command(sub: Any, name: str, fn: Callable[..., Any]) -> None:
             kwargs["choices"] = list(get_args(tp))
             tp = type(get_args(tp)[0])
         if param.default is inspect.Parameter.empty:
-            p.add_argument(pname, type=tp, **kwargs)
+            if param.kind is inspect.Parameter.KEYWORD_ONLY:  # required option, e.g. --out DIR
+                p.add_argument(flag, dest=pname, type=tp, required=True, **kwargs)
+            else:
+                p.add_argument(pname, type=tp, **kwargs)
             continue
         if tp is bool:
             p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=param.default, help=help_)
