@@ -93,6 +93,27 @@ def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
     raise ValueError(f"gptq: Hessian is not positive definite even with dampening {lam:.3g} (damp={damp})")
 
 
+# Columns per inner lazy batch: rank-1 updates touch only these, the rest of the block gets a GEMM.
+_SUB = 32
+
+
+def _current(
+    w_all: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor, u: torch.Tensor,
+    i1: int, i2: int, j1: int, j2: int, i: int, gs: int,
+) -> torch.Tensor:
+    """Current weights (out, gs) of the group starting at block column i, pending lazy updates applied.
+
+    Columns before j2 are up to date; block columns in [j2, i2) still miss the updates of
+    sub-block columns [j1, i); columns from i2 on miss those of block columns [i1, i1 + i).
+    """
+    a = w1[:, i : min(j2, i + gs)]
+    e = min(i2 - i1, i + gs)
+    b = w1[:, j2:e] - err1[:, j1:i] @ u[i1 + j1 : i1 + i, i1 + j2 : i1 + e] if e > j2 else w1[:, :0]
+    end = i1 + i + gs
+    c = w_all[:, i2:end] - err1[:, :i] @ u[i1 : i1 + i, i2:end] if end > i2 else w1[:, :0]
+    return torch.cat([a, b, c], dim=1)
+
+
 @torch.no_grad()
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> GPTQCodes:
     """The GPTQ algorithm (paper, Algorithm 1) on one weight (out, in) with Hessian (in, in)."""
@@ -126,21 +147,24 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> 
         w1 = w_all[:, i1:i2].clone()  # (out, b) the block, updated in place
         err1 = torch.zeros_like(w1)  # (out, b) δ of each column
         u1 = u[i1:i2, i1:i2]  # (b, b)
-        for i in range(i2 - i1):
-            col = i1 + i
-            if col % gs == 0:  # a new group: its grid from its current weights
-                seg = torch.cat([w1[:, i : i + gs], w_all[:, i2 : col + gs]], dim=1)  # (out, gs)
-                scale, zero = uniform_params(seg, bits)  # (out,), (out,)
-                scales[:, col // gs] = scale
-                zeros[:, col // gs] = zero
-            w = w1[:, i]  # (out,)
-            c = quantize_with(w, scale, zero, bits)
-            codes[:, col] = c
-            delta = (w - (c - zero) * scale) / u1[i, i]
-            w1[:, i:].addr_(delta, u1[i, i:], alpha=-1.0)  # w_F -= δ ⊗ U_j,F
-            err1[:, i] = delta
+        d1 = u1.diagonal().tolist()
+        for j1 in range(0, i2 - i1, _SUB):  # the same lazy trick once more, sized for a CPU cache
+            j2 = min(j1 + _SUB, i2 - i1)
+            for i in range(j1, j2):
+                col = i1 + i
+                if col % gs == 0:  # a new group: its grid from its current weights
+                    scale, zero = uniform_params(_current(w_all, w1, err1, u, i1, i2, j1, j2, i, gs), bits)
+                    scales[:, col // gs] = scale
+                    zeros[:, col // gs] = zero
+                w = w1[:, i]  # (out,)
+                c = quantize_with(w, scale, zero, bits)
+                codes[:, col] = c
+                delta = (w - (c - zero) * scale).div_(d1[i])  # δ = (w − q) / U_jj
+                w1[:, i:j2].addr_(delta, u1[i, i:j2], alpha=-1.0)  # w_F -= δ ⊗ U_j,F inside the sub-block
+                err1[:, i] = delta
+            w1[:, j2:].addmm_(err1[:, j1:j2], u1[j1:j2, j2:], alpha=-1.0)  # rest of the block
         loss += err1.square().sum() / 2
-        w_all[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # lazy update of the rest
+        w_all[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # lazy update of the rest of W
 
     g_idx = None
     if perm is not None:
@@ -193,23 +217,32 @@ def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kw
 
 
 class _InputCollector:
-    """Forward hooks on a block's linear layers gathering their inputs, once per distinct tensor.
+    """Forward pre-hooks on a block's linear layers gathering their inputs, once per distinct tensor.
 
     Layers called with the very same tensor object within a row (q/k/v, gate/up) share one
-    `leader` whose inputs stand for all of them.
+    `leader` whose inputs stand for all of them. Once every layer has seen its input, the rest of
+    the block (the last projection, the residual) is skipped by raising _StopForward.
     """
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
         self.leader: dict[str, str] = {}
         self.inputs: dict[str, list[torch.Tensor]] = {}
         self._row: list[tuple[torch.Tensor, str]] = []
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in layers.items()]
+        self._fired: set[str] = set()
+        self._n = len(layers)
+        self._handles = [m.register_forward_pre_hook(self._hook(n)) for n, m in layers.items()]
 
-    def new_row(self) -> None:
+    def run(self, block: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        """One calibration row through the float block, hooks gathering."""
+        self._row, self._fired = [], set()
+        try:
+            _run_block(block, hidden, args, kwargs)
+        except _StopForward:
+            pass
         self._row = []
 
     def _hook(self, name: str) -> Any:
-        def fn(_m: nn.Module, args: tuple[Any, ...], _out: Any) -> None:
+        def fn(_m: nn.Module, args: tuple[Any, ...]) -> None:
             x = args[0]
             lead = next((n for t, n in self._row if t is x), None)
             if lead is None:
@@ -218,6 +251,9 @@ class _InputCollector:
                 self.inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]).float().clone())
             if self.leader.setdefault(name, lead) != lead:
                 raise RuntimeError(f"gptq: layer {name} changed which layers share its input between rows")
+            self._fired.add(name)
+            if len(self._fired) == self._n:
+                raise _StopForward
 
         return fn
 
@@ -269,8 +305,7 @@ def gptq_quantize_model(
             collector = _InputCollector(layers)
             try:
                 for hidden, args, kwargs in rows:
-                    collector.new_row()
-                    _run_block(block, hidden, args, kwargs)
+                    collector.run(block, hidden, args, kwargs)
             finally:
                 collector.remove()
 

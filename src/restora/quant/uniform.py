@@ -98,14 +98,18 @@ class UniformWeight(QuantizedWeight):
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
         stop = self.out_features if stop is None else stop
         rows = stop - start
-        codes = unpack_codes(self.qweight[start:stop], self.bits, self.in_features).float()  # (rows, in)
+        codes = unpack_codes(self.qweight[start:stop], self.bits, self.in_features)  # (rows, in) uint8
         scales = self.scales[start:stop].float()
         zeros = self.zeros[start:stop].float()
         if self.act_order:
             g = self.g_idx.long()
-            return ((codes - zeros[:, g]) * scales[:, g]).to(dtype)
+            return ((codes.float() - zeros[:, g]) * scales[:, g]).to(dtype)
         codes = codes.view(rows, -1, self._group)  # (rows, groups, group)
-        w = (codes - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
+        if dtype in (torch.bfloat16, torch.float16):  # compute dtype: one fused pass, in that dtype
+            offset = (-zeros * scales).unsqueeze(-1).to(dtype)
+            w = torch.addcmul(offset, codes.to(dtype), scales.unsqueeze(-1).to(dtype))
+            return w.view(rows, self.in_features)
+        w = (codes.float() - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
         return w.view(rows, self.in_features).to(dtype)
 
     def meta(self) -> dict[str, Any]:

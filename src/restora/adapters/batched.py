@@ -1,0 +1,440 @@
+"""Many adapters in one batch over one base: each row names its adapter (Punica's BGMV idea,
+Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving", arXiv:2310.18547; S-LoRA, arXiv:2311.03285).
+
+Every adapted layer keeps all loaded adapters stacked in slots, zero-padded to the layer's
+largest rank r_max (zero rows of A and zero columns of B add exactly nothing):
+
+    A_all (S, r_max, in)   B_all (S, out, r_max)   scaling (S,)   l_in (S, in)   l_out (S, out)
+
+Slot 0 is the base ("no adapter"): zero A/B, (IA)³ vectors of ones. Row b of a batch with
+slot i_b computes, for every adapter kind at once,
+
+    y_b = l_out[i_b] ⊙ base(l_in[i_b] ⊙ x_b) + s[i_b] · B[i_b] A[i_b] x_b
+
+A LoRA adapter has l = 1; an (IA)³ adapter has A = B = 0 and scales the input (feedforward
+modules, e.g. down_proj) or the output (k, v), as IA3Linear. The LoRA term is two batched
+matmuls over weights gathered by row, torch.bmm then torch.baddbmm, with no Python loop
+over adapters. The gathered (and scaled, and cast) weights are cached until the rows or the
+adapters change, so each decode step costs two small matmuls per layer. When every row uses
+the same slot the gather is skipped and one plain (B·T, in) matmul serves all rows (the
+"segment" case; benchmarks/multi_adapter.py measures both).
+
+`MultiLoRALinear` wraps its base like LoRALinear and only ever calls it, so any restora base
+format works and `swap_base` (PLR) is one assignment. `MultiAdapterModel` loads restora or
+PEFT folders by name into free slots, removes them (a server's load / unload / LRU) and
+unwraps layers no adapter uses any more. `set_rows(model, ids)` is the callback
+`restora.generate.greedy_generate` takes; ids are slots from `adapter_index(name)`, and
+`BASE` (0) means the base alone. Layers an adapter does not target hold zeros for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from restora.quant.linear import linear_shape
+from restora.quant.model import set_module
+
+from .files import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME, AdapterInfo, read_adapter_config
+from .ia3 import IA3Config
+from .inject import _FEEDFORWARD, PEFT_PREFIX, select_targets
+from .lora import LoRAConfig, adapter_modules
+
+__all__ = ["BASE", "MultiLoRALinear", "MultiAdapterModel", "load_adapters", "set_rows"]
+
+BASE = 0  # the slot of "no adapter"
+
+
+class MultiLoRALinear(nn.Module):
+    """base_layer with every loaded adapter stacked in slots; row b of the input uses slot rows[b]."""
+
+    def __init__(self, base_layer: nn.Module, num_slots: int = 1) -> None:
+        super().__init__()
+        out_features, in_features = linear_shape(base_layer)
+        self.base_layer = base_layer
+        self.in_features, self.out_features = in_features, out_features
+        w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # QuantLinear has buffers only
+        kw: dict[str, Any] = {"device": w.device if w is not None else None}
+        # Runtime state, not checkpoints: adapters live in their folders (persistent=False).
+        self.register_buffer("lora_A", torch.zeros(num_slots, 0, in_features, **kw), persistent=False)  # (S, r, in)
+        self.register_buffer("lora_B", torch.zeros(num_slots, out_features, 0, **kw), persistent=False)  # (S, out, r)
+        self.register_buffer("scaling", torch.zeros(num_slots, **kw), persistent=False)  # (S,)
+        self.register_buffer("ia3_in", None, persistent=False)  # (S, in) or None when no (IA)³ adapter scales inputs
+        self.register_buffer("ia3_out", None, persistent=False)  # (S, out) or None
+        self.ranks: dict[int, int] = {}  # slot -> LoRA rank
+        self.ia3_slots: dict[int, str] = {}  # slot -> "ia3_in" | "ia3_out"
+        self.adapter_enabled = True
+        self.merged = False  # never: rows use different adapters, so there is nothing to merge
+        self.rows: torch.Tensor | None = None  # (B,) slot of each batch row
+        self._cache: dict[str, Any] | None = None
+
+    @property
+    def num_slots(self) -> int:
+        return self.scaling.shape[0]
+
+    @property
+    def used_slots(self) -> set[int]:
+        return set(self.ranks) | set(self.ia3_slots)
+
+    # -- slots --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def grow(self, num_slots: int) -> None:
+        """Make room for `num_slots` slots (new ones are empty)."""
+        extra = num_slots - self.num_slots
+        if extra <= 0:
+            return
+        pad = lambda t, fill: torch.cat([t, t.new_full((extra, *t.shape[1:]), fill)])  # noqa: E731
+        self.lora_A, self.lora_B, self.scaling = pad(self.lora_A, 0.0), pad(self.lora_B, 0.0), pad(self.scaling, 0.0)
+        if self.ia3_in is not None:
+            self.ia3_in = pad(self.ia3_in, 1.0)
+        if self.ia3_out is not None:
+            self.ia3_out = pad(self.ia3_out, 1.0)
+        self._cache = None
+
+    @torch.no_grad()
+    def _resize_rank(self, r_max: int) -> None:
+        r = self.lora_A.shape[1]
+        if r_max > r:  # zero-pad: exact
+            self.lora_A = torch.cat([self.lora_A, self.lora_A.new_zeros(self.num_slots, r_max - r, self.in_features)], 1)
+            self.lora_B = torch.cat([self.lora_B, self.lora_B.new_zeros(self.num_slots, self.out_features, r_max - r)], 2)
+        elif r_max < r:  # every slot beyond r_max is zero there
+            self.lora_A, self.lora_B = self.lora_A[:, :r_max].contiguous(), self.lora_B[:, :, :r_max].contiguous()
+
+    @torch.no_grad()
+    def set_lora(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
+        """Put a LoRA update s·B A (A: (r, in), B: (out, r)) into `slot`."""
+        r = A.shape[0]
+        if A.shape != (r, self.in_features) or B.shape != (self.out_features, r):
+            raise ValueError(
+                f"LoRA shapes A {tuple(A.shape)}, B {tuple(B.shape)} do not fit a layer of (out, in)"
+                f" {(self.out_features, self.in_features)}"
+            )
+        self.clear(slot)
+        self._resize_rank(max(r, self.lora_A.shape[1]))
+        self.lora_A[slot, :r] = A.to(self.lora_A.dtype)
+        self.lora_B[slot, :, :r] = B.to(self.lora_B.dtype)
+        self.scaling[slot] = scaling
+        self.ranks[slot] = r
+        self._cache = None
+
+    @torch.no_grad()
+    def set_ia3(self, slot: int, vector: torch.Tensor, feedforward: bool) -> None:
+        """Put an (IA)³ vector into `slot`: it scales the input (feedforward) or the output."""
+        size = self.in_features if feedforward else self.out_features
+        vector = vector.reshape(-1)
+        if vector.shape[0] != size:
+            raise ValueError(f"(IA)³ vector has {vector.shape[0]} entries, the layer needs {size}")
+        self.clear(slot)
+        attr = "ia3_in" if feedforward else "ia3_out"
+        if getattr(self, attr) is None:
+            setattr(self, attr, self.scaling.new_ones(self.num_slots, size))
+        getattr(self, attr)[slot] = vector.to(self.scaling.dtype)
+        self.ia3_slots[slot] = attr
+        self._cache = None
+
+    @torch.no_grad()
+    def clear(self, slot: int) -> None:
+        """Empty `slot`; shrink r_max and drop unused (IA)³ stacks so no work is wasted on them."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scaling[slot] = 0.0
+        self.ranks.pop(slot, None)
+        self._resize_rank(max(self.ranks.values(), default=0))
+        attr = self.ia3_slots.pop(slot, None)
+        if attr is not None:
+            getattr(self, attr)[slot] = 1.0
+            if attr not in self.ia3_slots.values():
+                setattr(self, attr, None)
+        self._cache = None
+
+    def set_rows(self, rows: torch.Tensor) -> None:
+        """The slot of each row of the next batches: (B,) integers in [0, num_slots)."""
+        self.rows = rows
+        self._cache = None
+
+    # -- forward --------------------------------------------------------------------------------
+    def _gathered(self, dtype: torch.dtype) -> dict[str, Any]:
+        """Per-row weights for the current rows, scaled and cast once (until rows or slots change)."""
+        c = self._cache
+        if c is not None and c["dtype"] == dtype:
+            return c
+        rows = self.rows
+        assert rows is not None
+        uniform = bool((rows == rows[0]).all())
+        c = {"dtype": dtype, "r": self.lora_A.shape[1], "uniform": uniform}
+        if c["r"] > 0:
+            if uniform:  # one adapter for all rows: one plain matmul over all tokens
+                i = int(rows[0])
+                c["At"] = self.lora_A[i].T.to(dtype).contiguous()  # (in, r)
+                c["Bt"] = (self.lora_B[i] * self.scaling[i]).T.to(dtype).contiguous()  # (r, out)
+            else:
+                c["At"] = self.lora_A[rows].transpose(1, 2).to(dtype).contiguous()  # (B, in, r)
+                Bs = self.lora_B[rows] * self.scaling[rows][:, None, None]  # (B, out, r)
+                c["Bt"] = Bs.transpose(1, 2).to(dtype).contiguous()  # (B, r, out)
+        c["l_in"] = None if self.ia3_in is None else self.ia3_in[rows][:, None, :]  # (B, 1, in), float
+        c["l_out"] = None if self.ia3_out is None else self.ia3_out[rows][:, None, :]  # (B, 1, out)
+        self._cache = c
+        return c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.adapter_enabled:
+            return self.base_layer(x)
+        if self.rows is None or self.rows.shape[0] != x.shape[0]:
+            have = "no rows" if self.rows is None else f"rows for {self.rows.shape[0]} rows"
+            raise ValueError(f"MultiLoRALinear has {have}, the batch has {x.shape[0]}: call set_rows(model, ids) first")
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        c = self._gathered(dtype)
+        B = x.shape[0]
+        x3 = x.reshape(B, -1, self.in_features)  # (B, T, in)
+        if c["l_in"] is not None:
+            y = self.base_layer((x3 * c["l_in"]).to(x.dtype))  # (B, T, out)
+        else:
+            y = self.base_layer(x3)
+        if c["l_out"] is not None:
+            y = (y * c["l_out"]).to(y.dtype)
+        if c["r"] > 0:
+            if c["uniform"]:
+                y2 = y.reshape(-1, self.out_features).to(dtype)  # (B·T, out)
+                xa = x3.reshape(-1, self.in_features).to(dtype) @ c["At"]  # (B·T, r)
+                y = torch.addmm(y2, xa, c["Bt"]).to(y.dtype).view(y.shape)
+            else:
+                xa = torch.bmm(x3.to(dtype), c["At"])  # (B, T, r)
+                y = torch.baddbmm(y.to(dtype), xa, c["Bt"]).to(y.dtype)  # (B, T, out)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    # -- the adapter interface (AdapterModule) ------------------------------------------------
+    def adapter_params(self) -> list[nn.Parameter]:
+        return []  # serving only: the stacks are buffers
+
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        raise ValueError("a multi-adapter layer holds many adapters: save each one from its own model")
+
+    def load_peft_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        raise ValueError("a multi-adapter layer loads adapters by name: use MultiAdapterModel.add_adapter")
+
+    def merge(self) -> None:
+        raise ValueError("cannot merge a multi-adapter layer: rows use different adapters")
+
+    def unmerge(self) -> None:
+        return None  # never merged
+
+    def swap_base(self, new_base: nn.Module) -> nn.Module:
+        """Put `new_base` under every adapter of this layer (PLR's restore step); returns the old base."""
+        if linear_shape(new_base) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"new base has shape {linear_shape(new_base)} (out, in), the adapters need"
+                f" {(self.out_features, self.in_features)}"
+            )
+        old, self.base_layer = self.base_layer, new_base
+        return old
+
+    def extra_repr(self) -> str:
+        ia3 = [a for a in ("ia3_in", "ia3_out") if getattr(self, a) is not None]
+        return f"slots={self.num_slots}, r_max={self.lora_A.shape[1]}" + (f", {'+'.join(ia3)}" if ia3 else "")
+
+
+def set_rows(model: nn.Module, ids: torch.Tensor | Sequence[int]) -> None:
+    """Give every multi-adapter layer of `model` the slot of each batch row (BASE = 0: no adapter).
+
+    This is the `set_rows` callback of restora.generate.greedy_generate.
+    """
+    layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+    rows = torch.as_tensor(ids, dtype=torch.long)
+    if rows.dim() != 1 or rows.numel() == 0:
+        raise ValueError(f"row ids must be a non-empty 1-D sequence, got shape {tuple(rows.shape)}")
+    for layer in layers:
+        if int(rows.min()) < 0 or int(rows.max()) >= layer.num_slots:
+            raise ValueError(f"row ids {rows.tolist()} out of range: slots are 0 (base) .. {layer.num_slots - 1}")
+        layer.set_rows(rows.to(layer.scaling.device))
+
+
+def _feedforward_paths(paths: list[str], ff: str | list[str] | None) -> set[str]:
+    """Which (IA)³ targets scale their input, as add_ia3 decides."""
+    if ff is None:
+        return {p for p in paths if re.fullmatch(_FEEDFORWARD, p)}
+    if isinstance(ff, str):
+        return {p for p in paths if re.fullmatch(ff, p)}
+    return {p for p in paths if any(p == t or p.endswith("." + t) for t in ff)}
+
+
+def _read_provenance(folder: Path, expected_source_hash: str | None, force: bool) -> dict[str, Any] | None:
+    """restora.json (or None), refusing another base's adapter as load_adapter does."""
+    prov_path = folder / PROVENANCE_NAME
+    provenance = None
+    if prov_path.is_file():
+        try:
+            provenance = json.loads(prov_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if expected_source_hash is not None:
+        recorded = (provenance or {}).get("source_hash")
+        if recorded is None:
+            warnings.warn(f"{folder}: no source hash recorded, cannot check the adapter belongs to this base", stacklevel=3)
+        elif recorded != expected_source_hash:
+            msg = f"{prov_path}: adapter was trained on base {recorded}, this base is {expected_source_hash}"
+            if not force:
+                raise ValueError(msg + " (force=True to load anyway)")
+            warnings.warn(msg + " (loading anyway: force=True)", stacklevel=3)
+    return provenance
+
+
+class MultiAdapterModel:
+    """Named adapters resident at once over one base `model` (wrapped in place), one slot each."""
+
+    def __init__(self, model: nn.Module) -> None:
+        single = [p for p, m in adapter_modules(model) if not isinstance(m, MultiLoRALinear)]
+        if single:
+            raise ValueError(f"{type(model).__name__} has a single adapter at {single[0]}: remove_adapters() first")
+        self.model = model
+        self.slots: dict[str, int] = {}
+        self.infos: dict[str, AdapterInfo] = {}
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+    @property
+    def num_slots(self) -> int:
+        return 1 + max(self.slots.values(), default=0)
+
+    def __len__(self) -> int:
+        return len(self.slots)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.slots
+
+    def layers(self) -> dict[str, MultiLoRALinear]:
+        return {p: m for p, m in self.model.named_modules() if isinstance(m, MultiLoRALinear)}
+
+    def adapter_index(self, name: str | None) -> int:
+        """The slot rows use for adapter `name` (None: BASE)."""
+        if name is None:
+            return BASE
+        if name not in self.slots:
+            raise KeyError(f"no adapter named {name!r} is loaded (loaded: {', '.join(self.slots) or 'none'})")
+        return self.slots[name]
+
+    def rows(self, names: Sequence[str | None]) -> torch.Tensor:
+        """(B,) slot ids for a batch whose row b uses adapter names[b] (None: the base)."""
+        return torch.tensor([self.adapter_index(n) for n in names], dtype=torch.long)
+
+    def set_rows(self, ids: torch.Tensor | Sequence[int]) -> None:
+        """As set_rows(model, ids), also refusing slots no loaded adapter holds."""
+        free = sorted(set(torch.as_tensor(ids).tolist()) - {BASE, *self.slots.values()})
+        if free:
+            raise ValueError(f"row ids name empty slots {free}: loaded are {self.slots}")
+        set_rows(self.model, ids)
+
+    def add_adapter(
+        self, name: str, folder: str | os.PathLike, expected_source_hash: str | None = None, force: bool = False
+    ) -> int:
+        """Load the restora or PEFT adapter in `folder` as `name` into a free slot; returns the slot.
+
+        Everything is checked before the model changes (config, source hash, keys, shapes).
+        """
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self.slots:
+            raise ValueError(f"an adapter named {name!r} is already loaded (from {self.infos[name].folder})")
+        folder = Path(folder)
+        kind, config = read_adapter_config(folder)
+        provenance = _read_provenance(folder, expected_source_hash, force)
+        weights_path = folder / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise FileNotFoundError(f"{weights_path}: no such file")
+        try:
+            paths = select_targets(self.model, config.target_modules)
+        except ValueError as e:
+            raise ValueError(f"{folder / CONFIG_NAME}: {e}") from None
+        tensors = self._check_tensors(kind, config, paths, load_file(str(weights_path)), str(weights_path))
+
+        slot = min(set(range(1, self.num_slots + 1)) - set(self.slots.values()))
+        rows = next((m.rows for m in self.layers().values()), None)
+        for path in paths:
+            layer = self.model.get_submodule(path)
+            if not isinstance(layer, MultiLoRALinear):
+                layer = MultiLoRALinear(layer, self.num_slots)
+                layer.rows = rows
+                set_module(self.model, path, layer)
+        self.slots[name] = slot
+        for layer in self.layers().values():
+            layer.grow(self.num_slots)
+        for path, (A, B, vec, ff) in tensors.items():
+            layer = self.model.get_submodule(path)
+            if vec is None:
+                layer.set_lora(slot, A, B, config.scaling)  # type: ignore[union-attr]
+            else:
+                layer.set_ia3(slot, vec, ff)
+        self.infos[name] = AdapterInfo(kind=kind, paths=paths, config=config, provenance=provenance, folder=folder)
+        return slot
+
+    def _check_tensors(
+        self, kind: str, config: LoRAConfig | IA3Config, paths: list[str], state: dict[str, torch.Tensor], source: str
+    ) -> dict[str, tuple[Any, Any, Any, bool]]:
+        """path -> (A, B, None, False) for LoRA or (None, None, vector, feedforward) for (IA)³; one-line errors."""
+        state = {k.replace(".default.", ".").removesuffix(".default"): v for k, v in state.items()}
+        ff = _feedforward_paths(paths, config.feedforward_modules) if isinstance(config, IA3Config) else set()
+        expected: dict[str, tuple[int, ...]] = {}
+        for path in paths:
+            layer = self.model.get_submodule(path)
+            out_f, in_f = linear_shape(layer.base_layer if isinstance(layer, MultiLoRALinear) else layer)
+            key = PEFT_PREFIX + path
+            if kind == "lora":
+                expected[f"{key}.lora_A.weight"] = (config.r, in_f)  # type: ignore[union-attr]
+                expected[f"{key}.lora_B.weight"] = (out_f, config.r)  # type: ignore[union-attr]
+            else:
+                expected[f"{key}.ia3_l"] = (1, in_f) if path in ff else (out_f, 1)
+        missing = [k for k in expected if k not in state]
+        if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise ValueError(f"{source}: missing adapter tensor {missing[0]}{more}")
+        unexpected = [k for k in state if k not in expected]
+        if unexpected:
+            more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
+            raise ValueError(f"{source}: tensor {unexpected[0]}{more} does not belong to any target of the model")
+        for k, shape in expected.items():
+            if tuple(state[k].shape) != shape:
+                raise ValueError(f"{source}: shape mismatch for {k}: file has {tuple(state[k].shape)}, model needs {shape}")
+        out: dict[str, tuple[Any, Any, Any, bool]] = {}
+        for path in paths:
+            key = PEFT_PREFIX + path
+            if kind == "lora":
+                out[path] = (state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"], None, False)
+            else:
+                out[path] = (None, None, state[f"{key}.ia3_l"], path in ff)
+        return out
+
+    def remove_adapter(self, name: str) -> None:
+        """Unload `name`: its slot empties (other slots keep their ids) and unused layers are unwrapped."""
+        slot = self.adapter_index(name)
+        for path, layer in self.layers().items():
+            layer.clear(slot)
+            if not layer.used_slots:
+                set_module(self.model, path, layer.base_layer)
+        del self.slots[name], self.infos[name]
+
+    def __repr__(self) -> str:
+        return f"MultiAdapterModel({type(self.model).__name__}, slots={self.slots})"
+
+
+def load_adapters(
+    model: nn.Module,
+    folders: Mapping[str, str | os.PathLike],
+    expected_source_hash: str | None = None,
+    force: bool = False,
+) -> MultiAdapterModel:
+    """Load every {name: folder} onto `model` at once; slots follow the mapping's order (1, 2, ...)."""
+    bank = MultiAdapterModel(model)
+    for name, folder in folders.items():
+        bank.add_adapter(name, folder, expected_source_hash=expected_source_hash, force=force)
+    return bank

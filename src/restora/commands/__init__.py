@@ -1,0 +1,21 @@
+"""The typed functions behind `restora <command>`; restora.cli builds the parser from them.
+
+Each function takes plain typed arguments (documented under "Args:"), does its work
+through the library API, prints a human summary and returns an exit code.
+"""
+
+from .checkpoints import demo, generate, info, quantize
+from .restoring import restore
+from .training import eval, train
+
+COMMANDS = {
+    "quantize": quantize,
+    "info": info,
+    "generate": generate,
+    "train": train,
+    "eval": eval,
+    "restore": restore,
+    "demo": demo,
+}
+
+__all__ = ["COMMANDS"]

@@ -1,0 +1,202 @@
+"""Commands for quantized checkpoints: quantize, info, generate, and the demo."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..models import load_model
+from ..quant.checkpoint import save_quantized
+from ..quant.model import quantize_model
+from ..quant.spec import QuantSpec
+
+__all__ = ["quantize", "info", "generate", "demo", "human_bytes"]
+
+Format = Literal["nf4", "fp4", "int8", "rtn", "gptq"]
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _task_texts(task: str, data_dir: str | None, n: int, seed: int, split: str) -> list[str]:
+    """Full prompt+completion texts of `n` rows of a task split (train: seeded draw for calibration)."""
+    from ..data import calibration_rows, get_task, task_split
+
+    t = get_task(task)
+    rows = calibration_rows(t, n, seed, data_dir) if split == "train" else task_split(t, split, seed, data_dir, limit=n)
+    return [t.text(row) for row in rows]
+
+
+def quantize(
+    model: str,
+    *,
+    out: str,
+    format: Format = "nf4",
+    bits: int = 4,
+    group_size: int = 64,
+    double_quant: bool = False,
+    act_order: bool = False,
+    calib_task: str = "sql",
+    calib_samples: int = 500,
+    calib_max_len: int = 256,
+    eval_samples: int = 64,
+    seed: int = 0,
+    data_dir: str | None = None,
+) -> int:
+    """Quantize the linear layers of MODEL and write a checkpoint folder.
+
+    Args:
+        model: hub id, local HF folder, .gguf file, or the alias smollm2-135m.
+        out: output folder (written atomically).
+        format: nf4, fp4, int8, rtn (round-to-nearest k-bit) or gptq.
+        bits: code width: 4 for nf4/fp4, 8 for int8, 2/3/4/8 for rtn and gptq.
+        group_size: inputs per scale (nf4/fp4 block size; -1 = per output channel for int8/rtn/gptq).
+        double_quant: nf4/fp4: quantize the absmax constants to 8 bits (QLoRA).
+        act_order: gptq: quantize columns by decreasing Hessian diagonal.
+        calib_task: task whose train split calibrates gptq and whose held-out rows measure perplexity (sql, gsm8k or PATH.jsonl).
+        calib_samples: calibration rows for gptq (500 in the PLR report).
+        calib_max_len: token cap per calibration row.
+        eval_samples: held-out rows (validation split) for the perplexity report; 0 skips it.
+        seed: seed for drawing calibration and evaluation rows.
+        data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
+    """
+    spec = QuantSpec(format=format, bits=bits, group_size=group_size, double_quant=double_quant, act_order=act_order)
+    loaded = load_model(model)
+    if loaded.manifest is not None:
+        raise ValueError(f"{model} is already a quantized checkpoint: quantize its source model instead")
+    m, tok = loaded.model, loaded.tokenizer
+    from ..quant.model import check_spec_fits
+
+    check_spec_fits(m, spec)
+    calibration: list[torch.Tensor] | None = None
+    calib_info = None
+    if spec.format == "gptq":
+        texts = _task_texts(calib_task, data_dir, calib_samples, seed, "train")
+        calibration = [tok(t, return_tensors="pt", truncation=True, max_length=calib_max_len)["input_ids"][0] for t in texts]
+        calib_info = {"task": calib_task, "samples": len(texts), "max_len": calib_max_len, "seed": seed, "split": "train"}
+    eval_texts = _task_texts(calib_task, data_dir, eval_samples, seed, "validation") if eval_samples else []
+    from ..perplexity import perplexity
+
+    ppl_source = perplexity(m, tok, eval_texts) if eval_texts else None
+    t0 = time.perf_counter()
+    quantize_model(m, spec, calibration)
+    seconds = time.perf_counter() - t0
+    ppl_quant = perplexity(m, tok, eval_texts) if eval_texts else None
+    provenance = {
+        "source": loaded.source,
+        "source_hash": loaded.source_hash,
+        "calibration": calib_info,
+        "quantize_seconds": round(seconds, 2),
+        "perplexity": None
+        if ppl_source is None
+        else {"task": calib_task, "split": "validation", "rows": len(eval_texts), "source": ppl_source, "quantized": ppl_quant},
+    }
+    folder = save_quantized(m, tok, out, spec, provenance)
+    sizes = json.loads((folder / "restora_manifest.json").read_text())["sizes"]
+    print(f"wrote {folder} ({spec.label()}, {seconds:.1f} s)")
+    print(
+        f"linear layers: {human_bytes(sizes['quantized_linear_bytes'])} "
+        f"(bf16: {human_bytes(sizes['quantized_linear_bf16_bytes'])}); total {human_bytes(sizes['total_bytes'])}"
+    )
+    if ppl_source is not None:
+        print(f"held-out perplexity on {len(eval_texts)} {calib_task} rows: source {ppl_source:.3f} -> quantized {ppl_quant:.3f}")
+    return 0
+
+
+def info(folder: str) -> int:
+    """Print the manifest and storage sizes of a quantized checkpoint folder.
+
+    Args:
+        folder: a folder written by `restora quantize`.
+    """
+    from ..quant.checkpoint import read_manifest
+
+    manifest = read_manifest(Path(folder))
+    layers = manifest.pop("layers")
+    sizes = manifest.get("sizes", {})
+    print(json.dumps({k: v for k, v in manifest.items() if k != "sizes"}, indent=2))
+    print(f"layers: {len(layers)} quantized linear layers")
+    for k, v in sizes.items():
+        print(f"{k}: {v} ({human_bytes(v)})")
+    if sizes.get("quantized_linear_bf16_bytes"):
+        r = sizes["quantized_linear_bytes"] / sizes["quantized_linear_bf16_bytes"]
+        print(f"linear layers take {r:.3f} of bf16 ({16 * r:.2f} bits per weight)")
+    return 0
+
+
+def generate(
+    model: str,
+    *,
+    prompt: str,
+    max_new_tokens: int = 64,
+    adapter: str | None = None,
+    format: str | None = None,
+    bits: int | None = None,
+    chat: bool = False,
+    force: bool = False,
+) -> int:
+    """Greedy completion of PROMPT by MODEL, optionally with an adapter on a chosen base.
+
+    Args:
+        model: hub id, local HF folder, .gguf file, quantized checkpoint folder, or smollm2-135m.
+        prompt: the prompt text.
+        max_new_tokens: tokens to generate at most.
+        adapter: a restora or PEFT adapter folder to attach.
+        format: base format for the adapter (default: the model as given; with --bits: as restore picks).
+        bits: base bits l for the adapter (16 = float source): Post LoRA Restoration.
+        chat: wrap the prompt in the tokenizer's chat template.
+        force: attach an adapter whose recorded source hash differs from the model's.
+    """
+    from ..generate import greedy_generate
+
+    if bits is not None or format is not None:
+        if adapter is None:
+            from ..bases import BaseChoice, build_base
+            from ..restore import restore_spec
+
+            loaded = build_base(model, BaseChoice(restore_spec(None, bits or 16, format)))
+        else:
+            from ..restore import restore_base
+
+            loaded, _ = restore_base(adapter, bits or 16, format, model=model, force=force)
+    else:
+        loaded = load_model(model)
+        if adapter is not None:
+            from ..adapters import load_adapter
+
+            load_adapter(loaded.model, adapter, expected_source_hash=loaded.source_hash, force=force)
+    tok = loaded.tokenizer
+    text = prompt
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    out = greedy_generate(loaded.model, tok, [text], max_new_tokens=max_new_tokens, bf16=False, add_special_tokens=not chat)
+    print(out[0])
+    return 0
+
+
+def demo(out: str = "runs/demo", calib_samples: int = 128, data_dir: str | None = None) -> int:
+    """The embedded demo, offline: quantize SmolLM2-135M with GPTQ (4 bits, group 64) and RTN,
+    report held-out perplexity of each against the float source, and show a greedy completion.
+
+    Args:
+        out: folder for the demo's checkpoints.
+        calib_samples: GPTQ calibration rows from the SQL Create Context train split.
+        data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
+    """
+    base = Path(out)
+    for fmt in ("rtn", "gptq"):
+        print(f"== {fmt} 4-bit, group 64 ==")
+        quantize("smollm2-135m", str(base / f"{fmt}-4b"), format=fmt, bits=4, group_size=64,
+                 calib_samples=calib_samples, data_dir=data_dir)
+    prompt = "Write a SQL query that counts the rows of the table singer."
+    print("== greedy completion from the 4-bit GPTQ checkpoint ==")
+    return generate(str(base / "gptq-4b"), prompt=prompt, max_new_tokens=48, chat=True)

@@ -1,0 +1,447 @@
+"""Memory planner: how much memory a QLoRA training run or a PLR inference server needs.
+
+Post LoRA Restoration (SEEDS 000) picks the training base precision k by training memory
+and the inference base precision l > k by inference memory; the seed leaves open "how much
+spare memory PLR needs". This module answers it from a model's config alone (no weights
+are loaded), itemising:
+
+    train   framework + W0 at k bits + float parts + adapter + gradients + optimizer states
+            + saved activations for a micro-batch (B, T) + the largest backward transient
+    serve   framework + W0 at l bits + float parts + N adapters + KV cache (B, T)
+            + the prefill transient (logits of the whole prompt)
+
+Storage follows restora's formats exactly (quant/nf4.py, int8.py, uniform.py): see
+`linear_bytes`, which tests check against `QuantizedWeight.nbytes()`. Activation counts
+follow what autograd saves in a Llama-style decoder layer under restora's trainer (bf16
+autocast, frozen base whose QuantLinear saves nothing, LoRA saving its input); they were
+checked with `torch.autograd.graph.saved_tensors_hooks`. The framework constant and the
+checks against measured peak RSS are in benchmarks/plan_accuracy.py.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "linear_bytes", "plan_memory",
+    "serve_candidates", "train_candidates", "choose_plan", "plan",
+]
+
+# Resident set of Python + torch + transformers + restora + a tokenizer, before any model
+# (benchmarks/plan_accuracy.py, "framework overhead measured", SmolLM2 tokenizer, CPU).
+FRAMEWORK_BYTES = 420 * 2**20
+LOGIT_CHUNK = 1024  # restora.train.LOGIT_CHUNK: label positions projected to the vocabulary at once
+LOGIT_BYTES = 12  # bytes per (label, vocab) entry live while one chunk's CE is differentiated
+ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # restora.optim8bit: smaller tensors keep fp32 moments
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+Mode = Literal["train", "serve"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide memory, read from a transformers config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    gated_mlp: bool = True  # Llama/Qwen2/Mistral/Gemma: gate, up, down; GPT-2: fc, proj
+    positions: int = 0  # learned position embeddings (GPT-2), else 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "vocab"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a transformers PretrainedConfig (Llama-family names, or GPT-2's n_embd/n_layer/n_head)."""
+        get = lambda *names, default=None: next(  # noqa: E731
+            (getattr(config, n) for n in names if getattr(config, n, None) is not None), default
+        )
+        hidden = get("hidden_size", "n_embd")
+        heads = get("num_attention_heads", "n_head")
+        if hidden is None or heads is None or get("num_hidden_layers", "n_layer") is None:
+            raise ValueError(f"model config {type(config).__name__}: cannot find hidden size, heads and layers")
+        gpt2 = getattr(config, "model_type", "") == "gpt2"
+        return cls(
+            hidden=hidden,
+            intermediate=get("intermediate_size", "n_inner", default=None) or 4 * hidden,
+            layers=get("num_hidden_layers", "n_layer"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads", default=heads),
+            head_dim=get("head_dim", default=None) or hidden // heads,
+            vocab=get("vocab_size"),
+            tied=bool(get("tie_word_embeddings", default=True)),
+            gated_mlp=not gpt2,
+            positions=get("n_positions", default=0) if gpt2 else 0,
+        )
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, out_features, in_features) of one block's linear layers."""
+        H, I, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = [("q_proj", q, H), ("k_proj", kv, H), ("v_proj", kv, H), ("o_proj", H, q)]
+        mlp = [("gate_proj", I, H), ("up_proj", I, H), ("down_proj", H, I)] if self.gated_mlp else [
+            ("up_proj", I, H), ("down_proj", H, I)]
+        return attn + mlp
+
+    def targets(self, targets: str) -> list[tuple[str, int, int]]:
+        """The linear layers of one block an adapter preset wraps (restora.adapters.inject.PRESETS)."""
+        every = self.linears()
+        if targets == "all":
+            return every
+        if targets == "attn":
+            return every[:4]
+        if targets == "ia3":
+            return [t for t in every if t[0] in ("k_proj", "v_proj", "down_proj")]
+        raise ValueError(f"targets must be all, attn or ia3 for planning, got {targets!r}")
+
+    def linear_params(self) -> int:
+        return self.layers * sum(o * i for _, o, i in self.linears())
+
+
+def linear_bytes(out_f: int, in_f: int, format: str, bits: int, group_size: int = 64, double_quant: bool = False,
+                 act_order: bool = False, float_bytes: int = 4) -> int:
+    """Bytes of one (out, in) weight stored by restora's format (QuantizedWeight.nbytes())."""
+    n = out_f * in_f
+    if format == "float":
+        return n * float_bytes
+    if format in ("nf4", "fp4"):  # NF4Weight: packed codes + fp32 absmax (or 8-bit absmax + fp32 scales + offset)
+        blocks = n // group_size
+        scales = blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks
+        return n // 2 + scales
+    groups = 1 if group_size == -1 else in_f // group_size
+    if format == "int8":  # Int8Weight: int8 codes + fp32 scale per group
+        return n + 4 * out_f * groups
+    if format in ("rtn", "gptq"):  # UniformWeight: packed codes + fp16 scale + uint8 zero per group
+        return out_f * (in_f * bits // 8) + 3 * out_f * groups + (4 * in_f if act_order else 0)
+    raise ValueError(f"unknown format {format!r}: expected float, nf4, fp4, int8, rtn or gptq")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of a plan: what, how many bytes, and how it was counted."""
+
+    name: str
+    bytes: int
+    note: str = ""
+    transient: bool = False  # live only during part of a step (counted in the peak)
+
+
+@dataclass
+class MemoryPlan:
+    """An itemised estimate of peak resident memory for one setting."""
+
+    mode: str
+    label: str  # e.g. "rtn-4b-g64, LoRA r16 all, micro-batch 8 x 256"
+    format: str
+    bits: int
+    items: list[Item] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def static(self) -> int:
+        """Resident before the workload starts: framework, weights and adapters."""
+        return sum(i.bytes for i in self.items if i.name in _STATIC)
+
+    def table(self, budget: int | None = None) -> str:
+        w = max(len(i.name) for i in self.items)
+        rows = [f"{i.name:<{w}}  {format_bytes(i.bytes):>10}  {i.note}" for i in self.items]
+        rows.append(f"{'total (peak)':<{w}}  {format_bytes(self.total):>10}")
+        if budget is not None:
+            verdict = "fits" if self.total <= budget else "does NOT fit"
+            rows.append(f"{'budget':<{w}}  {format_bytes(budget):>10}  {verdict}, {format_bytes(abs(budget - self.total))}"
+                        f" {'spare' if self.total <= budget else 'short'}")
+        return "\n".join(rows)
+
+
+_STATIC = {"framework", "base linear weights", "float weights", "adapter parameters", "adapters"}
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(text: str | int) -> int:
+    """"8GiB", "512MiB", "4GB", "1.5 GiB" or plain bytes -> bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise ValueError(f"budget {text!r} is not a size: expected e.g. 8GiB, 512MiB, 4GB or a number of bytes")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"budget {text!r} must be positive")
+    return value
+
+
+def _adapter_params(shape: ModelShape, adapter: str, rank: int, targets: str) -> list[int]:
+    """Element counts of every adapter tensor of one adapter."""
+    if adapter == "lora":
+        return [n for _, o, i in shape.targets(targets) for n in (rank * i, o * rank)] * shape.layers
+    if adapter == "ia3":  # one vector per target: input side for the down projection, else output side
+        return [i if name == "down_proj" else o for name, o, i in shape.targets("ia3")] * shape.layers
+    raise ValueError(f"adapter must be lora or ia3, got {adapter!r}")
+
+
+def _optimizer_bytes(sizes: list[int], optimizer: str) -> int:
+    if optimizer == "adamw":
+        return 8 * sum(sizes)
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):  # 2 uint8 moments + fp32 absmax per 256 (restora.optim8bit)
+        return sum(2 * n + 8 * -(-n // ADAM8_BLOCK) if n >= ADAM8_MIN_SIZE else 8 * n for n in sizes)
+    raise ValueError(f"optimizer must be adamw, adamw8bit or paged_adamw8bit, got {optimizer!r}")
+
+
+def _layer_activation_bytes(shape: ModelShape, adapter: str, rank: int, targets: str, act: int, res: int,
+                            dropout: float) -> int:
+    """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
+    H, I, d = shape.hidden, shape.intermediate, shape.head_dim
+    n = 2 * H * res + 2 * 4  # the two RMSNorms: residual input and 1/rms
+    n += (2 * shape.heads + 2 * shape.kv_heads) * d * act + 4 * shape.heads  # SDPA: q, k, v, output, logsumexp
+    n += (3 if shape.gated_mlp else 2) * I * act  # gate and up projections, their activation
+    if adapter == "lora":
+        for _, _, i in shape.targets(targets):  # LoRA A saves its input (cast to the compute dtype), B saves A x
+            n += i * act + rank * act + (i if dropout > 0 else 0)  # + dropout's bool mask
+    else:
+        n += sum(i if name == "down_proj" else o for name, o, i in shape.targets("ia3")) * act
+    return n
+
+
+def plan_memory(
+    config: Any,
+    mode: Mode = "serve",
+    format: str = "nf4",
+    bits: int = 4,
+    group_size: int = 64,
+    double_quant: bool = False,
+    float_dtype: str = "fp32",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    adapter: str = "lora",
+    rank: int = 16,
+    targets: str = "all",
+    adapters: int = 1,
+    optimizer: str = "adamw",
+    grad_checkpointing: bool = False,
+    bf16: bool = True,
+    dropout: float = 0.05,
+    prompt_len: int | None = None,
+    framework_bytes: int = FRAMEWORK_BYTES,
+) -> MemoryPlan:
+    """Itemised peak memory of training (base at k = `bits`) or serving (base at l = `bits`).
+
+    config: a transformers config (or a ModelShape). train: one micro-batch of `batch_size`
+    rows x `seq_len` tokens, every position labelled (the worst case). serve: `adapters`
+    adapters, a KV cache of `batch_size` x `seq_len` tokens, prefill of `prompt_len`
+    (default seq_len) tokens. float_dtype: storage of embeddings, norms, LM head (and all
+    weights of a float base). bf16: compute under bf16 autocast, as restora does on CPU.
+    """
+    if mode not in ("train", "serve"):
+        raise ValueError(f"mode must be train or serve, got {mode!r}")
+    if float_dtype not in DTYPE_BYTES:
+        raise ValueError(f"float_dtype must be one of {', '.join(DTYPE_BYTES)}, got {float_dtype!r}")
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+    if adapters < 0:
+        raise ValueError(f"adapters must be >= 0, got {adapters}")
+    if format != "float":
+        from .quant.spec import QuantSpec
+
+        QuantSpec(format=format, bits=bits, group_size=group_size, double_quant=double_quant)  # one-line errors
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    fb = DTYPE_BYTES[float_dtype]
+    act = 2 if bf16 else fb
+    H, V, L = shape.hidden, shape.vocab, shape.layers
+    label = "float" if format == "float" else f"{format}-{bits}b-g{group_size}" + ("-dq" if double_quant else "")
+    lin = L * sum(linear_bytes(o, i, format, bits, group_size, double_quant, float_bytes=fb) for _, o, i in shape.linears())
+    embed = V * H * (1 if shape.tied else 2) + shape.positions * H
+    norms = (2 * L + 1) * H
+    items = [
+        Item("framework", framework_bytes, "Python, torch, transformers, restora, tokenizer (measured)"),
+        Item("base linear weights", lin, f"{label}: {shape.linear_params() / 1e6:.1f}M weights, "
+             f"{8 * lin / shape.linear_params():.2f} bits each"),
+        Item("float weights", (embed + norms) * fb, f"embeddings{'' if shape.tied else ' + LM head'} + norms, {float_dtype}"),
+    ]
+    sizes = _adapter_params(shape, adapter, rank, targets)
+    what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
+    head_cast = V * H * 2 if bf16 and fb != 2 else 0  # autocast's bf16 copy of the float LM head weight
+    if mode == "serve":
+        P = seq_len if prompt_len is None else prompt_len
+        items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
+        # keys leave the rotary embedding in the residual dtype, values leave v_proj in the compute dtype
+        kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + act)
+        items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
+                          f"{shape.head_dim}, K {fb} B + V {act} B"))
+        prefill = batch_size * P * V * act + head_cast + batch_size * P * (3 * shape.intermediate + 4 * H) * 4
+        items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {P} prompt tokens, LM head cast, "
+                          "one layer's work", transient=True))
+    else:
+        n_params = sum(sizes)
+        items.append(Item("adapter parameters", 4 * n_params, f"{what}: {n_params / 1e6:.2f}M fp32"))
+        items.append(Item("gradients", 4 * n_params, "adapter only, fp32"))
+        items.append(Item("optimizer states", _optimizer_bytes(sizes, optimizer), optimizer))
+        N = batch_size * seq_len
+        per_layer = _layer_activation_bytes(shape, adapter, rank, targets, act, fb, dropout)
+        if grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+            saved = N * (L * H * fb + per_layer)
+            note = f"{batch_size} x {seq_len} tokens: layer inputs + one recomputed layer"
+        else:
+            saved = N * L * per_layer
+            note = f"{batch_size} x {seq_len} tokens x {L} layers x {per_layer / 1024:.1f} KiB/token"
+        saved += N * H * (fb + 4)  # final norm input, gathered label hidden states
+        if format == "float" and bf16 and fb != 2:  # frozen float layers under autocast save their bf16 weight
+            saved += 2 * shape.linear_params()
+            note += " + bf16 weight copies"
+        items.append(Item("activations", saved, note, transient=True))
+        n_logit = min(N, LOGIT_CHUNK)
+        items.append(Item("loss chunk", n_logit * V * LOGIT_BYTES + head_cast,
+                          f"{n_logit} label positions x {V} vocab x {LOGIT_BYTES} B, LM head cast", transient=True))
+    settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, batch_size=batch_size, seq_len=seq_len,
+                    rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
+                    grad_checkpointing=grad_checkpointing, float_dtype=float_dtype)
+    if mode == "serve":
+        desc = f"{label} base, {adapters} x {what}, batch {batch_size} x {seq_len}"
+    else:
+        desc = f"{label} base, {what}, micro-batch {batch_size} x {seq_len}{', checkpointing' if grad_checkpointing else ''}"
+    return MemoryPlan(mode, desc, format, 16 if format == "float" else bits, items, settings)
+
+
+SERVE_LADDER: list[tuple[str, int]] = [("float", 16), ("int8", 8), ("nf4", 4), ("rtn", 4), ("rtn", 3), ("rtn", 2)]
+
+
+def _ladder(format: str | None) -> list[tuple[str, int]]:
+    """Candidate (format, bits), most precise first; `format` restricts the quantized ones."""
+    if format in (None, "auto"):
+        return SERVE_LADDER
+    if format in ("rtn", "gptq"):
+        return [("float", 16)] + [(format, b) for b in (8, 4, 3, 2)]
+    if format in ("nf4", "fp4"):
+        return [("float", 16), (format, 4)]
+    if format in ("int8", "float"):
+        return [("float", 16)] + ([("int8", 8)] if format == "int8" else [])
+    raise ValueError(f"format must be auto, float, nf4, fp4, int8, rtn or gptq, got {format!r}")
+
+
+def serve_candidates(config: Any, format: str | None = None, **kw: Any) -> list[MemoryPlan]:
+    """One serve plan per restore level l, most precise first."""
+    return [plan_memory(config, "serve", format=f, bits=b, **kw) for f, b in _ladder(format)]
+
+
+def train_candidates(config: Any, format: str | None = None, **kw: Any) -> list[MemoryPlan]:
+    """One train plan per base precision k, most precise first (float = 16-bit LoRA)."""
+    return [plan_memory(config, "train", format=f, bits=b, **kw) for f, b in _ladder(format)]
+
+
+def choose_plan(plans: list[MemoryPlan], budget: int) -> MemoryPlan:
+    """The first (most precise) plan within `budget`; else a one-line error naming the smallest plan."""
+    for p in plans:
+        if p.total <= budget:
+            return p
+    smallest = min(plans, key=lambda p: p.total)
+    raise ValueError(f"budget {format_bytes(budget)} is too small for any {smallest.mode} plan: the smallest, "
+                     f"{smallest.label}, needs {format_bytes(smallest.total)}")
+
+
+def _largest(values: list[int], fits: Any) -> int | None:
+    ok = [v for v in values if fits(v)]
+    return max(ok) if ok else None
+
+
+def plan(
+    model: str,
+    budget: str = "8GiB",
+    mode: Literal["train", "serve"] = "serve",
+    format: Literal["auto", "float", "nf4", "fp4", "int8", "rtn", "gptq"] = "auto",
+    group_size: int = 64,
+    float_dtype: Literal["fp32", "bf16"] = "fp32",
+    adapter: Literal["lora", "ia3"] = "lora",
+    rank: int = 16,
+    targets: str = "all",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    adapters: int = 1,
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
+    grad_checkpointing: bool = False,
+) -> int:
+    """Plan memory for training at k bits or serving at l bits (PLR) within BUDGET, from the config alone.
+
+    Args:
+        model: hub id, local HF folder, .gguf file, or smollm2-135m (only config.json is read).
+        budget: memory available, e.g. 8GiB, 512MiB, 4GB, or bytes.
+        mode: serve (pick the highest restore bits l that fits) or train (which k, rank, micro-batch fit).
+        format: restrict the candidates to one format family (auto: float, int8, nf4, rtn 4/3/2).
+        group_size: quantization group size.
+        float_dtype: storage of embeddings, norms, LM head and float bases (restora loads fp32 on CPU).
+        adapter: lora or ia3.
+        rank: LoRA rank r.
+        targets: attn (q,k,v,o) or all (every linear layer of the blocks).
+        batch_size: serve: concurrent sequences; train: micro-batch rows.
+        seq_len: tokens per sequence (serve: prompt + generated, all of it prompt in the worst case).
+        adapters: serve: adapters held at once.
+        optimizer: train: adamw (fp32 moments) or adamw8bit.
+        grad_checkpointing: train: recompute decoder activations in the backward pass.
+    """
+    from transformers import AutoConfig
+
+    from .models import resolve_source
+
+    limit = parse_budget(budget)
+    config = AutoConfig.from_pretrained(str(resolve_source(model)))
+    kw: dict[str, Any] = dict(group_size=group_size, float_dtype=float_dtype, adapter=adapter, rank=rank,
+                              targets=targets, seq_len=seq_len)
+    fmt = None if format == "auto" else format
+    print(f"{model}: {mode}, budget {format_bytes(limit)}")
+    if mode == "serve":
+        plans = serve_candidates(config, fmt, batch_size=batch_size, adapters=adapters, **kw)
+        for p in plans:
+            print(f"  {p.label:<60} {format_bytes(p.total):>10}  {'fits' if p.total <= limit else '-'}")
+        chosen = choose_plan(plans, limit)
+        print(f"\nPLR choice: restore to {chosen.label.split(' base')[0]} (l = {chosen.bits})\n")
+        print(chosen.table(limit))
+        return 0
+    kw.update(optimizer=optimizer)
+    steps = [2**i for i in range(12)]
+    plans = train_candidates(config, fmt, batch_size=batch_size, grad_checkpointing=grad_checkpointing, **kw)
+    print(f"  {'base k':<16} {'at request':>10}  largest micro-batch (no ckpt / ckpt)  largest rank")
+    for p in plans:
+        f, b = p.format, p.bits
+        one = lambda **o: plan_memory(config, "train", format=f, bits=b, **{**kw, "batch_size": batch_size,  # noqa: E731
+                                                                            "grad_checkpointing": grad_checkpointing, **o})
+        mb = [_largest([s for s in steps if s <= max(batch_size, 1)] + [batch_size],
+                       lambda s, c=c: one(batch_size=s, grad_checkpointing=c).total <= limit) for c in (False, True)]
+        r = _largest(steps[:9], lambda s: one(rank=s).total <= limit)
+        name = p.label.split(" base")[0]
+        print(f"  {name:<16} {format_bytes(p.total):>10}  {str(mb[0] or '-'):>6} / {str(mb[1] or '-'):<6}"
+              f"{'':>24}{str(r or '-'):>6}")
+    try:
+        chosen = choose_plan(plans, limit)
+    except ValueError:  # nothing fits as asked: fall back to micro-batch 1 with checkpointing
+        smallest = train_candidates(config, fmt, batch_size=1, grad_checkpointing=True, **kw)
+        chosen = choose_plan(smallest, limit)
+        print(f"\nnothing fits at micro-batch {batch_size}; with micro-batch 1 and checkpointing:")
+    print(f"\ntraining base: {chosen.label}\n")
+    print(chosen.table(limit))
+    return 0
