@@ -60,6 +60,28 @@ def greedy_generate(
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if row_adapters is not None and (set_rows is None or len(row_adapters) != len(prompts)):
         raise ValueError("row_adapters needs one entry per prompt and a set_rows callback")
+    was_training = model.training
+    model.eval()  # decoding never uses dropout; the caller's mode is restored at the end
+    try:
+        return _generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, bf16, add_special_tokens,
+                         row_adapters, set_rows, progress)
+    finally:
+        model.train(was_training)
+
+
+def _generate(
+    model: nn.Module,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    stop: Sequence[str],
+    batch_size: int,
+    bf16: bool,
+    add_special_tokens: bool,
+    row_adapters: Sequence[int] | None,
+    set_rows: Callable[[nn.Module, torch.Tensor], None] | None,
+    progress: bool,
+) -> list[str]:
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos

@@ -126,6 +126,7 @@ def restore_base(
     if base == "trained":
         dequantize_model(loaded.model)
     load_adapter(loaded.model, adapter_dir, expected_source_hash=loaded.source_hash, force=force)
+    loaded.model.eval()  # new adapter modules start in training mode (dropout on)
     return loaded, RestoreInfo(train, spec if base == "source" else QuantSpec("float", 16), base, prov)
 
 

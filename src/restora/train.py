@@ -15,8 +15,8 @@ Batches. The effective batch is `batch_size` rows, split into micro-batches of
 `micro_batch_size` (gradient accumulation). Epoch e visits rows in the permutation
 drawn from (seed, e), so a resumed run sees the same order.
 
-Checkpoints. Every `save_every` optimizer steps the adapter, AdamW moments and the
-trainer position are written to DIR/checkpoint (safetensors + JSON, temp-then-rename),
+Checkpoints. Every `save_every` optimizer steps the adapter, AdamW moments, the RNG
+state (dropout) and the trainer position are written to DIR/checkpoint (safetensors + JSON, temp-then-rename),
 so a killed run resumes losing at most the optimizer step in flight.
 """
 
@@ -219,6 +219,7 @@ def _save_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.op
                 for sk, sv in opt.state.get(p, {}).items():
                     if torch.is_tensor(sv):
                         tensors[f"opt/{index[id(p)]}/{sk}"] = sv.detach().contiguous()
+        tensors["rng/torch"] = torch.get_rng_state()  # dropout masks continue as if never stopped
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
 
@@ -238,6 +239,8 @@ def _load_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.op
             if key not in tensors:
                 raise ValueError(f"cannot resume from {folder}: adapter tensor {k} is missing")
             p.copy_(tensors[key])
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"])
     for k, p in named.items():
         st = {sk.split("/")[-1]: v for sk, v in tensors.items() if sk.startswith(f"opt/{k}/")}
         if st:
@@ -307,7 +310,7 @@ def train(
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     s, _ = completion_loss(model, ids, labels, mask)
                 (s / max(n_labels, 1)).backward()
-                loss_sum += float(s)
+                loss_sum += float(s.detach())
                 tokens_seen += int(mask.sum())
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)

@@ -174,6 +174,7 @@ def generate(
             from ..adapters import load_adapter
 
             load_adapter(loaded.model, adapter, expected_source_hash=loaded.source_hash, force=force)
+            loaded.model.eval()
     tok = loaded.tokenizer
     text = prompt
     if chat:

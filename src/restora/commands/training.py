@@ -117,6 +117,7 @@ def train(
     m, tok = loaded.model, loaded.tokenizer
     if bf16 and choice.spec.is_float and init != "loftq":
         m.to(torch.bfloat16)  # a 16-bit float base, as PEFT's bf16 runs; adapters stay fp32
+    torch.manual_seed(seed)  # adapter init must not depend on how the base was built (cache or not)
     if adapter == "lora":
         lcfg = LoRAConfig(r=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
                           init="gaussian" if init == "gaussian" else "default", target_modules=target_arg)
