@@ -78,17 +78,21 @@ def hessian_of(x: torch.Tensor) -> torch.Tensor:
 
 
 def _inverse_cholesky(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean diag(H); λ grows if H is not PD."""
+    """Upper Cholesky factor U of (H + λI)⁻¹, λ = damp · mean diag(H); λ grows if H is not PD.
+
+    With J the reversal permutation and J (H + λI) J = L Lᵀ, U = J L⁻¹ J is upper triangular and
+    Uᵀ U = (H + λI)⁻¹: one factorization and one triangular solve.
+    """
+    n = h.shape[0]
     mean_diag = h.diagonal().mean().item()
     lam = damp * mean_diag
     for _ in range(6):
-        hd = h.clone()
+        hd = h.flip(0, 1)  # J H J, a copy
         hd.diagonal().add_(lam)
         low, info = torch.linalg.cholesky_ex(hd)
         if info.item() == 0:
-            up, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(low), upper=True)
-            if info.item() == 0:
-                return up
+            eye = torch.eye(n, dtype=h.dtype, device=h.device)
+            return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)  # (n, n) upper
         lam = lam * 10 if lam > 0 else 0.01 * mean_diag
     raise ValueError(f"gptq: Hessian is not positive definite even with dampening {lam:.3g} (damp={damp})")
 
@@ -98,54 +102,57 @@ _SUB = 32
 
 
 def _current(
-    w_all: torch.Tensor, w1: torch.Tensor, err1: torch.Tensor, u: torch.Tensor,
+    wt: torch.Tensor, wt1: torch.Tensor, err1: torch.Tensor, u: torch.Tensor,
     i1: int, i2: int, j1: int, j2: int, i: int, gs: int,
 ) -> torch.Tensor:
-    """Current weights (out, gs) of the group starting at block column i, pending lazy updates applied.
+    """Current weights (gs, out) of the group starting at block column i, pending lazy updates applied.
 
     Columns before j2 are up to date; block columns in [j2, i2) still miss the updates of
     sub-block columns [j1, i); columns from i2 on miss those of block columns [i1, i1 + i).
     """
-    a = w1[:, i : min(j2, i + gs)]
+    a = wt1[i : min(j2, i + gs)]
     e = min(i2 - i1, i + gs)
-    b = w1[:, j2:e] - err1[:, j1:i] @ u[i1 + j1 : i1 + i, i1 + j2 : i1 + e] if e > j2 else w1[:, :0]
+    b = wt1[j2:e] - u[i1 + j1 : i1 + i, i1 + j2 : i1 + e].T @ err1[j1:i] if e > j2 else wt1[:0]
     end = i1 + i + gs
-    c = w_all[:, i2:end] - err1[:, :i] @ u[i1 : i1 + i, i2:end] if end > i2 else w1[:, :0]
-    return torch.cat([a, b, c], dim=1)
+    c = wt[i2:end] - u[i1 : i1 + i, i2:end].T @ err1[:i] if end > i2 else wt1[:0]
+    return torch.cat([a, b, c])
 
 
 @torch.no_grad()
 def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> GPTQCodes:
-    """The GPTQ algorithm (paper, Algorithm 1) on one weight (out, in) with Hessian (in, in)."""
+    """The GPTQ algorithm (paper, Algorithm 1) on one weight (out, in) with Hessian (in, in).
+
+    It works on Wᵀ (in, out) so that a column of W is a contiguous row in memory.
+    """
     out_f, in_f = weight.shape
     if hessian.shape != (in_f, in_f):
         raise ValueError(f"gptq: hessian shape {tuple(hessian.shape)} does not match weight inputs {in_f}")
     if spec.group_size != -1 and in_f % spec.group_size:
         raise ValueError(f"gptq: group size {spec.group_size} does not divide in_features {in_f}")
     bits, gs, bs = spec.bits, (in_f if spec.group_size == -1 else spec.group_size), spec.block_size
-    w_all = weight.detach().float().clone()  # (out, in)
-    h = hessian.detach().to(w_all.device, torch.float32).clone()  # (in, in)
+    wt = weight.detach().float().T.contiguous()  # (in, out): Wᵀ, a copy
+    h = hessian.detach().to(wt.device, torch.float32).clone()  # (in, in)
 
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
-    w_all[:, dead] = 0.0
+    wt[dead] = 0.0
     perm = None
     if spec.act_order:
         perm = torch.argsort(h.diagonal(), descending=True)  # (in,)
-        w_all = w_all[:, perm]
+        wt = wt[perm]
         h = h[perm][:, perm]
     u = _inverse_cholesky(h, spec.damp)  # (in, in) upper
     del h
 
-    codes = torch.zeros_like(w_all)  # (out, in), permuted order
-    scales = w_all.new_zeros(out_f, in_f // gs)  # (out, groups)
-    zeros = w_all.new_zeros(out_f, in_f // gs)
-    loss = w_all.new_zeros(())
-    scale = zero = w_all.new_zeros(out_f)
+    codes = torch.zeros_like(wt)  # (in, out), permuted order
+    scales = wt.new_zeros(in_f // gs, out_f)  # (groups, out)
+    zeros = wt.new_zeros(in_f // gs, out_f)
+    loss = wt.new_zeros(())
+    scale = zero = wt.new_zeros(out_f)
     for i1 in range(0, in_f, bs):
         i2 = min(i1 + bs, in_f)
-        w1 = w_all[:, i1:i2].clone()  # (out, b) the block, updated in place
-        err1 = torch.zeros_like(w1)  # (out, b) δ of each column
+        wt1 = wt[i1:i2].clone()  # (b, out) the block's columns, updated in place
+        err1 = torch.zeros_like(wt1)  # (b, out) δ of each column
         u1 = u[i1:i2, i1:i2]  # (b, b)
         d1 = u1.diagonal().tolist()
         for j1 in range(0, i2 - i1, _SUB):  # the same lazy trick once more, sized for a CPU cache
@@ -153,25 +160,26 @@ def gptq_codes(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> 
             for i in range(j1, j2):
                 col = i1 + i
                 if col % gs == 0:  # a new group: its grid from its current weights
-                    scale, zero = uniform_params(_current(w_all, w1, err1, u, i1, i2, j1, j2, i, gs), bits)
-                    scales[:, col // gs] = scale
-                    zeros[:, col // gs] = zero
-                w = w1[:, i]  # (out,)
+                    seg = _current(wt, wt1, err1, u, i1, i2, j1, j2, i, gs)  # (gs, out)
+                    scale, zero = uniform_params(seg.T, bits)  # (out,), (out,)
+                    scales[col // gs] = scale
+                    zeros[col // gs] = zero
+                w = wt1[i]  # (out,)
                 c = quantize_with(w, scale, zero, bits)
-                codes[:, col] = c
+                codes[col] = c
                 delta = (w - (c - zero) * scale).div_(d1[i])  # δ = (w − q) / U_jj
-                w1[:, i:j2].addr_(delta, u1[i, i:j2], alpha=-1.0)  # w_F -= δ ⊗ U_j,F inside the sub-block
-                err1[:, i] = delta
-            w1[:, j2:].addmm_(err1[:, j1:j2], u1[j1:j2, j2:], alpha=-1.0)  # rest of the block
+                err1[i] = delta
+                wt1[i:j2].addr_(u1[i, i:j2], delta, alpha=-1.0)  # w_F -= δ ⊗ U_j,F inside the sub-block
+            wt1[j2:].addmm_(u1[j1:j2, j2:].T, err1[j1:j2], alpha=-1.0)  # rest of the block
         loss += err1.square().sum() / 2
-        w_all[:, i2:].addmm_(err1, u[i1:i2, i2:], alpha=-1.0)  # lazy update of the rest of W
+        wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)  # lazy update of the rest of W
 
     g_idx = None
     if perm is not None:
         inv = torch.argsort(perm)  # original column j sits at permuted position inv[j]
-        codes = codes[:, inv]
+        codes = codes[inv]
         g_idx = (inv // gs).to(torch.int32)  # (in,)
-    return GPTQCodes(codes, scales, zeros, g_idx, float(loss))
+    return GPTQCodes(codes.T.contiguous(), scales.T.contiguous(), zeros.T.contiguous(), g_idx, float(loss))
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) -> UniformWeight:
