@@ -4,7 +4,8 @@ Each function takes plain typed arguments (documented under "Args:"), does its w
 through the library API, prints a human summary and returns an exit code.
 """
 
-from .checkpoints import demo, generate, info, quantize
+from .checkpoints import generate, info, quantize
+from .experiments import demo, grid
 from .restoring import restore
 from .training import eval, train
 
@@ -15,6 +16,7 @@ COMMANDS = {
     "train": train,
     "eval": eval,
     "restore": restore,
+    "grid": grid,
     "demo": demo,
 }
 

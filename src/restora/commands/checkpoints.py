@@ -14,7 +14,7 @@ from ..quant.checkpoint import save_quantized
 from ..quant.model import quantize_model
 from ..quant.spec import QuantSpec
 
-__all__ = ["quantize", "info", "generate", "demo", "human_bytes"]
+__all__ = ["quantize", "info", "generate", "human_bytes"]
 
 Format = Literal["nf4", "fp4", "int8", "rtn", "gptq"]
 
@@ -182,22 +182,3 @@ def generate(
     out = greedy_generate(loaded.model, tok, [text], max_new_tokens=max_new_tokens, bf16=False, add_special_tokens=not chat)
     print(out[0])
     return 0
-
-
-def demo(out: str = "runs/demo", calib_samples: int = 128, data_dir: str | None = None) -> int:
-    """The embedded demo, offline: quantize SmolLM2-135M with GPTQ (4 bits, group 64) and RTN,
-    report held-out perplexity of each against the float source, and show a greedy completion.
-
-    Args:
-        out: folder for the demo's checkpoints.
-        calib_samples: GPTQ calibration rows from the SQL Create Context train split.
-        data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
-    """
-    base = Path(out)
-    for fmt in ("rtn", "gptq"):
-        print(f"== {fmt} 4-bit, group 64 ==")
-        quantize("smollm2-135m", str(base / f"{fmt}-4b"), format=fmt, bits=4, group_size=64,
-                 calib_samples=calib_samples, data_dir=data_dir)
-    prompt = "Write a SQL query that counts the rows of the table singer."
-    print("== greedy completion from the 4-bit GPTQ checkpoint ==")
-    return generate(str(base / "gptq-4b"), prompt=prompt, max_new_tokens=48, chat=True)

@@ -1,0 +1,139 @@
+"""Grid reports: results.json / results.csv, a Table-1-style markdown table, and plr.png.
+
+Table layout follows seed 000's Table 1: one row per task and metric, and columns
+`16-bit LoRA | kb QLoRA | PLRl ...` for each train bit-width k (highest first), where
+"kb QLoRA" is the adapter on its own k-bit base and PLRl the same adapter on an l-bit
+base. Methods other than the 16-bit baseline get their name in the column header.
+The plot shows, per task, the main metric and the test log loss against restore bits:
+one line per (method, train bits), the 16-bit LoRA as a dashed reference.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_reports", "main_metric", "markdown_table"]
+
+_PREFERRED = ("execution_match", "accuracy", "exact_match")
+
+
+def main_metric(cells: list[dict[str, Any]]) -> str | None:
+    names = {k for c in cells for k in c.get("metrics", {})}
+    return next((m for m in _PREFERRED if m in names), None)
+
+
+def _flat(cell: dict[str, Any]) -> dict[str, Any]:
+    row = {k: v for k, v in cell.items() if k not in ("metrics", "examples")}
+    for name, est in cell.get("metrics", {}).items():
+        row[name] = est["value"]
+        row[f"{name}_ci95_low"] = est["ci95_low"]
+        row[f"{name}_ci95_high"] = est["ci95_high"]
+    return row
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def _value(cell: dict[str, Any], metric: str) -> float | None:
+    if metric == "test_log_loss":
+        return cell["test_log_loss"]
+    est = cell.get("metrics", {}).get(metric)
+    return None if est is None else est["value"]
+
+
+def markdown_table(cells: list[dict[str, Any]]) -> str:
+    """Seed-000-style table: accuracy-like metrics in %, log loss in nats/token; seeds averaged."""
+    groups: dict[tuple, list[float]] = defaultdict(list)
+    metrics = [m for m in ("execution_match", "exact_match", "accuracy") if any(m in c.get("metrics", {}) for c in cells)]
+    metrics.append("test_log_loss")
+    for c in cells:
+        for m in metrics:
+            v = _value(c, m)
+            if v is not None:
+                groups[(c["task"], m, c["method"], c["train_bits"], c["restore_bits"])].append(v)
+    columns: list[tuple[str, int, int]] = []
+    for (method, k, level) in sorted({key[2:] for key in groups}, key=lambda t: (t[1] != 16, -t[1], t[0], t[2])):
+        if (method, k, level) not in columns:
+            columns.append((method, k, level))
+
+    def header(method: str, k: int, level: int) -> str:
+        if k == 16:
+            return "16-bit LoRA" if method in ("lora", "lora16", "float") else f"{method} 16-bit"
+        own = f"{k}b QLoRA" if method in ("gptq", "qlora") else f"{method} {k}b"
+        return own if level == k else f"{own} → PLR{level}"
+
+    lines = ["| task | metric | " + " | ".join(header(*col) for col in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for task in sorted({key[0] for key in groups}):
+        for m in metrics:
+            vals = []
+            for method, k, level in columns:
+                v = groups.get((task, m, method, k, level))
+                if not v:
+                    vals.append("")
+                elif m == "test_log_loss":
+                    vals.append(f"{_mean(v):.3f}")
+                else:
+                    vals.append(f"{100 * _mean(v):.1f}")
+            label = "log loss (nats/token)" if m == "test_log_loss" else f"{m} (%)"
+            lines.append(f"| {Path(task).stem} | {label} | " + " | ".join(vals) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(cells: list[dict[str, Any]], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = sorted({c["task"] for c in cells})
+    metric = main_metric(cells)
+    panels = ([metric] if metric else []) + ["test_log_loss"]
+    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(5.5 * len(panels), 4 * len(tasks)), squeeze=False)
+    for r, task in enumerate(tasks):
+        tcells = [c for c in cells if c["task"] == task]
+        for col, m in enumerate(panels):
+            ax = axes[r][col]
+            lines: dict[tuple[str, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+            for c in tcells:
+                v = _value(c, m)
+                if v is not None:
+                    lines[(c["method"], c["train_bits"])][c["restore_bits"]].append(v if m == "test_log_loss" else 100 * v)
+            for (method, k), pts in sorted(lines.items(), key=lambda kv: -kv[0][1]):
+                xs = sorted(pts)
+                ys = [_mean(pts[x]) for x in xs]
+                if k == 16:
+                    ax.axhline(ys[0], color="black", linestyle="--", label=f"{method} 16-bit (reference)")
+                else:
+                    ax.plot(xs, ys, marker="o", label=f"{method} trained at {k} bits")
+            ax.set_xlabel("restore bits l (base precision at inference)")
+            ax.set_ylabel("test log loss (nats/token)" if m == "test_log_loss" else f"{m} (%)")
+            ax.set_xscale("log", base=2)
+            ax.set_xticks([2, 3, 4, 8, 16], labels=["2", "3", "4", "8", "16"])
+            ax.set_title(f"{Path(task).stem}: {'log loss' if m == 'test_log_loss' else m}")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write_reports(cells: list[dict[str, Any]], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(cells, indent=2, default=str) + "\n")
+    rows = [_flat(c) for c in cells]
+    fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "method", "train_bits", "restore_bits", "seed"), k))
+    with (out / "results.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+    (out / "table.md").write_text(markdown_table(cells))
+    _plot(cells, out / "plr.png")

@@ -1,0 +1,129 @@
+"""The PLR grid on a tiny model: train once per unit, every restore level, resume, shards, reports."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from restora.cli import main
+from restora.grid import load_grid_config, parse_shard, plan_units
+
+pytestmark = pytest.mark.smollm  # the tiny model borrows SmolLM2's tokenizer
+
+CONFIG = """
+model = "{model}"
+tasks = ["sql"]
+seeds = [0]
+restore_bits = [8, 16]
+
+[[methods]]
+name = "lora"
+format = "float"
+bits = [16]
+
+[[methods]]
+name = "rtn"
+format = "rtn"
+bits = [4, 2]
+
+[train]
+targets = "attn"
+max_steps = 2
+batch_size = 8
+micro_batch_size = 8
+max_samples = 16
+val_samples = 8
+max_len = 96
+lr = 2e-3
+
+[eval]
+split = "test"
+limit = 6
+max_new_tokens = 4
+batch_size = 6
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from restora.models import resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    d = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("RESTORA_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _config(tmp_path, tiny_dir):
+    p = tmp_path / "grid.toml"
+    p.write_text(CONFIG.format(model=tiny_dir))
+    return p
+
+
+def test_plan_restore_levels(tmp_path, tiny_dir):
+    units = plan_units(load_grid_config(_config(tmp_path, tiny_dir)))
+    assert [(u.method.name, u.train_bits, u.restore_levels) for u in units] == [
+        ("lora", 16, (16,)), ("rtn", 4, (4, 8, 16)), ("rtn", 2, (2, 8, 16))]
+
+
+def test_grid_runs_resumes_and_shards_agree(tmp_path, tiny_dir, capsys):
+    cfg = _config(tmp_path, tiny_dir)
+    full = tmp_path / "full"
+    assert main(["grid", str(cfg), "--out", str(full)]) == 0
+    cells = json.loads((full / "results.json").read_text())
+    assert len(cells) == 7 and (full / "table.md").is_file() and (full / "results.csv").is_file()
+    assert (full / "plr.png").stat().st_size > 1000
+    table = (full / "table.md").read_text()
+    assert "16-bit LoRA" in table and "rtn 4b → PLR16" in table
+    # one adapter per unit, shared by all its restore levels
+    assert len(list((full / "adapters").iterdir())) == 3
+    # rerun: everything is skipped (no training, no evaluation)
+    mtimes = {p: p.stat().st_mtime_ns for p in (full / "cells").glob("*.json")}
+    capsys.readouterr()
+    assert main(["grid", str(cfg), "--out", str(full)]) == 0
+    assert "0 cells to evaluate" in capsys.readouterr().out
+    assert mtimes == {p: p.stat().st_mtime_ns for p in (full / "cells").glob("*.json")}
+    # two shards into one folder, then --collect: same results as the unsharded run
+    sharded = tmp_path / "sharded"
+    assert main(["grid", str(cfg), "--out", str(sharded), "--shard", "0/2"]) == 0
+    assert len(list((sharded / "cells").glob("*.json"))) < 7
+    assert main(["grid", str(cfg), "--out", str(sharded), "--shard", "1/2"]) == 0
+    assert main(["grid", str(cfg), "--out", str(sharded), "--collect"]) == 0
+
+    def key(cells):
+        return sorted((c["unit"], c["restore_bits"], round(c["test_log_loss"], 5),
+                       json.dumps(c["metrics"], sort_keys=True)) for c in cells)
+
+    assert key(json.loads((sharded / "results.json").read_text())) == key(cells)
+
+
+def test_shard_from_slurm(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert parse_shard(None) == (3, 4)
+    assert parse_shard("1/2") == (1, 2)
+    with pytest.raises(ValueError, match="must look like i/n"):
+        parse_shard("x")
+
+
+def test_malformed_config_names_the_key(tmp_path, tiny_dir):
+    p = tmp_path / "bad.toml"
+    p.write_text(CONFIG.format(model=tiny_dir).replace("max_steps = 2", "max_stepz = 2"))
+    with pytest.raises(ValueError, match="unknown key train.'max_stepz'"):
+        load_grid_config(p)
+    p.write_text(CONFIG.format(model=tiny_dir).replace('tasks = ["sql"]', ""))
+    with pytest.raises(ValueError, match="key 'tasks' is missing"):
+        load_grid_config(p)
