@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -21,12 +22,17 @@ from restora.quant.uniform import UniformWeight, rtn_quantize
 SQL = Path("/work/shared/data/sql_create_context/train.jsonl")
 
 
-def correlated_layer(seed: int = 0, n: int = 512, d_in: int = 128, d_out: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+def correlated_layer(seed: int = 0, n: int = 512, d_in: int = 128, d_out: int = 48) -> tuple[torch.Tensor, ...]:
     """Inputs X (n, d_in) of rank ~16 plus a little noise, columns of very different scales; W (d_out, d_in)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n, 16, generator=g) @ torch.randn(16, d_in, generator=g)  # (n, in), rank 16
     x = (x + 0.1 * torch.randn(n, d_in, generator=g)) * torch.linspace(0.2, 3.0, d_in)
     return x, torch.randn(d_out, d_in, generator=g)
+
+
+def gather(into: list[torch.Tensor]) -> Callable[..., None]:
+    """A forward hook appending the layer's input, flattened to (tokens, in), to `into`."""
+    return lambda _m, a, _o: into.append(a[0].reshape(-1, a[0].shape[-1]).detach())
 
 
 def out_err(x: torch.Tensor, w: torch.Tensor, wq: torch.Tensor) -> float:
@@ -82,7 +88,8 @@ def test_codes_round_trip_through_uniform_weight() -> None:
     again = UniformWeight.empty(48, 128, q.meta())
     again.load_state_dict(q.state_dict())
     assert torch.equal(again.dequantize(), q.dequantize())
-    assert q.bits_per_weight() == pytest.approx(3 + 24 / 32 + 32 / 48)  # packed codes, scale+zero per 32, g_idx per column
+    # packed 3-bit codes, fp16 scale + uint8 zero per 32 inputs, int32 g_idx per column over 48 rows
+    assert q.bits_per_weight() == pytest.approx(3 + 24 / 32 + 32 / 48)
 
 
 def test_rejects_mismatched_hessian() -> None:
@@ -137,10 +144,7 @@ def test_each_block_sees_inputs_through_quantized_earlier_blocks() -> None:
         setattr(ref.get_submodule(parent), child, copy.deepcopy(model.get_submodule(n)))
     block1 = [n for n in quantizable_layers(ref) if n.startswith("model.layers.1.")]
     xs: dict[str, list[torch.Tensor]] = {n: [] for n in block1}
-    hooks = [
-        ref.get_submodule(n).register_forward_hook(lambda _m, a, _o, n=n: xs[n].append(a[0].reshape(-1, 64 if "down" not in n else 128)))
-        for n in block1
-    ]
+    hooks = [ref.get_submodule(n).register_forward_hook(gather(xs[n])) for n in block1]
     with torch.no_grad():
         for ids in rows:
             ref(ids.view(1, -1))
@@ -168,10 +172,7 @@ def test_smollm_layers_gptq_beats_rtn() -> None:
     texts = [f"{r['context']}\n{r['question']}\n{r['answer']}" for r in rows]
     names = ["model.layers.2.self_attn.q_proj", "model.layers.7.mlp.down_proj", "model.layers.20.self_attn.o_proj"]
     xs: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [
-        model.get_submodule(n).register_forward_hook(lambda _m, a, _o, n=n: xs[n].append(a[0].reshape(-1, a[0].shape[-1])))
-        for n in names
-    ]
+    hooks = [model.get_submodule(n).register_forward_hook(gather(xs[n])) for n in names]
     with torch.no_grad():
         for t in texts:
             model(tok(t, return_tensors="pt").input_ids)

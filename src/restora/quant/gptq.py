@@ -296,7 +296,9 @@ def gptq_quantize_model(
         raise ValueError("gptq needs calibration data: got an empty list of rows")
     for k, ids in enumerate(calibration):
         if ids.dim() != 1 or ids.numel() == 0 or ids.is_floating_point():
-            raise ValueError(f"calibration row {k}: expected a non-empty 1-D tensor of token ids, got {tuple(ids.shape)}")
+            raise ValueError(
+                f"calibration row {k}: expected a non-empty 1-D tensor of token ids, got {tuple(ids.shape)}"
+            )
     names = quantizable_layers(model)
     check_spec_fits(model, spec, names)
     blocks = decoder_blocks(model)
