@@ -40,6 +40,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, init_distributed
+
 __all__ = ["TrainConfig", "train", "completion_loss", "evaluate_loss", "Example"]
 
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with -100 on prompt positions
@@ -154,12 +156,21 @@ def completion_loss(
 
 
 @torch.no_grad()
-def evaluate_loss(model: nn.Module, rows: Sequence[Example], pad_id: int, micro_batch_size: int = 8, bf16: bool = True) -> float:
-    """Mean completion log loss (nats/token) over `rows`."""
+def evaluate_loss(
+    model: nn.Module,
+    rows: Sequence[Example],
+    pad_id: int,
+    micro_batch_size: int = 8,
+    bf16: bool = True,
+    dist_info: DistInfo | None = None,
+) -> float:
+    """Mean completion log loss (nats/token) over `rows` (split over ranks when distributed)."""
+    info = dist_info or DistInfo()
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding
+    mine = info.shard(range(len(rows)))
+    order = sorted(mine, key=lambda i: len(rows[i]["input_ids"]))  # less padding
     for a in range(0, len(order), micro_batch_size):
         ids, labels, mask = _collate([rows[i] for i in order[a : a + micro_batch_size]], pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and ids.device.type == "cpu"):
@@ -167,6 +178,7 @@ def evaluate_loss(model: nn.Module, rows: Sequence[Example], pad_id: int, micro_
         total += float(s)
         count += n
     model.train(was_training)
+    total, count = all_reduce_sum([total, float(count)], info)
     return total / max(count, 1)
 
 
@@ -258,14 +270,19 @@ def train(
     save_best: Callable[[Path, dict[str, Any]], None],
     resume: bool = False,
     progress: bool = True,
+    dist_info: DistInfo | None = None,
 ) -> dict[str, Any]:
     """Train the model's trainable (adapter) parameters; return the metrics summary.
+
+    Under torchrun each rank trains on its share of every global batch and the adapter
+    gradients are summed over ranks (see restora.distributed); rank 0 alone writes files.
 
     `save_best(folder, metrics)` writes the adapter as it is now to `folder` (a PEFT-style
     adapter folder); it is called whenever validation loss improves, at each epoch's end.
     """
     if not train_rows:
         raise ValueError("the training set is empty after filtering")
+    info = dist_info or init_distributed()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -273,7 +290,6 @@ def train(
         raise ValueError("the model has no trainable parameters: add an adapter first")
     params = list(named.values())
     opt = _make_optimizer(params, cfg)
-    accum = cfg.batch_size // cfg.micro_batch_size
     steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else steps_per_epoch * cfg.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
@@ -290,8 +306,8 @@ def train(
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     model.train()
-    metrics_log = (out / "metrics.jsonl").open("a")
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not progress)
+    metrics_log = (out / "metrics.jsonl").open("a") if info.is_main else None
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and info.is_main))
     t_start, tokens_seen = time.perf_counter(), 0
     use_bf16 = cfg.bf16 and next(model.parameters()).device.type == "cpu"
     try:
@@ -304,14 +320,18 @@ def train(
             for group in opt.param_groups:
                 group["lr"] = lr
             n_labels = sum(sum(1 for y in r["labels"][1:] if y != -100) for r in batch)
-            loss_sum = 0.0
-            for a in range(0, len(batch), cfg.micro_batch_size):
-                ids, labels, mask = _collate(batch[a : a + cfg.micro_batch_size], pad_id)
+            loss_sum, step_tokens = 0.0, 0
+            local = info.shard(batch)  # this rank's rows of the global batch
+            for a in range(0, len(local), cfg.micro_batch_size):
+                ids, labels, mask = _collate(local[a : a + cfg.micro_batch_size], pad_id)
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
                     s, _ = completion_loss(model, ids, labels, mask)
                 (s / max(n_labels, 1)).backward()
                 loss_sum += float(s.detach())
-                tokens_seen += int(mask.sum())
+                step_tokens += int(mask.sum())
+            all_reduce_grads(params, info)
+            loss_sum, step_tokens = all_reduce_sum([loss_sum, float(step_tokens)], info)
+            tokens_seen += int(step_tokens)
             if cfg.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             opt.step()
@@ -324,22 +344,26 @@ def train(
             record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": rate}
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if epoch_end and val_rows:
-                val = evaluate_loss(model, val_rows, pad_id, cfg.micro_batch_size, use_bf16)
+                val = evaluate_loss(model, val_rows, pad_id, cfg.micro_batch_size, use_bf16, info)
                 record["val_loss"] = val
                 history.append({"epoch": epoch + 1, "step": step, "val_loss": val})
                 if val < best:
                     best = val
-                    save_best(out, {"best_epoch": epoch + 1, "best_val_loss": val, "history": history})
-            elif epoch_end and not val_rows:
+                    if info.is_main:
+                        save_best(out, {"best_epoch": epoch + 1, "best_val_loss": val, "history": history})
+            elif epoch_end and not val_rows and info.is_main:
                 save_best(out, {"best_epoch": epoch + 1, "history": history})
-            metrics_log.write(json.dumps(record) + "\n")
-            metrics_log.flush()
-            if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
+            if metrics_log is not None:
+                metrics_log.write(json.dumps(record) + "\n")
+                metrics_log.flush()
+            if info.is_main and cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
                 state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key()}
                 _save_checkpoint(ckpt, named, opt, state)
     finally:
         bar.close()
-        metrics_log.close()
+        if metrics_log is not None:
+            metrics_log.close()
+    barrier(info)
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history else epochs
     return {
         "steps": step,

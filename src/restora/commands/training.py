@@ -110,10 +110,17 @@ def train(
     choice = _base_choice(format, bits, group_size, task, calib_samples, seed)
     splits = split_rows(t, seed, data_dir)  # data problems surface before any quantization work
     torch.manual_seed(seed)
+    from ..distributed import barrier, init_distributed
+
+    dist_info = init_distributed()
+    if not dist_info.is_main:
+        barrier(dist_info)  # under torchrun, rank 0 quantizes and caches the base first
     if init == "loftq":
         loaded = _loftq_base(model, choice, rank, alpha, rslora, target_arg, loftq_iters)
     else:
         loaded = build_base(model, choice, data_dir)
+    if dist_info.enabled and dist_info.is_main:
+        barrier(dist_info)
     m, tok = loaded.model, loaded.tokenizer
     if bf16 and choice.spec.is_float and init != "loftq":
         m.to(torch.bfloat16)  # a 16-bit float base, as PEFT's bf16 runs; adapters stay fp32
@@ -136,7 +143,10 @@ def train(
     def save_best(folder: Path, metrics: dict) -> None:
         save_adapter(m, folder, {**provenance, "metrics": metrics})
 
-    summary = run_train(m, enc_train, enc_val, cfg, out, tok.pad_token_id, save_best, resume=resume)
+    summary = run_train(m, enc_train, enc_val, cfg, out, tok.pad_token_id, save_best, resume=resume,
+                        dist_info=dist_info)
+    if not dist_info.is_main:
+        return 0
     _record_metrics(Path(out), summary)
     best = summary["best_val_loss"]
     print(f"trained {summary['steps']} steps on {len(enc_train)} rows ({choice.spec.label()} base), "

@@ -1,0 +1,151 @@
+"""Training throughput and peak memory: restora vs PEFT (+ bitsandbytes NF4) on SmolLM2-135M.
+
+One command runs every configuration, each in its own fresh subprocess so that peak RSS
+is per configuration, and prints one table with the ratios:
+
+    restora bf16 base      LoRA r16 on all linear layers, completion-only loss, bf16 autocast
+    restora nf4 base       same adapter over restora's NF4 (blockwise 64) base
+    restora rtn4 base      same over uniform 4-bit (group 64)
+    peft bf16              transformers + peft LoRA, bf16 model, HF loss (labels, prompt masked)
+    peft + bnb nf4         transformers + bitsandbytes 4-bit (CPU) + peft LoRA
+
+Batch: B = 8 SQL Create Context rows (prompt masked), AdamW lr 2e-4, one optimizer step per
+batch. Tokens/s counts every input token (prompt included), median of the timed steps.
+
+    python benchmarks/train_step.py [--steps 6] [--warmup 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+CONFIGS = ["restora-bf16", "restora-nf4", "restora-rtn4", "peft-bf16", "peft-bnb-nf4"]
+
+
+def _rows(tok, n: int = 64):
+    from restora.data import encode_rows, task_split
+
+    rows = task_split("sql", "train", 0, limit=n)
+    return encode_rows("sql", tok, rows, 256)
+
+
+def _batches(enc, bsz: int):
+    import torch
+
+    from restora.train import _collate
+
+    out = []
+    for a in range(0, len(enc) - bsz + 1, bsz):
+        out.append(_collate(enc[a : a + bsz], 0))
+    return [(ids, labels, mask) for ids, labels, mask in out if ids.numel()]  # noqa: C416
+
+
+def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    from restora.models import load_model
+
+    loaded = load_model("smollm2-135m")
+    model, tok = loaded.model, loaded.tokenizer
+    batches = _batches(_rows(tok), 8)
+    if name.startswith("restora"):
+        from restora.adapters import LoRAConfig, add_lora
+        from restora.quant import QuantSpec, quantize_model
+        from restora.train import completion_loss
+
+        if name == "restora-bf16":
+            model.to(torch.bfloat16)
+        else:
+            spec = QuantSpec("nf4", 4, 64) if name == "restora-nf4" else QuantSpec("rtn", 4, 64)
+            quantize_model(model, spec, progress=False)
+        add_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all"))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_fn(ids, labels, mask):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                s, n = completion_loss(model, ids, labels, mask)
+            return s / max(n, 1)
+    else:
+        from peft import LoraConfig, get_peft_model
+
+        if name == "peft-bnb-nf4":
+            from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+            folder = loaded.folder
+            del model
+            qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+            model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=qc, dtype=torch.bfloat16, device_map="cpu")
+        else:
+            model.to(torch.bfloat16)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loss_fn(ids, labels, mask):
+            return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+    model.train()
+    opt = torch.optim.AdamW(params, lr=2e-4)
+    times, tokens = [], []
+    for i in range(warmup + steps):
+        ids, labels, mask = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        loss = loss_fn(ids, labels, mask)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            tokens.append(int(mask.sum()))
+    rates = [n / t for n, t in zip(tokens, times)]
+    return {
+        "config": name,
+        "tokens_per_s": statistics.median(rates),
+        "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "final_loss": float(loss),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--one", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(run_one(a.one, a.steps, a.warmup, a.threads)))
+        return
+    results = []
+    for name in a.configs:
+        cmd = [sys.executable, __file__, "--one", name, "--steps", str(a.steps), "--warmup", str(a.warmup),
+               "--threads", str(a.threads)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        line = [x for x in p.stdout.splitlines() if x.startswith("{")]
+        if p.returncode or not line:
+            err = (p.stderr.strip().splitlines() or ["?"])[-1]
+            print(f"{name}: failed ({err})", flush=True)
+            continue
+        results.append(json.loads(line[-1]))
+        r = results[-1]
+        print(f"{name}: {r['tokens_per_s']:.0f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+    by = {r["config"]: r for r in results}
+    print("\n| config | tokens/s | peak RSS (GiB) | vs PEFT bf16 (speed / RSS) |")
+    print("|---|---|---|---|")
+    ref = by.get("peft-bf16")
+    for r in results:
+        ratio = f"{r['tokens_per_s'] / ref['tokens_per_s']:.2f}x / {r['peak_rss_gib'] / ref['peak_rss_gib']:.2f}x" if ref else ""
+        print(f"| {r['config']} | {r['tokens_per_s']:.0f} | {r['peak_rss_gib']:.2f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
