@@ -145,3 +145,24 @@ def test_resume_with_other_settings_names_the_setting(tiny_dir, tmp_path, capsys
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--out", str(tmp_path / "a"), "--resume", "--seed", "5"]) == 2
     assert "setting seed was 0, now 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt, bits, extra", [("gptq", 4, ["--calib-samples", "16"]), ("rtn", 2, ["--init", "loftq"])])
+def test_own_base_is_rebuilt_exactly(tiny_dir, tmp_path, fmt, bits, extra):
+    """Restoring to the training precision reproduces the trained model: same validation loss."""
+    from restora.data import encode_rows, split_rows
+    from restora.restore import restore_base
+    from restora.train import evaluate_loss
+
+    ad = tmp_path / "adapter"
+    assert main(["train", str(tiny_dir), "--out", str(ad), "--format", fmt, "--bits", str(bits), "--epochs", "1",
+                 *TRAIN, *extra]) == 0
+    prov = json.loads((ad / "restora.json").read_text())
+    loaded, info = restore_base(ad, bits, fmt)
+    assert info.train_spec == info.restore_spec
+    val = split_rows("sql", 0).validation[:8]
+    enc = encode_rows("sql", loaded.tokenizer, val, 128)
+    got = evaluate_loss(loaded.model, enc, loaded.tokenizer.pad_token_id, 4, True)
+    assert got == pytest.approx(prov["metrics"]["best_val_loss"], rel=1e-5)
+    if "--init" in extra:
+        assert (ad / "loftq_init.safetensors").is_file()

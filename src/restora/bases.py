@@ -22,7 +22,7 @@ from .quant.checkpoint import load_quantized, save_quantized
 from .quant.model import quantize_model
 from .quant.spec import QuantSpec
 
-__all__ = ["BaseChoice", "build_base", "calibration_ids"]
+__all__ = ["BaseChoice", "build_base", "build_loftq_base", "calibration_ids"]
 
 
 @dataclass(frozen=True)
@@ -75,4 +75,34 @@ def build_base(model: str, choice: BaseChoice, data_dir: str | None = None, cach
         provenance = {"source": loaded.source, "source_hash": loaded.source_hash, "calibration": choice.calibration_info()}
         save_quantized(loaded.model, loaded.tokenizer, folder, choice.spec, provenance)
     loaded.manifest = {"quantization": choice.spec.to_dict(), "source_hash": loaded.source_hash}
+    return loaded
+
+
+def build_loftq_base(
+    model: str, spec: QuantSpec, rank: int, alpha: float, rslora: bool, targets: Any, iters: int
+) -> LoadedModel:
+    """LoftQ (SEEDS 001) on the LoRA target layers, plain `spec` quantization on the others.
+
+    Deterministic (LoftQ's randomized SVD has its own seeded generator), so the base an
+    adapter was trained on can be rebuilt exactly. `loaded.loftq` holds the per-layer
+    LoftQResult (the initial lora_A / lora_B).
+    """
+    from .adapters.inject import select_targets
+    from .adapters.loftq import LoftQConfig, loftq_init_model
+    from .quant.linear import QuantLinear
+    from .quant.model import quantizable_layers, set_module
+
+    if spec.is_float:
+        raise ValueError("init loftq needs a quantized base: pass --format and --bits")
+    loaded = load_model(model)
+    m = loaded.model
+    names = select_targets(m, targets)
+    fmt = "rtn" if spec.format == "gptq" else spec.format  # LoftQ has no calibration data
+    results = loftq_init_model(m, LoftQConfig(bits=spec.bits, format=fmt, group_size=spec.group_size, iters=iters),
+                               rank, alpha, names, use_rslora=rslora)
+    for name in quantizable_layers(m):
+        if not isinstance(m.get_submodule(name), QuantLinear):
+            set_module(m, name, QuantLinear.from_linear(m.get_submodule(name), QuantSpec(fmt, spec.bits, spec.group_size)))
+    loaded.loftq = results  # type: ignore[attr-defined]
+    loaded.manifest = {"quantization": spec.to_dict(), "source_hash": loaded.source_hash, "loftq": True}
     return loaded

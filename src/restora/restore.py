@@ -32,7 +32,10 @@ from .quant.linear import QuantLinear
 from .quant.model import set_module
 from .quant.spec import SUPPORTED_BITS, QuantSpec
 
-__all__ = ["RestoreInfo", "read_provenance", "restore_spec", "restore_base", "merge_and_unload", "dequantize_model"]
+__all__ = [
+    "RestoreInfo", "read_provenance", "restore_spec", "restore_base", "merge_and_unload", "dequantize_model",
+    "build_trained_base",
+]
 
 
 @dataclass
@@ -90,6 +93,34 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     return model
 
 
+def _calibration(prov: dict[str, Any] | None, task: str | None, samples: int, seed: int) -> BaseChoice:
+    """GPTQ calibration of the training run when recorded (so k bits rebuild the trained base)."""
+    cal = ((prov or {}).get("training") or {}).get("calibration") or {}
+    return BaseChoice(
+        QuantSpec("float", 16),
+        calib_task=cal.get("task", task or "sql"),
+        calib_samples=int(cal.get("samples", samples)),
+        calib_max_len=int(cal.get("max_len", 256)),
+        seed=int(cal.get("seed", seed)),
+    )
+
+
+def build_trained_base(prov: dict[str, Any], source: str, data_dir: str | None = None, samples: int = 500) -> LoadedModel:
+    """Exactly the k-bit base an adapter was trained on: same format, bits, calibration, LoftQ init."""
+    train = _train_spec(prov)
+    if train is None:
+        raise ValueError("restora.json records no training quantization: cannot rebuild the trained base")
+    training = prov.get("training") or {}
+    if training.get("init") == "loftq":
+        from .bases import build_loftq_base
+
+        a = prov.get("adapter") or {}
+        return build_loftq_base(source, train, int(a["r"]), float(a["alpha"]), bool(a.get("use_rslora")),
+                                list(a["targets"]), int(training.get("loftq_iters") or 5))
+    cal = _calibration(prov, training.get("task"), samples, int(training.get("seed", 0)))
+    return build_base(source, BaseChoice(train, cal.calib_task, cal.calib_samples, cal.calib_max_len, cal.seed), data_dir)
+
+
 def restore_base(
     adapter_dir: str | Path,
     restore_bits: int,
@@ -122,7 +153,11 @@ def restore_base(
         k = train.bits if train is not None else None
         if k is not None and spec.bits < k:
             warnings.warn(f"restore bits {spec.bits} < train bits {k}: this is not PLR (the base loses precision)", stacklevel=2)
-    loaded = build_base(source, BaseChoice(spec, calib, calib_samples, 256, seed), data_dir)
+    if base == "trained" or (train is not None and spec == train):
+        loaded = build_trained_base(prov or {}, source, data_dir, calib_samples)
+    else:
+        cal = _calibration(prov, calib, calib_samples, seed)
+        loaded = build_base(source, BaseChoice(spec, cal.calib_task, cal.calib_samples, cal.calib_max_len, cal.seed), data_dir)
     if base == "trained":
         dequantize_model(loaded.model)
     load_adapter(loaded.model, adapter_dir, expected_source_hash=loaded.source_hash, force=force)

@@ -116,7 +116,9 @@ def train(
     if not dist_info.is_main:
         barrier(dist_info)  # under torchrun, rank 0 quantizes and caches the base first
     if init == "loftq":
-        loaded = _loftq_base(model, choice, rank, alpha, rslora, target_arg, loftq_iters)
+        from ..bases import build_loftq_base
+
+        loaded = build_loftq_base(model, choice.spec, rank, alpha, rslora, target_arg, loftq_iters)
     else:
         loaded = build_base(model, choice, data_dir)
     if dist_info.enabled and dist_info.is_main:
@@ -131,13 +133,16 @@ def train(
         add_lora(m, lcfg)
         if init == "loftq":
             _load_loftq_init(m, loaded.loftq)  # type: ignore[attr-defined]
+            _save_loftq_init(Path(out), loaded.loftq)  # type: ignore[attr-defined]
     else:
         add_ia3(m, IA3Config() if targets in ("all", "attn") else IA3Config(target_modules=target_arg))
     train_rows = splits.train[:max_samples] if max_samples else splits.train
     val_rows = splits.validation[:val_samples]
     enc_train = encode_rows(t, tok, train_rows, max_len, chat)
     enc_val = encode_rows(t, tok, val_rows, max_len, chat) if val_rows else []
-    settings = {"task": t.name, "init": init, "max_samples": max_samples, "max_len": max_len, "chat": chat, **cfg.resume_key()}
+    settings = {"task": t.name, "init": init, "max_samples": max_samples, "max_len": max_len, "chat": chat,
+                "calibration": choice.calibration_info(), "loftq_iters": loftq_iters if init == "loftq" else None,
+                **cfg.resume_key()}
     provenance = {"base_model": loaded.source, "source_hash": loaded.source_hash, "quantization": choice.spec, "training": settings}
 
     def save_best(folder: Path, metrics: dict) -> None:
@@ -166,27 +171,18 @@ def _record_metrics(folder: Path, summary: dict) -> None:
     tmp.replace(path)
 
 
-def _loftq_base(model: str, choice, rank: int, alpha: float, rslora: bool, targets, iters: int):  # noqa: ANN001, ANN202
-    """Float source -> LoftQ on the LoRA targets, plain quantization elsewhere."""
-    from ..adapters.inject import select_targets
-    from ..adapters.loftq import LoftQConfig, loftq_init_model
-    from ..quant.linear import QuantLinear
-    from ..quant.model import quantizable_layers, set_module
+def _save_loftq_init(folder: Path, results: dict) -> None:
+    """Keep LoftQ's initial B0 A0 beside the adapter (PEFT key names), for restoration modes."""
+    from safetensors.torch import save_file
 
-    spec = choice.spec
-    if spec.is_float:
-        raise ValueError("init loftq needs a quantized base: pass --format and --bits")
-    loaded = load_model(model)
-    m = loaded.model
-    names = select_targets(m, targets)
-    fmt = "rtn" if spec.format == "gptq" else spec.format
-    results = loftq_init_model(m, LoftQConfig(bits=spec.bits, format=fmt, group_size=spec.group_size, iters=iters),
-                               rank, alpha, names, use_rslora=rslora)
-    for name in quantizable_layers(m):
-        if not isinstance(m.get_submodule(name), QuantLinear):
-            set_module(m, name, QuantLinear.from_linear(m.get_submodule(name), spec))
-    loaded.loftq = results
-    return loaded
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, res in results.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = res.lora_A.contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = res.lora_B.contiguous()
+    tmp = folder / "loftq_init.safetensors.tmp"
+    save_file(tensors, str(tmp))
+    tmp.replace(folder / "loftq_init.safetensors")
 
 
 def _load_loftq_init(model, results: dict) -> None:  # noqa: ANN001
