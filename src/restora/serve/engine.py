@@ -1,0 +1,403 @@
+"""The batching scheduler: iteration-level (continuous) batching of requests for many adapters.
+
+Orca (Yu et al., OSDI 2022) schedules at the granularity of one decoding step: requests join
+and leave the running batch between steps instead of waiting for a whole batch to finish.
+Punica / S-LoRA (arXiv:2310.18547, 2311.03285) let the rows of that batch use different LoRA
+adapters over one base. Here both meet: one engine thread owns the model and loops
+
+    1. run queued commands (load / unload an adapter) -- the model changes only between steps
+    2. drop rows whose client went away (their KV-cache rows go too)
+    3. admit waiting requests up to max_batch (and max_prefill_tokens padded prompt tokens): make their adapters resident (lazy load, LRU),
+       prefill them together (left-padded, one adapter per row via set_rows), sample their
+       first token, and merge their KV cache into the running one
+    4. one decode step for every running row: input (B, 1), one slot per row
+
+Merging: the running cache holds, per layer, K and V of shape (B, H, T, D) with the prompts
+left-padded and a (B, T) attention mask. A prefilled group (B', H, T', D) is left-padded with
+zeros to max(T, T') (mask 0 there), like the running cache, and concatenated on the batch
+axis. Every row keeps its own position ids, so a row decodes as it would alone: masked
+columns contribute nothing to attention. Columns no row uses any more are cut off the left
+when rows leave. This is exact up to float summation order, which is why greedy output
+through the server equals restora.generate.greedy_generate.
+
+Rows finish at EOS, at a stop string (text cut before it), or after max_tokens; sampling is
+per row: temperature 0 = greedy (argmax), else softmax(logits / T) restricted to the top-p
+nucleus, drawn with the row's own torch.Generator (seeded when the request gives a seed).
+Results leave through each request's `emit` callback (thread-safe on the caller's side).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters_root import ResidentAdapters
+
+__all__ = ["SamplingParams", "EngineConfig", "Request", "Engine", "QueueFullError", "EngineStoppedError"]
+
+log = logging.getLogger("restora.serve")
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue holds max_queue requests (HTTP 429)."""
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is draining for shutdown and takes no new requests (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request decodes."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 <= self.temperature <= 2:
+            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Scheduler limits."""
+
+    max_batch: int = 32  # rows decoded together
+    max_queue: int = 256  # requests waiting to join the batch
+    max_prefill_tokens: int = 2048  # rows x padded length of one prefill (one longer prompt still goes alone)
+    bf16: bool = True  # bf16 autocast on CPU, as restora.generate
+
+    def __post_init__(self) -> None:
+        if min(self.max_batch, self.max_queue, self.max_prefill_tokens) < 1:
+            raise ValueError(f"max_batch, max_queue and max_prefill_tokens must be >= 1, got {self.max_batch}, "
+                             f"{self.max_queue}, {self.max_prefill_tokens}")
+
+
+@dataclass(eq=False)
+class Request:
+    """One completion: prompt token ids, the adapter (None: base) and where results go.
+
+    emit receives ("delta", text) while streaming, then ("done", finish_reason, text, n_tokens)
+    or ("error", status, message).
+    """
+
+    prompt_ids: list[int]
+    adapter: str | None
+    params: SamplingParams
+    emit: Callable[[tuple[Any, ...]], None]
+    stream: bool = False
+    cancelled: bool = False
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of text already streamed
+    slot: int = 0
+    generator: torch.Generator | None = None
+
+
+def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def _safe_len(text: str, stops: Sequence[str]) -> int:
+    """How much of `text` can be streamed: hold back a tail that may start a stop string or is a
+    partial UTF-8 character."""
+    n = len(text)
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text.endswith(s[:k]):
+                n = min(n, len(text) - k)
+                break
+    while n > 0 and text[n - 1] == "\ufffd":
+        n -= 1
+    return n
+
+
+def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    extra = length - t.shape[dim]
+    if extra == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = extra
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
+
+
+class Engine:
+    """One thread that owns `model` and batches every request for the base and its adapters."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, adapters: ResidentAdapters, config: EngineConfig) -> None:
+        self.model, self.tok, self.adapters, self.config = model.eval(), tokenizer, adapters, config
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (self.eos or 0)
+        self.device = next(model.parameters()).device
+        self._cv = threading.Condition()
+        self._pending: deque[Request] = deque()
+        self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        # the running batch: rows[b] owns row b of cache, mask (B, T), last_pos (B,), next_tok (B,)
+        self.rows: list[Request] = []
+        self._cache: Any = None
+        self._mask = self._last_pos = self._next_tok = torch.empty(0)
+        self._rows_changed = True
+        self.counts = {"completed": 0, "cancelled": 0, "rejected": 0, "failed": 0, "tokens": 0, "steps": 0}
+
+    # -- the public side (any thread) ---------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="restora-engine", daemon=True)
+        self._thread.start()
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self._stopping:
+                raise EngineStoppedError("the server is shutting down")
+            if len(self._pending) >= self.config.max_queue:
+                self.counts["rejected"] += 1
+                raise QueueFullError(f"{len(self._pending)} requests are waiting (max_queue {self.config.max_queue})")
+            if req.params.temperature > 0:
+                req.generator = torch.Generator()
+                if req.params.seed is not None:
+                    req.generator.manual_seed(req.params.seed)
+                else:
+                    req.generator.seed()
+            self._pending.append(req)
+            self._cv.notify()
+
+    def cancel(self, req: Request) -> None:
+        """The client went away: the request leaves the queue or the batch before the next step."""
+        with self._cv:
+            req.cancelled = True
+            self._cv.notify()
+
+    def call(self, fn: Callable[[], Any]) -> Future:
+        """Run fn() on the engine thread between steps (adapter load / unload)."""
+        fut: Future = Future()
+        with self._cv:
+            self._commands.append((fn, fut))
+            self._cv.notify()
+        return fut
+
+    def pinned(self) -> set[str]:
+        """Adapters that running or waiting requests need."""
+        with self._cv:
+            return {r.adapter for r in [*self.rows, *self._pending] if r.adapter is not None}
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Drain: finish running and waiting requests, refuse new ones, then end the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def stats(self) -> dict[str, Any]:
+        with self._cv:
+            return {"running": len(self.rows), "waiting": len(self._pending), "draining": self._stopping, **self.counts}
+
+    # -- the engine thread ----------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._cv:
+                while not (self._pending or self._commands or self.rows or self._stopping):
+                    self._cv.wait()
+                if self._stopping and not (self._pending or self._commands or self.rows):
+                    return
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, fut in commands:
+                try:
+                    fut.set_result(fn())
+                except Exception as e:  # handed to the caller's future
+                    fut.set_exception(e)
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self.rows:
+                    self._step()
+            except Exception as e:  # a failed forward fails the batch, not the server
+                log.exception("engine step failed")
+                for r in self.rows:
+                    self._send(r, ("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+                self.counts["failed"] += len(self.rows)
+                self._keep([])
+
+    def _send(self, req: Request, event: tuple[Any, ...]) -> None:
+        try:
+            req.emit(event)
+        except Exception:  # the client's loop is gone; nothing to tell
+            log.debug("emit failed", exc_info=True)
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            gone = [r for r in self._pending if r.cancelled]
+            for r in gone:
+                self._pending.remove(r)
+        keep = [b for b, r in enumerate(self.rows) if not r.cancelled]
+        self.counts["cancelled"] += len(gone) + len(self.rows) - len(keep)
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+
+    def _admit(self) -> None:
+        room = self.config.max_batch - len(self.rows)
+        if room <= 0:
+            return
+        pinned = {r.adapter for r in self.rows if r.adapter is not None}
+        chosen: list[Request] = []
+        longest = 0
+        with self._cv:
+            for req in list(self._pending):
+                if len(chosen) == room:
+                    break
+                longest = max(longest, len(req.prompt_ids))
+                if chosen and (len(chosen) + 1) * longest > self.config.max_prefill_tokens:
+                    break  # the next step's prefill takes the rest
+                if req.adapter is not None and not self.adapters.can_load(req.adapter, pinned):
+                    continue  # every slot serves running rows: wait for one to finish
+                self._pending.remove(req)
+                chosen.append(req)
+                if req.adapter is not None:
+                    pinned.add(req.adapter)
+        ready = []
+        for req in chosen:
+            try:
+                req.slot = 0 if req.adapter is None else self.adapters.ensure(req.adapter, pinned)
+                ready.append(req)
+            except Exception as e:
+                self._send(req, ("error", 400, f"adapter {req.adapter!r} cannot be loaded: {e}"))
+                self.counts["failed"] += 1
+        if ready:
+            self._prefill(ready)
+
+    def _forward(self, **kw: Any) -> Any:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cpu"):
+            return self.model(**kw, use_cache=True)
+
+    def _prefill(self, reqs: list[Request]) -> None:
+        T = max(len(r.prompt_ids) for r in reqs)
+        ids = torch.full((len(reqs), T), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(reqs), T), dtype=torch.long)
+        for j, r in enumerate(reqs):  # left padding
+            ids[j, T - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[j, T - len(r.prompt_ids):] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B', T) position of each real token
+        self.adapters.bank.set_rows([r.slot for r in reqs])
+        self._rows_changed = True
+        out = self._forward(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            position_ids=pos.to(self.device), logits_to_keep=1)
+        first = self._sample(out.logits[:, -1], reqs)
+        if not self.rows:
+            self._cache, self._mask, self._last_pos, self._next_tok = out.past_key_values, mask, pos[:, -1], first
+        else:  # merge: left-pad the shorter of the two caches, stack on the batch axis
+            L = max(self._mask.shape[1], T)
+            for a, b in zip(self._cache.layers, out.past_key_values.layers):
+                a.keys = torch.cat([_left_pad(a.keys, L, 2), _left_pad(b.keys, L, 2)])  # (B+B', H, L, D)
+                a.values = torch.cat([_left_pad(a.values, L, 2), _left_pad(b.values, L, 2)])
+            self._mask = torch.cat([_left_pad(self._mask, L, 1), _left_pad(mask, L, 1)])  # (B+B', L)
+            self._last_pos = torch.cat([self._last_pos, pos[:, -1]])
+            self._next_tok = torch.cat([self._next_tok, first])
+        self.rows.extend(reqs)
+        self._advance(len(self.rows) - len(reqs))
+
+    def _step(self) -> None:
+        if self._rows_changed:
+            self.adapters.bank.set_rows([r.slot for r in self.rows])
+            self._rows_changed = False
+        self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)  # (B, T+1)
+        self._last_pos = self._last_pos + 1
+        out = self._forward(input_ids=self._next_tok[:, None].to(self.device), attention_mask=self._mask.to(self.device),
+                            position_ids=self._last_pos[:, None].to(self.device), past_key_values=self._cache)
+        self._cache = out.past_key_values
+        self._next_tok = self._sample(out.logits[:, -1], self.rows)
+        self.counts["steps"] += 1
+        self._advance(0)
+
+    def _sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
+        """(B, V) logits -> (B,) tokens: argmax, or each row's temperature / top-p draw."""
+        toks = logits.argmax(-1).cpu()
+        for j, r in enumerate(reqs):
+            p = r.params
+            if p.temperature == 0:
+                continue
+            probs = torch.softmax(logits[j].float().cpu() / p.temperature, -1)  # (V,)
+            if p.top_p < 1:
+                sp, idx = probs.sort(descending=True)
+                sp[(sp.cumsum(0) - sp) >= p.top_p] = 0.0  # keep the smallest prefix with mass >= top_p
+                toks[j] = idx[torch.multinomial(sp, 1, generator=r.generator)]
+            else:
+                toks[j] = torch.multinomial(probs, 1, generator=r.generator)[0]
+        return toks
+
+    def _advance(self, start: int) -> None:
+        """Take next_tok[b] for rows start.. : finish, stream, or keep; then drop finished rows."""
+        keep = list(range(start))
+        for b in range(start, len(self.rows)):
+            r, t = self.rows[b], int(self._next_tok[b])
+            finish = None
+            if t == self.eos:
+                finish = "stop"
+            else:
+                r.tokens.append(t)
+                self.counts["tokens"] += 1
+                if r.stream or r.params.stop:
+                    r.text, hit = _cut_at_stop(self.tok.decode(r.tokens, skip_special_tokens=True), r.params.stop)
+                    finish = "stop" if hit else None
+                if finish is None and len(r.tokens) >= r.params.max_tokens:
+                    finish = "length"
+            if finish is None:
+                keep.append(b)
+                if r.stream:
+                    n = _safe_len(r.text, r.params.stop)
+                    if n > r.sent:
+                        self._send(r, ("delta", r.text[r.sent:n]))
+                        r.sent = n
+                continue
+            text = _cut_at_stop(self.tok.decode(r.tokens, skip_special_tokens=True), r.params.stop)[0]
+            if r.stream and len(text) > r.sent:
+                self._send(r, ("delta", text[r.sent:]))
+            self._send(r, ("done", finish, text, len(r.tokens)))
+            self.counts["completed"] += 1
+        if len(keep) < len(self.rows):
+            self._keep(keep)
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only batch rows `keep` (cache rows included); cut columns no row uses any more."""
+        self._rows_changed = True
+        if not keep:
+            self.rows, self._cache = [], None
+            return
+        idx = torch.tensor(keep)
+        self.rows = [self.rows[b] for b in keep]
+        self._mask, self._last_pos, self._next_tok = self._mask[idx], self._last_pos[idx], self._next_tok[idx]
+        first = int(self._mask.any(0).long().argmax())  # first column some row attends to
+        for layer in self._cache.layers:
+            layer.keys = layer.keys[idx.to(layer.keys.device), :, first:]  # (B', H, T', D)
+            layer.values = layer.values[idx.to(layer.values.device), :, first:]
+        self._mask = self._mask[:, first:]
+
+
+def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
+    """Poll until nothing runs or waits (tests, benchmarks)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        s = engine.stats()
+        if s["running"] == 0 and s["waiting"] == 0:
+            return True
+        time.sleep(0.02)
+    return False
