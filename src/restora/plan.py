@@ -16,6 +16,11 @@ follow what autograd saves in a Llama-style decoder layer under restora's traine
 autocast, frozen base whose QuantLinear saves nothing, LoRA saving its input); they were
 checked with `torch.autograd.graph.saved_tensors_hooks`. The framework constant and the
 checks against measured peak RSS are in benchmarks/plan_accuracy.py.
+
+The estimate is of live memory: it assumes freed tensors go back to the OS. glibc's default
+(a dynamic mmap threshold) keeps freed activation memory in the heap, so training RSS grows
+past the plan (by ~40% after two steps on SmolLM2); setting MALLOC_MMAP_THRESHOLD_=131072, or
+`mallopt(M_MMAP_THRESHOLD, 128 KiB)` at start-up, makes the process match it.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ __all__ = [
 
 # Resident set of Python + torch + transformers + restora + a tokenizer, before any model
 # (benchmarks/plan_accuracy.py, "framework overhead measured", SmolLM2 tokenizer, CPU).
-FRAMEWORK_BYTES = 420 * 2**20
+FRAMEWORK_BYTES = 336 * 2**20
 LOGIT_CHUNK = 1024  # restora.train.LOGIT_CHUNK: label positions projected to the vocabulary at once
 LOGIT_BYTES = 12  # bytes per (label, vocab) entry live while one chunk's CE is differentiated
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # restora.optim8bit: smaller tensors keep fp32 moments
@@ -223,7 +228,7 @@ def _layer_activation_bytes(shape: ModelShape, adapter: str, rank: int, targets:
     n += (3 if shape.gated_mlp else 2) * I * act  # gate and up projections, their activation
     if adapter == "lora":
         for _, _, i in shape.targets(targets):  # LoRA A saves its input (cast to the compute dtype), B saves A x
-            n += i * act + rank * act + (i if dropout > 0 else 0)  # + dropout's bool mask
+            n += i * act + rank * act + (4 * i if dropout > 0 else 0)  # CPU dropout keeps an fp32 noise mask
     else:
         n += sum(i if name == "down_proj" else o for name, o, i in shape.targets("ia3")) * act
     return n
@@ -291,10 +296,10 @@ def plan_memory(
     if mode == "serve":
         P = seq_len if prompt_len is None else prompt_len
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
-        # keys leave the rotary embedding in the residual dtype, values leave v_proj in the compute dtype
-        kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + act)
+        # K and V are cached in the float dtype (measured: fp32 under restora's bf16-autocast decoding)
+        kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * 2 * fb
         items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
-                          f"{shape.head_dim}, K {fb} B + V {act} B"))
+                          f"{shape.head_dim} x (K, V) x {fb} B"))
         prefill = batch_size * P * V * act + head_cast + batch_size * P * (3 * shape.intermediate + 4 * H) * 4
         items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {P} prompt tokens, LM head cast, "
                           "one layer's work", transient=True))
@@ -312,16 +317,19 @@ def plan_memory(
             saved = N * L * per_layer
             note = f"{batch_size} x {seq_len} tokens x {L} layers x {per_layer / 1024:.1f} KiB/token"
         saved += N * H * (fb + 4)  # final norm input, gathered label hidden states
+        if bf16 and fb != 2:  # autocast keeps a bf16 copy of each trainable weight until backward
+            saved += 2 * n_params
         if format == "float" and bf16 and fb != 2:  # frozen float layers under autocast save their bf16 weight
             saved += 2 * shape.linear_params()
             note += " + bf16 weight copies"
         items.append(Item("activations", saved, note, transient=True))
-        n_logit = min(N, LOGIT_CHUNK)
+        n_logit = min(batch_size * (seq_len - 1), LOGIT_CHUNK)
         items.append(Item("loss chunk", n_logit * V * LOGIT_BYTES + head_cast,
                           f"{n_logit} label positions x {V} vocab x {LOGIT_BYTES} B, LM head cast", transient=True))
     settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, batch_size=batch_size, seq_len=seq_len,
                     rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
-                    grad_checkpointing=grad_checkpointing, float_dtype=float_dtype)
+                    grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
+                    bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes)
     if mode == "serve":
         desc = f"{label} base, {adapters} x {what}, batch {batch_size} x {seq_len}"
     else:
@@ -365,9 +373,18 @@ def choose_plan(plans: list[MemoryPlan], budget: int) -> MemoryPlan:
                      f"{smallest.label}, needs {format_bytes(smallest.total)}")
 
 
-def _largest(values: list[int], fits: Any) -> int | None:
-    ok = [v for v in values if fits(v)]
-    return max(ok) if ok else None
+def _best_train_setting(config: Any, format: str, bits: int, batch_size: int, grad_checkpointing: bool, budget: int,
+                        **kw: Any) -> MemoryPlan | None:
+    """At base (format, bits): the requested setting if it fits, else the largest micro-batch
+    (powers of two below the request) without checkpointing, else with it; None if nothing fits."""
+    options = [(batch_size, grad_checkpointing)]
+    smaller = [2**i for i in range(12) if 2**i < batch_size][::-1]
+    options += [(b, c) for c in sorted({grad_checkpointing, True}) for b in smaller]
+    for b, c in options:
+        p = plan_memory(config, "train", format=format, bits=bits, batch_size=b, grad_checkpointing=c, **kw)
+        if p.total <= budget:
+            return p
+    return None
 
 
 def plan(
@@ -423,25 +440,23 @@ def plan(
         print(chosen.table(limit))
         return 0
     kw.update(optimizer=optimizer)
-    steps = [2**i for i in range(12)]
-    plans = train_candidates(config, fmt, batch_size=batch_size, grad_checkpointing=grad_checkpointing, **kw)
-    print(f"  {'base k':<16} {'at request':>10}  largest micro-batch (no ckpt / ckpt)  largest rank")
-    for p in plans:
-        f, b = p.format, p.bits
-        one = lambda **o: plan_memory(config, "train", format=f, bits=b, **{**kw, "batch_size": batch_size,  # noqa: E731
-                                                                            "grad_checkpointing": grad_checkpointing, **o})
-        mb = [_largest([s for s in steps if s <= max(batch_size, 1)] + [batch_size],
-                       lambda s, c=c: one(batch_size=s, grad_checkpointing=c).total <= limit) for c in (False, True)]
-        r = _largest(steps[:9], lambda s: one(rank=s).total <= limit)
+    asked = train_candidates(config, fmt, batch_size=batch_size, grad_checkpointing=grad_checkpointing, **kw)
+    print(f"  {'base k':<14} {'as asked':>10}  {'fits with':<30} {'largest rank':>12}")
+    best: list[MemoryPlan] = []
+    for p in asked:
+        opt = _best_train_setting(config, p.format, p.bits, batch_size, grad_checkpointing, limit, **kw)
+        how, top_rank = "-", "-"
+        if opt is not None:
+            best.append(opt)
+            s = opt.settings
+            how = f"micro-batch {s['batch_size']}{', checkpointing' if s['grad_checkpointing'] else ''}"
+            ranks = [r for r in (2**i for i in range(9)) if plan_memory(config, **{**s, "rank": r}).total <= limit]
+            top_rank = str(max(ranks)) if ranks else "-"
         name = p.label.split(" base")[0]
-        print(f"  {name:<16} {format_bytes(p.total):>10}  {str(mb[0] or '-'):>6} / {str(mb[1] or '-'):<6}"
-              f"{'':>24}{str(r or '-'):>6}")
-    try:
-        chosen = choose_plan(plans, limit)
-    except ValueError:  # nothing fits as asked: fall back to micro-batch 1 with checkpointing
-        smallest = train_candidates(config, fmt, batch_size=1, grad_checkpointing=True, **kw)
-        chosen = choose_plan(smallest, limit)
-        print(f"\nnothing fits at micro-batch {batch_size}; with micro-batch 1 and checkpointing:")
-    print(f"\ntraining base: {chosen.label}\n")
+        print(f"  {name:<14} {format_bytes(p.total):>10}  {how:<30} {top_rank:>12}")
+    if not best:  # the smallest plan there is: 2-bit base, micro-batch 1, checkpointing
+        choose_plan(train_candidates(config, fmt, batch_size=1, grad_checkpointing=True, **kw), limit)
+    chosen = best[0]
+    print(f"\ntraining base k = {chosen.bits}: {chosen.label}\n")
     print(chosen.table(limit))
     return 0

@@ -1,0 +1,188 @@
+"""Memory planner (restora.plan): storage formulas against real QuantizedWeights, activation
+counts against autograd's saved tensors, plan choice, budget parsing and error text."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from restora.adapters import LoRAConfig, add_lora
+from restora.optim8bit import AdamW8bit
+from restora.plan import (
+    ModelShape, _layer_activation_bytes, _optimizer_bytes, choose_plan, linear_bytes, parse_budget, plan,
+    plan_memory, serve_candidates,
+)
+from restora.quant.linear import quantize_weight
+from restora.quant.model import quantize_model
+from restora.quant.spec import QuantSpec
+from restora.quant.uniform import UniformWeight
+from restora.train import completion_loss
+from tests.conftest import tiny_llama
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=True)
+SMOL = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                   num_key_value_heads=3, head_dim=64, vocab_size=49152, tie_word_embeddings=True)
+
+SPECS = [
+    QuantSpec("nf4", 4, 64), QuantSpec("nf4", 4, 64, double_quant=True), QuantSpec("fp4", 4, 32),
+    QuantSpec("int8", 8, 64), QuantSpec("int8", 8, -1),
+    QuantSpec("rtn", 2, 64), QuantSpec("rtn", 3, 64), QuantSpec("rtn", 4, 32), QuantSpec("rtn", 8, -1),
+]
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: s.label())
+@pytest.mark.parametrize("shape", [(96, 128), (40, 192)])
+def test_linear_bytes_equal_quantized_weight_nbytes(spec: QuantSpec, shape: tuple[int, int]) -> None:
+    q = quantize_weight(torch.randn(*shape), spec)
+    assert linear_bytes(*shape, spec.format, spec.bits, spec.group_size, spec.double_quant) == q.nbytes()
+
+
+def test_linear_bytes_act_order_and_float() -> None:
+    q = UniformWeight(48, 128, bits=3, group_size=64, method="gptq", act_order=True)
+    assert linear_bytes(48, 128, "gptq", 3, 64, act_order=True) == q.nbytes()
+    assert linear_bytes(48, 128, "float", 16) == torch.nn.Linear(128, 48, bias=False).weight.nbytes
+    assert linear_bytes(48, 128, "float", 16, float_bytes=2) == 48 * 128 * 2
+
+
+def test_weight_items_equal_a_quantized_model_state() -> None:
+    """Planned weight bytes == the bytes of a real quantized tiny model's tensors (tied counted once)."""
+    model = tiny_llama()
+    quantize_model(model, QuantSpec("rtn", 4, 32), progress=False)
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    total -= model.model.rotary_emb.inv_freq.nbytes if "model.rotary_emb.inv_freq" in model.state_dict() else 0
+    p = plan_memory(model.config, "serve", format="rtn", bits=4, group_size=32)
+    items = {i.name: i.bytes for i in p.items}
+    assert items["base linear weights"] + items["float weights"] == total
+
+
+def test_totals_add_up_and_bits_order_weights() -> None:
+    for mode in ("train", "serve"):
+        p = plan_memory(SMOL, mode, format="rtn", bits=4, batch_size=4, seq_len=256)
+        assert p.total == sum(i.bytes for i in p.items)
+        assert 0 < p.static < p.total
+    weights = [
+        {i.name: i.bytes for i in plan_memory(SMOL, "serve", format=f, bits=b).items}["base linear weights"]
+        for f, b in [("rtn", 2), ("rtn", 3), ("rtn", 4), ("nf4", 4), ("int8", 8), ("float", 16)]
+    ]
+    assert weights == sorted(weights) and len(set(weights)) == len(weights)
+
+
+def test_checkpointing_and_dropout_change_activations() -> None:
+    def act(**kw) -> int:
+        p = plan_memory(SMOL, "train", format="nf4", bits=4, batch_size=8, seq_len=256, **kw)
+        return {i.name: i.bytes for i in p.items}["activations"]
+
+    assert act(grad_checkpointing=True) < act() / 5
+    assert act(dropout=0.0) < act(dropout=0.1)
+    assert act(targets="attn") < act(targets="all")
+
+
+@pytest.mark.parametrize("targets,dropout", [("all", 0.0), ("all", 0.1), ("attn", 0.0)])
+def test_activation_count_matches_autograd_saved_tensors(targets: str, dropout: float) -> None:
+    """Per-layer bytes == the storages autograd saves per extra layer (two models differing by one layer)."""
+    def saved(layers: int) -> int:
+        model = tiny_llama(num_hidden_layers=layers)
+        quantize_model(model, QuantSpec("rtn", 4, 32), progress=False)
+        add_lora(model, LoRAConfig(r=8, target_modules=targets, dropout=dropout))
+        model.train()
+        ids = torch.randint(0, 256, (2, 32))
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            completion_loss(model, ids, ids.clone(), torch.ones_like(ids))
+        # not activations: the norm weights themselves and autocast's bf16 copies of the LoRA weights
+        norms = sum(4 * p.numel() for n, p in model.named_parameters() if ".layers." in n and "norm" in n)
+        lora_casts = sum(2 * p.numel() for p in model.parameters() if p.requires_grad)
+        return sum(storages.values()) - norms - lora_casts
+
+    measured = (saved(3) - saved(2)) / (2 * 32)
+    shape = ModelShape.from_config(LlamaConfig(**TINY))
+    estimate = _layer_activation_bytes(shape, "lora", 8, targets, act=2, res=4, dropout=dropout)
+    assert abs(estimate - measured) / measured < 0.05, (estimate, measured)
+
+
+def test_adamw8bit_state_bytes_match_optimizer() -> None:
+    model = tiny_llama(hidden_size=128, intermediate_size=256)
+    add_lora(model, LoRAConfig(r=32, target_modules="all"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = AdamW8bit(params, lr=1e-3)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    steps = 4 * len(params)  # one fp32 step counter per tensor
+    assert _optimizer_bytes([p.numel() for p in params], "adamw8bit") == opt.state_nbytes() - steps
+    assert any(p.numel() < 4096 for p in params) and any(p.numel() >= 4096 for p in params)
+
+
+def test_serve_picks_highest_bits_that_fit() -> None:
+    plans = serve_candidates(SMOL, batch_size=8, seq_len=256)
+    totals = [p.total for p in plans]
+    assert totals == sorted(totals, reverse=True)
+    assert choose_plan(plans, totals[0]).format == "float"
+    assert choose_plan(plans, totals[2] + 1).label == plans[2].label  # nf4: int8 and float do not fit
+    assert choose_plan(plans, totals[-1]).bits == 2
+
+
+def test_too_small_budget_names_the_smallest_plan() -> None:
+    plans = serve_candidates(SMOL, batch_size=8, seq_len=256)
+    with pytest.raises(ValueError) as e:
+        choose_plan(plans, 100 * 2**20)
+    msg = str(e.value)
+    assert "\n" not in msg and "too small" in msg and "100.0 MiB" in msg
+    assert "rtn-2b-g64" in msg and f"{plans[-1].total / 2**20:.1f} MiB" in msg
+
+
+@pytest.mark.parametrize("text,value", [("8GiB", 8 * 2**30), ("512MiB", 512 * 2**20), ("4GB", 4 * 10**9),
+                                        ("1.5 GiB", int(1.5 * 2**30)), ("123456", 123456), ("2g", 2 * 10**9)])
+def test_parse_budget(text: str, value: int) -> None:
+    assert parse_budget(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "eight GiB", "8 GiBs", "-1GiB", "0", "8 parsecs", "1e9"])
+def test_parse_budget_errors(text: str) -> None:
+    with pytest.raises(ValueError, match="budget"):
+        parse_budget(text)
+
+
+def test_bad_settings_are_one_line_errors() -> None:
+    with pytest.raises(ValueError, match="does not support 5 bits"):
+        plan_memory(SMOL, "serve", format="rtn", bits=5)
+    with pytest.raises(ValueError, match="mode must be train or serve"):
+        plan_memory(SMOL, "infer")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="targets must be all, attn or ia3"):
+        plan_memory(SMOL, "train", targets="mlp")
+
+
+def test_plan_command_reads_only_the_config(tmp_path, capsys) -> None:
+    LlamaConfig(**TINY).save_pretrained(tmp_path)  # no weights in the folder
+    assert plan(str(tmp_path), budget="8GiB", mode="serve", seq_len=64) == 0
+    out = capsys.readouterr().out
+    assert "PLR choice: restore to float" in out and "KV cache" in out
+    assert plan(str(tmp_path), budget="8GiB", mode="train", batch_size=4, seq_len=64) == 0
+    assert "optimizer states" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="too small for any serve plan"):
+        plan(str(tmp_path), budget="1MiB", mode="serve")
+    with pytest.raises(ValueError, match="too small for any train plan"):
+        plan(str(tmp_path), budget="1MiB", mode="train")
+
+
+def test_kv_cache_item_equals_a_real_cache() -> None:
+    """The KV cache line == the bytes of the cache restora's decoding builds (bf16 autocast, fp32 model)."""
+    model = tiny_llama()
+    add_lora(model, LoRAConfig(r=4))
+    ids = torch.randint(0, 256, (3, 40))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
+    real = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
+    p = plan_memory(model.config, "serve", format="rtn", bits=4, group_size=32, batch_size=3, seq_len=40)
+    assert {i.name: i.bytes for i in p.items}["KV cache"] == real
