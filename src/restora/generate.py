@@ -104,7 +104,7 @@ def _generate(
             set_rows(model, torch.tensor([row_adapters[i] for i in rows], device=device))
         out_tokens: list[list[int]] = [[] for _ in rows]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
+            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
             cache = res.past_key_values
             next_tok = res.logits[:, -1].argmax(-1)  # (B,)
             last_pos = pos[:, -1]

@@ -4,6 +4,7 @@ Each function takes plain typed arguments (documented under "Args:"), does its w
 through the library API, prints a human summary and returns an exit code.
 """
 
+from ..plan import plan
 from .checkpoints import generate, info, quantize
 from .experiments import demo, grid
 from .restoring import restore
@@ -17,6 +18,7 @@ COMMANDS = {
     "eval": eval,
     "restore": restore,
     "grid": grid,
+    "plan": plan,
     "demo": demo,
 }
 

@@ -1,0 +1,317 @@
+"""Restoration modes: restore the base and keep what the adapter learned (beyond plain PLR).
+
+Plain PLR (SEEDS 000) swaps the k-bit base W_k for an l-bit one W_l under the adapter.
+On SmolLM2 that *hurt* at 3 and 4 bits (issue 8's measurements): the adapter co-adapts
+to the k-bit base's activation statistics, not to its weight error. The modes:
+
+    plain         every layer on W_l
+    partial       only selected layers on W_l (by block range and/or module kind); the
+                  rest keep W_k exactly
+    bias-correct  every restored layer gets b = (W_k − W_l) E[x], with E[x] the layer's
+                  mean input on a few training rows through the k-bit model + adapter, so
+                  each layer's mean output is unchanged: E[W_l x + b] = E[W_k x]
+                  (needs forward passes only; exact under merging, a bias is a bias)
+    partial+bias  both
+    auto          a search on the validation split over {keep the k-bit base, plain,
+                  bias-correct, partial+bias over halves / attention / MLP} at each l,
+                  then greedy per-block-group refinement; "keep" is a candidate, so on
+                  validation it is never worse than the adapter on its own base. The
+                  choice and every candidate's validation loss are returned as evidence.
+
+With l = k every mode is the trained model itself (W_l = W_k, so b = 0).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .adapters import load_adapter
+from .models import LoadedModel
+from .quant.linear import QuantLinear, weight_of
+from .quant.model import decoder_blocks, quantizable_layers, set_module
+from .restore import RestoreInfo, build_trained_base, read_provenance, restore_base
+
+__all__ = ["RestorationMode", "MODES", "restore_with_mode", "mean_inputs", "BiasedLinear", "layer_selector"]
+
+MODES = ("plain", "partial", "bias-correct", "partial+bias", "auto")
+
+
+@dataclass(frozen=True)
+class RestorationMode:
+    """mode: one of MODES. layers: partial block range(s), e.g. "0-14" or "0-4,20-29".
+    modules: partial module kind: "attn", "mlp" or a regex over layer names.
+    calib_rows: training rows for E[x] (bias-correct). val_rows: validation rows (auto).
+    auto_bits: restore levels auto may choose from (besides keeping k)."""
+
+    mode: str = "plain"
+    layers: str | None = None
+    modules: str | None = None
+    calib_rows: int = 64
+    val_rows: int = 64
+    auto_bits: tuple[int, ...] = (16,)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"restore mode {self.mode!r} is unknown: expected one of {', '.join(MODES)}")
+        if self.mode in ("partial", "partial+bias") and not (self.layers or self.modules):
+            raise ValueError(f"restore mode {self.mode} needs --restore-layers and/or --restore-modules")
+        if self.calib_rows <= 0 or self.val_rows <= 0:
+            raise ValueError("calib_rows and val_rows must be positive")
+
+
+class BiasedLinear(nn.Module):
+    """base(x) + b: a base layer plus a fixed output offset (the bias correction)."""
+
+    def __init__(self, base: nn.Module, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        self.register_buffer("offset", bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        return y + self.offset.to(y.dtype)
+
+
+def _block_of(name: str, prefixes: Sequence[str]) -> int | None:
+    for i, p in enumerate(prefixes):
+        if name.startswith(p + "."):
+            return i
+    return None
+
+
+def _parse_ranges(text: str) -> set[int]:
+    out: set[int] = set()
+    for part in text.split(","):
+        part = part.strip()
+        m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not m:
+            raise ValueError(f"--restore-layers: {part!r} is not a block index or range like 0-14")
+        a, b = int(m.group(1)), int(m.group(2) or m.group(1))
+        out |= set(range(a, b + 1))
+    return out
+
+
+def layer_selector(model: nn.Module, layers: str | None, modules: str | None) -> Callable[[str], bool]:
+    """Predicate over layer names: in the chosen blocks and of the chosen kind."""
+    blocks = decoder_blocks(model)
+    ids = {id(b): n for n, b in model.named_modules()}
+    prefixes = [ids[id(b)] for b in blocks]
+    wanted = _parse_ranges(layers) if layers else None
+    kind = None
+    if modules == "attn":
+        kind = re.compile(r"(self_attn|attn|attention)\.")
+    elif modules == "mlp":
+        kind = re.compile(r"(mlp|feed_forward|ffn)\.")
+    elif modules:
+        kind = re.compile(modules)
+
+    def pick(name: str) -> bool:
+        if wanted is not None and _block_of(name, prefixes) not in wanted:
+            return False
+        return kind is None or bool(kind.search(name))
+
+    return pick
+
+
+@torch.no_grad()
+def mean_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: Sequence[str], max_len: int = 256) -> dict[str, torch.Tensor]:
+    """E[x] per layer: the mean input vector over all tokens of `texts` (one row at a time)."""
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {n: 0 for n in names}
+    hooks = []
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(_m: nn.Module, args: tuple, _out: Any) -> None:
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
+            sums[name] = sums.get(name, 0) + x.sum(0)
+            counts[name] += x.shape[0]
+        return fn
+
+    for n in names:
+        hooks.append(model.get_submodule(n).register_forward_hook(hook(n)))
+    was = model.training
+    model.eval()
+    try:
+        for t in texts:
+            ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    return {n: sums[n] / max(counts[n], 1) for n in names if n in sums}
+
+
+@dataclass
+class _Parts:
+    """Everything a candidate is assembled from: the two bases per layer and the bias terms."""
+
+    names: list[str]
+    base_l: dict[str, nn.Module]
+    base_k: dict[str, nn.Module]
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _base_name(name: str) -> str:
+    return name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+
+
+def _prepare(loaded_l: LoadedModel, adapter_dir: Any, prov: dict, source: str, data_dir: str | None,
+             need_bias: bool, calib_rows: int, seed: int, task: str) -> _Parts:
+    m_l = loaded_l.model
+    trained = build_trained_base(prov, source, data_dir)
+    m_k = trained.model  # no adapter yet: its layer names are the base layer paths
+    names = []
+    for n in quantizable_layers(m_k):
+        wrapped = hasattr(m_l.get_submodule(n), "base_layer")
+        names.append(n + ".base_layer" if wrapped else n)  # the base layer's path in the adapted model
+    parts = _Parts(names, {n: m_l.get_submodule(n) for n in names}, {n: m_k.get_submodule(_base_name(n)) for n in names})
+    if need_bias:
+        from .data import calibration_rows, get_task
+
+        load_adapter(m_k, adapter_dir, expected_source_hash=trained.source_hash, force=True)
+        t = get_task(task)
+        texts = [t.text(r) for r in calibration_rows(t, calib_rows, seed=seed, data_dir=data_dir)]
+        means = mean_inputs(m_k, trained.tokenizer, texts, names)
+        for n in tqdm(names, desc="bias correction", leave=False):
+            delta = weight_of(parts.base_k[n]) - weight_of(parts.base_l[n])  # (out, in): W_k − W_l
+            parts.bias[n] = delta @ means[n]  # (out,)
+    return parts
+
+
+def _assemble(model: nn.Module, parts: _Parts, restored: set[str], bias: bool) -> None:
+    for n in parts.names:
+        if n in restored:
+            layer = parts.base_l[n]
+            if bias and n in parts.bias:
+                layer = BiasedLinear(layer, parts.bias[n])
+        else:
+            layer = parts.base_k[n]
+        set_module(model, n, layer)
+
+
+@torch.no_grad()
+def fold_biases(model: nn.Module) -> None:
+    """Replace each BiasedLinear by its base with the offset added to the base's own bias."""
+    for name, m in list(model.named_modules()):
+        if isinstance(m, BiasedLinear):
+            base = m.base
+            if isinstance(base, QuantLinear):
+                old = base.bias if base.bias is not None else torch.zeros_like(m.offset)
+                base.bias = None
+                base.register_buffer("bias", old + m.offset)
+            elif isinstance(base, nn.Linear):
+                if base.bias is None:
+                    base.bias = nn.Parameter(m.offset.clone().to(base.weight.dtype), requires_grad=False)
+                else:
+                    base.bias.add_(m.offset.to(base.bias.dtype))
+            else:
+                continue
+            set_module(model, name, base)
+
+
+def restore_with_mode(
+    adapter_dir: Any,
+    bits: int,
+    mode: RestorationMode,
+    format: str | None = None,
+    model: str | None = None,
+    force: bool = False,
+    data_dir: str | None = None,
+    seed: int = 0,
+) -> tuple[LoadedModel, RestoreInfo, dict[str, Any]]:
+    """The adapter on a base restored with `mode`; returns the model, the restore info and a record."""
+    prov = read_provenance(adapter_dir) or {}
+    task = (prov.get("training") or {}).get("task") or "sql"
+    if mode.mode == "auto":
+        return _auto(adapter_dir, mode, format, model, force, data_dir, seed, task, prov)
+    loaded, info = restore_base(adapter_dir, bits, format, model=model, force=force, data_dir=data_dir, seed=seed)
+    record: dict[str, Any] = {"mode": mode.mode, "restore_bits": info.restore_spec.bits}
+    if mode.mode == "plain" or (info.train_spec is not None and info.restore_spec == info.train_spec):
+        return loaded, info, record
+    source = model or prov.get("base_model") or loaded.source
+    need_bias = mode.mode in ("bias-correct", "partial+bias")
+    parts = _prepare(loaded, adapter_dir, prov, source, data_dir, need_bias, mode.calib_rows, seed, task)
+    pick = layer_selector(loaded.model, mode.layers, mode.modules) if mode.mode.startswith("partial") else (lambda n: True)
+    restored = {n for n in parts.names if pick(n)}
+    _assemble(loaded.model, parts, restored, need_bias)
+    fold_biases(loaded.model)
+    record.update({"restored_layers": len(restored), "total_layers": len(parts.names), "layers": mode.layers,
+                   "modules": mode.modules})
+    return loaded, info, record
+
+
+def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: str | None, force: bool,
+          data_dir: str | None, seed: int, task: str, prov: dict) -> tuple[LoadedModel, RestoreInfo, dict[str, Any]]:
+    from .data import encode_rows, split_rows
+    from .train import evaluate_loss
+
+    train_bits = int((prov.get("quantization") or {}).get("bits", 16))
+    levels = sorted(b for b in mode.auto_bits if b > train_bits) or [train_bits]
+    evidence: list[dict[str, Any]] = []
+    best: tuple[float, Any] | None = None
+    val = split_rows(task, seed, data_dir).validation[: mode.val_rows]
+    for level in levels:
+        loaded, info = restore_base(adapter_dir, level, format, model=model, force=force, data_dir=data_dir, seed=seed)
+        m, tok = loaded.model, loaded.tokenizer
+        enc = encode_rows(task, tok, val, 512)
+        source = model or prov.get("base_model") or loaded.source
+        parts = _prepare(loaded, adapter_dir, prov, source, data_dir, True, mode.calib_rows, seed, task)
+        everything = set(parts.names)
+        pick_attn = layer_selector(m, None, "attn")
+        pick_mlp = layer_selector(m, None, "mlp")
+        n_blocks = len(decoder_blocks(m))
+        half = layer_selector(m, f"0-{n_blocks // 2 - 1}", None)
+        candidates: list[tuple[str, set[str], bool]] = [
+            ("keep k-bit base", set(), False),
+            (f"plain PLR{level}", everything, False),
+            (f"bias-correct {level}", everything, True),
+            (f"partial first half + bias {level}", {n for n in everything if half(n)}, True),
+            (f"partial second half + bias {level}", {n for n in everything if not half(n)}, True),
+            (f"partial attention + bias {level}", {n for n in everything if pick_attn(n)}, True),
+            (f"partial MLP + bias {level}", {n for n in everything if pick_mlp(n)}, True),
+        ]
+
+        def score(restored: set[str], bias: bool) -> float:
+            _assemble(m, parts, restored, bias)
+            return evaluate_loss(m, enc, tok.pad_token_id, 8, True)
+
+        for name, restored, bias in tqdm(candidates, desc=f"auto l={level}", leave=False):
+            v = score(restored, bias)
+            evidence.append({"candidate": name, "val_loss": v, "restored_layers": len(restored)})
+            if best is None or v < best[0]:
+                best = (v, (level, name, restored, bias))
+        # greedy refinement over groups of blocks, starting from this level's best bias candidate
+        assert best is not None
+        if best[1][0] == level and best[1][3]:
+            groups = max(1, min(6, n_blocks))
+            size = -(-n_blocks // groups)
+            current = set(best[1][2])
+            for g in range(groups):
+                sel = layer_selector(m, f"{g * size}-{min(n_blocks, (g + 1) * size) - 1}", None)
+                group = {n for n in everything if sel(n)}
+                trial = current - group if group <= current else current | group
+                v = score(trial, True)
+                name = f"greedy blocks {g * size}-{min(n_blocks, (g + 1) * size) - 1} toggled, l={level}"
+                evidence.append({"candidate": name, "val_loss": v, "restored_layers": len(trial)})
+                if v < best[0]:
+                    best = (v, (level, name, trial, True))
+                    current = trial
+        chosen_level, chosen_name, restored, bias = best[1]
+        if chosen_level == level:
+            _assemble(m, parts, restored, bias)
+            fold_biases(m)
+            final = (loaded, info)
+    assert best is not None
+    loaded, info = final
+    record = {"mode": "auto", "chosen": best[1][1], "restore_bits": best[1][0], "val_loss": best[0],
+              "val_rows": len(val), "evidence": evidence}
+    return loaded, info, record

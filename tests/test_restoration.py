@@ -1,0 +1,111 @@
+"""Restoration modes (issue 8): identity at l = k, bias correction preserves mean outputs,
+partial restoration keeps unselected layers at k bits, auto picks the validation minimum."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from restora.cli import main
+from restora.quant import QuantLinear
+from restora.restoration import RestorationMode, restore_with_mode
+from restora.restore import restore_base
+
+pytestmark = pytest.mark.smollm  # the tiny model borrows SmolLM2's tokenizer
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from restora.models import resolve_source
+
+    base = tmp_path_factory.getbasetemp()
+    import os
+
+    os.environ["RESTORA_CACHE"] = str(base / "cache")
+    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    d = base / "tiny4"
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    ad = base / "ad3"
+    assert main(["train", str(d), "--out", str(ad), "--format", "rtn", "--bits", "3", "--max-steps", "3",
+                 "--task", "sql", "--max-samples", "24", "--batch-size", "8", "--micro-batch-size", "8",
+                 "--val-samples", "8", "--lr", "5e-3", "--max-len", "96", "--targets", "attn"]) == 0
+    return ad
+
+
+IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("mode", [RestorationMode("bias-correct", calib_rows=4),
+                                  RestorationMode("partial", layers="0-1"),
+                                  RestorationMode("partial+bias", modules="mlp", calib_rows=4)])
+def test_every_mode_is_identity_at_train_bits(adapter, mode):
+    own, _ = restore_base(adapter, 3, "rtn")
+    got, info, _ = restore_with_mode(adapter, 3, mode, "rtn")
+    assert torch.equal(_logits(own.model), _logits(got.model))
+
+
+def test_bias_correction_preserves_mean_output_of_first_layer(adapter):
+    from restora.data import calibration_rows, get_task
+
+    t = get_task("sql")
+    texts = [t.text(r) for r in calibration_rows(t, 4, seed=0)]
+    own, _ = restore_base(adapter, 3, "rtn")
+    fixed, _, rec = restore_with_mode(adapter, 16, RestorationMode("bias-correct", calib_rows=4))
+    plain, _ = restore_base(adapter, 16)
+    # the first layer's base projection sees the same input in all three models (embeddings + norm)
+    name = "model.layers.0.self_attn.q_proj.base_layer"
+
+    def mean_out(model):
+        out = []
+        h = model.get_submodule(name).register_forward_hook(lambda m, a, o: out.append(o.detach().reshape(-1, o.shape[-1])))
+        for text in texts:
+            with torch.no_grad():
+                model(own.tokenizer(text, return_tensors="pt")["input_ids"])
+        h.remove()
+        return torch.cat(out).mean(0)
+
+    ref = mean_out(own.model)
+    assert torch.allclose(mean_out(fixed.model), ref, atol=1e-5)
+    assert not torch.allclose(mean_out(plain.model), ref, atol=1e-5)  # plain PLR moves the mean
+    assert rec["restored_layers"] == rec["total_layers"]
+
+
+def test_partial_keeps_unselected_layers_at_k_bits(adapter):
+    got, _, rec = restore_with_mode(adapter, 16, RestorationMode("partial", layers="0-1"))
+    m = got.model
+    for i, layer in enumerate(m.model.layers):
+        q = layer.self_attn.q_proj.base_layer
+        assert isinstance(q, QuantLinear) == (i >= 2)
+        assert isinstance(layer.mlp.down_proj, QuantLinear) == (i >= 2)
+    assert rec["restored_layers"] == 14 and rec["total_layers"] == 28
+
+
+def test_auto_picks_the_validation_minimum(adapter):
+    got, info, rec = restore_with_mode(adapter, 16, RestorationMode("auto", calib_rows=4, val_rows=8))
+    losses = [e["val_loss"] for e in rec["evidence"]]
+    assert rec["val_loss"] == min(losses)
+    keep = next(e for e in rec["evidence"] if e["candidate"] == "keep k-bit base")
+    assert rec["val_loss"] <= keep["val_loss"]
+    from restora.data import encode_rows, split_rows
+    from restora.train import evaluate_loss
+
+    enc = encode_rows("sql", got.tokenizer, split_rows("sql", 0).validation[:8], 512)
+    assert evaluate_loss(got.model, enc, got.tokenizer.pad_token_id, 8, True) == pytest.approx(rec["val_loss"], rel=1e-5)
+
+
+def test_bad_mode_is_a_one_line_error():
+    with pytest.raises(ValueError, match="restore mode 'magic' is unknown"):
+        RestorationMode("magic")
+    with pytest.raises(ValueError, match="needs --restore-layers"):
+        RestorationMode("partial")
