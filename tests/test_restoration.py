@@ -109,3 +109,14 @@ def test_bad_mode_is_a_one_line_error():
         RestorationMode("magic")
     with pytest.raises(ValueError, match="needs --restore-layers"):
         RestorationMode("partial")
+
+
+def test_bias_corrected_merge_loads_in_plain_transformers(adapter, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "merged"
+    assert main(["restore", str(adapter), "--bits", "16", "--merge", "--restore-mode", "bias-correct",
+                 "--calib-rows", "4", "--out", str(out)]) == 0
+    plain = AutoModelForCausalLM.from_pretrained(out).eval()
+    ours, _, _ = restore_with_mode(adapter, 16, RestorationMode("bias-correct", calib_rows=4))
+    assert torch.allclose(_logits(plain), _logits(ours.model), atol=1e-4)

@@ -210,6 +210,10 @@ def eval(
     seed: int = 0,
     calib_samples: int = 500,
     force: bool = False,
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "auto"] = "plain",
+    restore_layers: str | None = None,
+    restore_modules: str | None = None,
+    calib_rows: int = 64,
     data_dir: str | None = None,
 ) -> int:
     """Evaluate MODEL (+ an adapter) on a task split, with the base at FORMAT/BITS (PLR: any l, not only k).
@@ -231,6 +235,10 @@ def eval(
         seed: seed of the splits (must match training's).
         calib_samples: GPTQ calibration rows (train split).
         force: load an adapter whose recorded source hash differs.
+        restore_mode: plain PLR, partial, bias-correct, partial+bias, or auto (searches on the validation split).
+        restore_layers: partial: decoder blocks to restore, e.g. 0-14.
+        restore_modules: partial: attn, mlp, or a regex over layer names.
+        calib_rows: training rows for the bias correction's mean inputs.
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
     from ..bases import build_base
@@ -242,15 +250,26 @@ def eval(
     if adapter:
         from ..restore import restore_base
 
-        loaded, rinfo = restore_base(adapter, choice.spec.bits, choice.spec.format, group_size, model=model,
-                                     force=force, calib_task=task, calib_samples=calib_samples, seed=seed,
-                                     data_dir=data_dir)
+        restoration = None
+        if restore_mode == "plain":
+            loaded, rinfo = restore_base(adapter, choice.spec.bits, choice.spec.format, group_size, model=model,
+                                         force=force, calib_task=task, calib_samples=calib_samples, seed=seed,
+                                         data_dir=data_dir)
+        else:
+            from ..restoration import RestorationMode, restore_with_mode
+
+            mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows,
+                                   auto_bits=(choice.spec.bits,))
+            loaded, rinfo, restoration = restore_with_mode(adapter, choice.spec.bits, mode, choice.spec.format,
+                                                           model=model, force=force, data_dir=data_dir, seed=seed)
         trained_on = rinfo.train_spec.to_dict() if rinfo.train_spec else None
     else:
         loaded = build_base(model, choice, data_dir)
     rows = task_split(task, split, seed, data_dir, limit=limit or None)
     res = evaluate_task(loaded.model, loaded.tokenizer, task, rows, max_new_tokens, batch_size,
                         generate=generate, use_chat_template=chat)
+    if adapter and restoration is not None:
+        res["restoration"] = restoration
     res.update({"split": split, "adapter": adapter, "eval_base": choice.spec.to_dict(), "train_base": trained_on,
                 "model": loaded.source, "source_hash": loaded.source_hash})
     for name, est in res.get("metrics", {}).items():
