@@ -152,10 +152,17 @@ def serve(
         max_body_bytes: largest request body; larger ones get 413.
         bf16: decode under bf16 autocast on CPU.
     """
+    import signal
+    import threading
+
     import uvicorn
 
     app = build_server(model, adapters_root, bits, format, memory_budget, max_batch, max_queue, max_loaded_adapters,
                        max_tokens_limit, max_prompt_tokens, max_body_bytes, bf16)
     # SIGTERM / SIGINT: stop accepting, let in-flight requests finish (no timeout), then drain the engine.
+    # uvicorn re-raises the signal it caught once it has shut down; a handler of ours turns that into exit code 0.
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: print(f"restora serve: drained, exiting on signal {signum}"))
     uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)).run()
     return 0
