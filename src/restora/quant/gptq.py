@@ -20,14 +20,17 @@ Section 4 of the paper makes this fast and stable:
     Dampening λ = damp · mean diag(H) is added to the diagonal first; inputs that never fire
     (H_jj = 0, "dead") get H_jj = 1 and a zero weight.
   * Lazy batch updates: columns go in blocks of B = block_size. Inside a block the update touches
-    the block only; the rest of W gets one (out, B) @ (B, rest) product per block.
+    the block only; the rest of W gets one (out, B) @ (B, rest) product per block. The same trick is
+    applied once more inside a block (sub-blocks of 32 columns) to keep the rank-1 updates in cache.
   * Act-order (optional): columns in order of decreasing diag(H), so the most salient inputs are
     rounded first, while the most columns remain to absorb their error. Groups are then formed in
     that permuted order; g_idx maps each original column to its group.
 
 Group parameters (scale, zero per `group_size` columns of a row) are set when the loop reaches a
 group's first column, from the current (already error-compensated) weights of that group, with
-restora.quant.uniform's grid, so the codes mean exactly what UniformWeight stores.
+restora.quant.uniform's grid, so the codes mean exactly what UniformWeight stores. Pending lazy
+updates are applied to those weights first (the reference code reads the stale copy when a group
+starts inside a block), so the result does not depend on block_size beyond float rounding.
 
 `gptq_quantize_model` runs this over a whole model block by block, as in the paper's
 sequential scheme.
