@@ -1,5 +1,6 @@
 """Adapters over any base format: LoRA, (IA)³ (+ T-Few losses), target injection, PEFT-compatible folders."""
 
+from .batched import BASE, MultiAdapterModel, MultiLoRALinear, load_adapters, set_rows
 from .files import AdapterInfo, load_adapter, read_adapter_config, save_adapter
 from .ia3 import (
     IA3Config, IA3Linear, choice_scores, length_normalized_choice_loss, token_log_probs, unlikelihood_loss,
@@ -15,5 +16,6 @@ __all__ = [
     "add_lora", "add_ia3", "remove_adapters", "select_targets", "target_names", "linear_layers",
     "mark_only_adapters_trainable", "adapter_modules", "disable_adapters", "replace_weight",
     "adapter_state_dict", "load_adapter_state_dict", "save_adapter", "load_adapter", "read_adapter_config",
+    "BASE", "MultiLoRALinear", "MultiAdapterModel", "load_adapters", "set_rows",
     "token_log_probs", "choice_scores", "length_normalized_choice_loss", "unlikelihood_loss",
 ]

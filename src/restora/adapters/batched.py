@@ -196,20 +196,24 @@ class MultiLoRALinear(nn.Module):
         c = self._gathered(dtype)
         B = x.shape[0]
         x3 = x.reshape(B, -1, self.in_features)  # (B, T, in)
-        if c["l_in"] is not None:
-            y = self.base_layer((x3 * c["l_in"]).to(x.dtype))  # (B, T, out)
-        else:
-            y = self.base_layer(x3)
+        if c["l_in"] is not None:  # exact for the other rows: their l is 1
+            x3 = (x3 * c["l_in"]).to(x.dtype)
+        # Cast once for the base and the adapters: the base's autocast would cast x the same way.
+        xc = x3.to(dtype)
+        y = self.base_layer(xc)  # (B, T, out)
         if c["l_out"] is not None:
             y = (y * c["l_out"]).to(y.dtype)
         if c["r"] > 0:
+            # Accumulate into the base's fresh output in place (no (B, T, out) temporary) unless autograd needs it.
+            inplace = y.dtype == dtype and not y.requires_grad
             if c["uniform"]:
-                y2 = y.reshape(-1, self.out_features).to(dtype)  # (B·T, out)
-                xa = x3.reshape(-1, self.in_features).to(dtype) @ c["At"]  # (B·T, r)
-                y = torch.addmm(y2, xa, c["Bt"]).to(y.dtype).view(y.shape)
+                y2 = y.reshape(-1, self.out_features)  # (B·T, out)
+                xa = xc.reshape(-1, self.in_features) @ c["At"]  # (B·T, r)
+                y2 = y2.addmm_(xa, c["Bt"]) if inplace else torch.addmm(y2.to(dtype), xa, c["Bt"]).to(y.dtype)
+                y = y2.view(y.shape)
             else:
-                xa = torch.bmm(x3.to(dtype), c["At"])  # (B, T, r)
-                y = torch.baddbmm(y.to(dtype), xa, c["Bt"]).to(y.dtype)  # (B, T, out)
+                xa = torch.bmm(xc, c["At"])  # (B, T, r)
+                y = y.baddbmm_(xa, c["Bt"]) if inplace else torch.baddbmm(y.to(dtype), xa, c["Bt"]).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # -- the adapter interface (AdapterModule) ------------------------------------------------
@@ -292,9 +296,10 @@ class MultiAdapterModel:
     """Named adapters resident at once over one base `model` (wrapped in place), one slot each."""
 
     def __init__(self, model: nn.Module) -> None:
-        single = [p for p, m in adapter_modules(model) if not isinstance(m, MultiLoRALinear)]
-        if single:
-            raise ValueError(f"{type(model).__name__} has a single adapter at {single[0]}: remove_adapters() first")
+        found = list(adapter_modules(model))
+        if found:
+            what = "multi-adapter layers" if isinstance(found[0][1], MultiLoRALinear) else "a single adapter"
+            raise ValueError(f"{type(model).__name__} already has {what} at {found[0][0]}: remove_adapters() first")
         self.model = model
         self.slots: dict[str, int] = {}
         self.infos: dict[str, AdapterInfo] = {}
