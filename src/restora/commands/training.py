@@ -35,7 +35,7 @@ def train(
     adapter: Literal["lora", "ia3"] = "lora",
     rank: int = 16,
     alpha: float = 32.0,
-    dropout: float = 0.05,
+    dropout: float = 0.0,
     rslora: bool = False,
     targets: str = "all",
     init: Literal["default", "gaussian", "loftq"] = "default",
