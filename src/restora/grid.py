@@ -34,6 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -48,7 +50,7 @@ _TRAIN = {
     "batch_size", "micro_batch_size", "schedule", "warmup_ratio", "optimizer", "bf16", "grad_checkpointing",
     "max_samples", "val_samples", "max_len", "chat", "calib_samples",
 }
-_EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format"}
+_EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize", "restore_modes"}
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
     return folder
 
 
-def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig) -> dict[str, Any]:
+def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str = "plain") -> dict[str, Any]:
     from .data import task_split
     from .evaluate import evaluate_task
     from .restore import restore_base
@@ -205,9 +207,23 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig) -> dict[s
     e = cfg.eval
     fmt = _restore_format(unit, level, cfg)
     t0 = time.perf_counter()
-    loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, calib_task=unit.task,
-                                calib_samples=int(cfg.train.get("calib_samples", 500)), seed=unit.seed,
-                                data_dir=cfg.data_dir)
+    restoration = None
+    if mode == "plain":
+        loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, calib_task=unit.task,
+                                    calib_samples=int(cfg.train.get("calib_samples", 500)), seed=unit.seed,
+                                    data_dir=cfg.data_dir)
+    else:
+        from .restoration import RestorationMode, restore_with_mode
+
+        levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
+        rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,))
+        loaded, info, restoration = restore_with_mode(adapter, level, rmode, fmt if mode != "auto" else None,
+                                                      data_dir=cfg.data_dir, seed=unit.seed)
+        level = int(restoration["restore_bits"])
+    if e.get("materialize", True):  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
+        from .restore import dequantize_model
+
+        dequantize_model(loaded.model, torch.bfloat16)
     rows = task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=e.get("limit"))
     res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, int(e.get("max_new_tokens", 96)),
                         int(e.get("batch_size", 8)), generate=bool(e.get("generate", True)),
@@ -218,7 +234,8 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig) -> dict[s
     return {
         "unit": unit.id, "task": unit.task, "method": unit.method.name, "init": unit.method.init,
         "train_format": unit.method.format, "train_bits": unit.train_bits, "restore_bits": level,
-        "restore_format": info.restore_spec.format, "seed": unit.seed,
+        "restore_format": info.restore_spec.format, "restore_mode": mode, "seed": unit.seed,
+        "restoration": {k: v for k, v in (restoration or {}).items()},
         "metrics": res.get("metrics", {}), "test_log_loss": res["log_loss"], "n": res["n"],
         "val_loss": (trained.get("metrics") or {}).get("best_val_loss"),
         "best_epoch": (trained.get("metrics") or {}).get("best_epoch"),
@@ -234,21 +251,35 @@ def run_grid(cfg: GridConfig, out: str | Path, shard: tuple[int, int] = (0, 1), 
     i, n = shard
     units = [u for j, u in enumerate(plan_units(cfg)) if j % n == i]
     written = []
+    modes = list(cfg.eval.get("restore_modes", ["plain"]))
     for u_idx, unit in enumerate(units):
-        pending = [lvl for lvl in unit.restore_levels if not (out / "cells" / f"{unit.id}-l{lvl}.json").is_file()]
+        wanted = _cells(unit, modes)
+        pending = [(lvl, mode, cid) for lvl, mode, cid in wanted if not (out / "cells" / f"{cid}.json").is_file()]
         if progress:
             print(f"[grid {i}/{n}] unit {u_idx + 1}/{len(units)} {unit.id}: {len(pending)} cells to evaluate", flush=True)
         if pending:
             adapter = _train_unit(unit, cfg, out)
-            for level in pending:
-                cell = _eval_cell(unit, level, adapter, cfg)
-                path = out / "cells" / f"{unit.id}-l{level}.json"
-                _write_json(path, cell)
+            for level, mode, cid in pending:
+                cell = _eval_cell(unit, level, adapter, cfg, mode)
+                _write_json(out / "cells" / f"{cid}.json", cell)
                 if progress:
                     m = ", ".join(f"{k} {100 * v['value']:.1f}" for k, v in cell["metrics"].items())
-                    print(f"  restore {level:>2} bits: log loss {cell['test_log_loss']:.4f} {m}", flush=True)
-        written += [out / "cells" / f"{unit.id}-l{lvl}.json" for lvl in unit.restore_levels]
+                    print(f"  restore {cell['restore_bits']:>2} bits ({mode}): log loss {cell['test_log_loss']:.4f} {m}",
+                          flush=True)
+        written += [out / "cells" / f"{cid}.json" for _, _, cid in wanted]
     return written
+
+
+def _cells(unit: Unit, modes: list[str]) -> list[tuple[int, str, str]]:
+    """(restore level, mode, cell id): the own base once, each higher level per mode, auto once."""
+    out = [(unit.train_bits, "plain", f"{unit.id}-l{unit.train_bits}")]
+    for level in unit.restore_levels[1:]:
+        for mode in modes:
+            if mode != "auto":
+                out.append((level, mode, f"{unit.id}-l{level}" + ("" if mode == "plain" else f"-{mode}")))
+    if "auto" in modes and len(unit.restore_levels) > 1:
+        out.append((unit.restore_levels[-1], "auto", f"{unit.id}-auto"))
+    return out
 
 
 def collect(out: str | Path) -> list[dict[str, Any]]:

@@ -46,6 +46,16 @@ def _value(cell: dict[str, Any], metric: str) -> float | None:
     return None if est is None else est["value"]
 
 
+def _level(cell: dict[str, Any]) -> Any:
+    """Restore level key: the bits, or (bits, mode) for a restoration mode other than plain."""
+    mode = cell.get("restore_mode", "plain")
+    return cell["restore_bits"] if mode == "plain" else f"{cell['restore_bits']} {mode}"
+
+
+def _bits(level: Any) -> int:
+    return level if isinstance(level, int) else int(str(level).split()[0])
+
+
 def markdown_table(cells: list[dict[str, Any]]) -> str:
     """Seed-000-style table: accuracy-like metrics in %, log loss in nats/token; seeds averaged."""
     groups: dict[tuple, list[float]] = defaultdict(list)
@@ -55,9 +65,9 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
         for m in metrics:
             v = _value(c, m)
             if v is not None:
-                groups[(c["task"], m, c["method"], c["train_bits"], c["restore_bits"])].append(v)
+                groups[(c["task"], m, c["method"], c["train_bits"], _level(c))].append(v)
     columns: list[tuple[str, int, int]] = []
-    for (method, k, level) in sorted({key[2:] for key in groups}, key=lambda t: (t[1] != 16, -t[1], t[0], t[2])):
+    for (method, k, level) in sorted({key[2:] for key in groups}, key=lambda t: (t[1] != 16, -t[1], t[0], _bits(t[2]), str(t[2]))):
         if (method, k, level) not in columns:
             columns.append((method, k, level))
 
@@ -65,7 +75,12 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
         if k == 16:
             return "16-bit LoRA" if method in ("lora", "lora16", "float") else f"{method} 16-bit"
         own = f"{k}b QLoRA" if method in ("gptq", "qlora") else f"{method} {k}b"
-        return own if level == k else f"{own} → PLR{level}"
+        if level == k:
+            return own
+        if isinstance(level, int):
+            return f"{own} → PLR{level}"
+        bits, mode = str(level).split(" ", 1)
+        return f"{own} → {mode}" if mode == "auto" else f"{own} → PLR{bits} {mode}"
 
     lines = ["| task | metric | " + " | ".join(header(*col) for col in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
@@ -104,8 +119,14 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> bool:
             lines: dict[tuple[str, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
             for c in tcells:
                 v = _value(c, m)
-                if v is not None:
-                    lines[(c["method"], c["train_bits"])][c["restore_bits"]].append(v if m == "test_log_loss" else 100 * v)
+                mode = c.get("restore_mode", "plain")
+                if v is not None and mode != "auto":
+                    key = (c["method"] if mode == "plain" else f"{c['method']} {mode}", c["train_bits"])
+                    lines[key][c["restore_bits"]].append(v if m == "test_log_loss" else 100 * v)
+            for (name, k), pts in list(lines.items()):  # a mode's line starts at the adapter's own base
+                method = name.split(" ")[0]
+                if name != method and k in lines.get((method, k), {}):
+                    pts.setdefault(k, lines[(method, k)][k])
             for (method, k), pts in sorted(lines.items(), key=lambda kv: -kv[0][1]):
                 xs = sorted(pts)
                 ys = [_mean(pts[x]) for x in xs]

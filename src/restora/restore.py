@@ -80,12 +80,18 @@ def restore_spec(train: QuantSpec | None, bits: int, format: str | None = None, 
 
 
 @torch.no_grad()
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """Replace every QuantLinear by an nn.Linear holding its dequantized weight (fp32)."""
+def dequantize_model(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every QuantLinear by an nn.Linear holding its dequantized weight in `dtype`.
+
+    In fp32 this is the `--base trained` control. In bf16 it is how evaluation runs fast:
+    under bf16 compute the tiled path multiplies by exactly these bf16 weights anyway, so
+    materializing them once per evaluation changes speed and memory, not the numbers
+    (except where the int4 decode kernel would round differently).
+    """
     for name, m in list(model.named_modules()):
         if isinstance(m, QuantLinear):
-            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None)
-            lin.weight.copy_(m.dequantize(torch.float32))
+            lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=dtype)
+            lin.weight.copy_(m.dequantize(dtype))
             if m.bias is not None:
                 lin.bias.copy_(m.bias)
             lin.requires_grad_(False)

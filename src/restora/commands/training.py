@@ -214,6 +214,7 @@ def eval(
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
+    materialize: bool = True,
     data_dir: str | None = None,
 ) -> int:
     """Evaluate MODEL (+ an adapter) on a task split, with the base at FORMAT/BITS (PLR: any l, not only k).
@@ -239,6 +240,7 @@ def eval(
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
         calib_rows: training rows for the bias correction's mean inputs.
+        materialize: dequantize each layer once to bf16 for fast evaluation (same numbers under bf16 compute).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
     from ..bases import build_base
@@ -265,6 +267,10 @@ def eval(
         trained_on = rinfo.train_spec.to_dict() if rinfo.train_spec else None
     else:
         loaded = build_base(model, choice, data_dir)
+    if materialize:
+        from ..restore import dequantize_model
+
+        dequantize_model(loaded.model, torch.bfloat16)
     rows = task_split(task, split, seed, data_dir, limit=limit or None)
     res = evaluate_task(loaded.model, loaded.tokenizer, task, rows, max_new_tokens, batch_size,
                         generate=generate, use_chat_template=chat)

@@ -112,6 +112,33 @@ class UniformWeight(QuantizedWeight):
         w = (codes.float() - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
         return w.view(rows, self.in_features).to(dtype)
 
+    # Decoding fast path: torch's fused int4 GEMV kernel for CPU (w = (q - 8)·s + m per group,
+    # so m = (8 - zero)·s), used for bf16 inputs of at most FAST_ROWS rows (decode steps; the
+    # kernel loses to dequantize + GEMM on long prompts, measured). Its packed layout is built
+    # on first use and kept: the same size as the codes, plus bf16 scale/offset pairs.
+    FAST_ROWS = 64
+
+    def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        if (
+            self.bits != 4 or self.act_order or x.device.type != "cpu" or x.dtype != torch.bfloat16
+            or self._group not in (32, 64, 128, 256) or x.numel() // self.in_features > self.FAST_ROWS
+            or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        ):
+            return None
+        if getattr(self, "_int4pack", None) is None:
+            codes = unpack_codes(self.qweight, 4, self.in_features).to(torch.int32)  # (out, in)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            s, z = self.scales.float(), self.zeros.float()  # (out, groups)
+            sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (groups, out, 2)
+            self._int4pack = (packed, sz)
+        packed, sz = self._int4pack
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self._group, sz)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._int4pack = None  # new codes: rebuild the runtime layout on next use
+        super()._load_from_state_dict(*args, **kwargs)
+
     def meta(self) -> dict[str, Any]:
         return {
             "format": self.method,
