@@ -51,6 +51,10 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    if name.startswith("restora") and not os.environ.get("BENCH_DEFAULT_MALLOC"):
+        from restora.runtime import release_freed_memory
+
+        release_freed_memory()  # what the restora CLI does at start-up
     torch.manual_seed(0)
     from restora.models import load_model
 
