@@ -158,7 +158,7 @@ def create_app(engine: Engine, info: ServerInfo, limits: ServeLimits) -> FastAPI
             raise APIError(400, f"seed must be an integer, got {seed!r}", param="seed")
         return SamplingParams(max_tokens=mt, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                               top_p=_number(body, "top_p", 1.0, 1e-9, 1.0), stop=tuple(stop),
-                              seed=None if seed is None else seed % 2**63)
+                              seed=None if seed is None else seed % 2**63, ignore_eos=body.get("ignore_eos") is True)
 
     def prompt_ids(body: dict[str, Any], chat: bool) -> list[int]:
         if chat:

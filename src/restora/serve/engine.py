@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -64,6 +63,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -151,8 +151,10 @@ class Engine:
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # the running batch: rows[b] owns row b of cache, mask (B, T), last_pos (B,), next_tok (B,)
-        self.rows: list[Request] = []
+        # the running batch: rows[b] owns row b of cache, mask (B, T), last_pos (B,), next_tok (B,);
+        # None = a finished row still in the tensors until the next compaction (see _compact)
+        self.rows: list[Request | None] = []
+        self._dead_steps = 0
         self._cache: Any = None
         self._mask = self._last_pos = self._next_tok = torch.empty(0)
         self._rows_changed = True
@@ -196,7 +198,7 @@ class Engine:
     def pinned(self) -> set[str]:
         """Adapters that running or waiting requests need."""
         with self._cv:
-            return {r.adapter for r in [*self.rows, *self._pending] if r.adapter is not None}
+            return {r.adapter for r in [*self.live, *self._pending] if r.adapter is not None}
 
     def stop(self, timeout: float | None = None) -> None:
         """Drain: finish running and waiting requests, refuse new ones, then end the thread."""
@@ -208,7 +210,11 @@ class Engine:
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
-            return {"running": len(self.rows), "waiting": len(self._pending), "draining": self._stopping, **self.counts}
+            return {"running": len(self.live), "waiting": len(self._pending), "draining": self._stopping, **self.counts}
+
+    @property
+    def live(self) -> list[Request]:
+        return [r for r in self.rows if r is not None]
 
     # -- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
@@ -229,13 +235,14 @@ class Engine:
             try:
                 self._drop_cancelled()
                 self._admit()
-                if self.rows:
+                self._compact()
+                if self.live:
                     self._step()
             except Exception as e:  # a failed forward fails the batch, not the server
                 log.exception("engine step failed")
-                for r in self.rows:
+                for r in self.live:
                     self._send(r, ("error", 500, f"generation failed: {type(e).__name__}: {e}"))
-                self.counts["failed"] += len(self.rows)
+                self.counts["failed"] += len(self.live)
                 self._keep([])
 
     def _send(self, req: Request, event: tuple[Any, ...]) -> None:
@@ -249,16 +256,17 @@ class Engine:
             gone = [r for r in self._pending if r.cancelled]
             for r in gone:
                 self._pending.remove(r)
-        keep = [b for b, r in enumerate(self.rows) if not r.cancelled]
-        self.counts["cancelled"] += len(gone) + len(self.rows) - len(keep)
-        if len(keep) < len(self.rows):
-            self._keep(keep)
+        for b, r in enumerate(self.rows):
+            if r is not None and r.cancelled:
+                self.rows[b] = None  # its row is free now; _compact drops it from the tensors
+                self.counts["cancelled"] += 1
+        self.counts["cancelled"] += len(gone)
 
     def _admit(self) -> None:
-        room = self.config.max_batch - len(self.rows)
+        room = self.config.max_batch - len(self.live)
         if room <= 0:
             return
-        pinned = {r.adapter for r in self.rows if r.adapter is not None}
+        pinned = {r.adapter for r in self.live if r.adapter is not None}
         chosen: list[Request] = []
         longest = 0
         with self._cv:
@@ -274,6 +282,9 @@ class Engine:
                 chosen.append(req)
                 if req.adapter is not None:
                     pinned.add(req.adapter)
+        if not chosen:
+            return
+        self._compact(force=True)  # one change of the batch's rows for leaving and joining rows together
         ready = []
         for req in chosen:
             try:
@@ -282,8 +293,8 @@ class Engine:
             except Exception as e:
                 self._send(req, ("error", 400, f"adapter {req.adapter!r} cannot be loaded: {e}"))
                 self.counts["failed"] += 1
-        if ready:
-            self._prefill(ready)
+        for slot in dict.fromkeys(r.slot for r in ready):  # one prefill per adapter: the no-gather path
+            self._prefill([r for r in ready if r.slot == slot])
 
     def _forward(self, **kw: Any) -> Any:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cpu"):
@@ -317,7 +328,7 @@ class Engine:
 
     def _step(self) -> None:
         if self._rows_changed:
-            self.adapters.bank.set_rows([r.slot for r in self.rows])
+            self.adapters.bank.set_rows([0 if r is None else r.slot for r in self.rows])
             self._rows_changed = False
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)  # (B, T+1)
         self._last_pos = self._last_pos + 1
@@ -328,10 +339,12 @@ class Engine:
         self.counts["steps"] += 1
         self._advance(0)
 
-    def _sample(self, logits: torch.Tensor, reqs: Sequence[Request]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, reqs: Sequence[Request | None]) -> torch.Tensor:
         """(B, V) logits -> (B,) tokens: argmax, or each row's temperature / top-p draw."""
         toks = logits.argmax(-1).cpu()
         for j, r in enumerate(reqs):
+            if r is None:
+                continue
             p = r.params
             if p.temperature == 0:
                 continue
@@ -345,12 +358,13 @@ class Engine:
         return toks
 
     def _advance(self, start: int) -> None:
-        """Take next_tok[b] for rows start.. : finish, stream, or keep; then drop finished rows."""
-        keep = list(range(start))
+        """Take next_tok[b] for rows start.. : finish (the row becomes None), stream, or keep."""
         for b in range(start, len(self.rows)):
             r, t = self.rows[b], int(self._next_tok[b])
+            if r is None:
+                continue
             finish = None
-            if t == self.eos:
+            if t == self.eos and not r.params.ignore_eos:
                 finish = "stop"
             else:
                 r.tokens.append(t)
@@ -361,7 +375,6 @@ class Engine:
                 if finish is None and len(r.tokens) >= r.params.max_tokens:
                     finish = "length"
             if finish is None:
-                keep.append(b)
                 if r.stream:
                     n = _safe_len(r.text, r.params.stop)
                     if n > r.sent:
@@ -373,8 +386,21 @@ class Engine:
                 self._send(r, ("delta", text[r.sent:]))
             self._send(r, ("done", finish, text, len(r.tokens)))
             self.counts["completed"] += 1
-        if len(keep) < len(self.rows):
-            self._keep(keep)
+            self.rows[b] = None
+
+    def _compact(self, force: bool = False) -> None:
+        """Drop finished rows from the tensors: at once when nothing runs, when rows join (force),
+        when half the batch is finished, or after 8 steps. Until then they decode unused: changing
+        the rows re-gathers every layer's adapter weights (set_rows), which costs more than a few
+        spare rows, so leaving and joining rows share one change."""
+        dead = sum(r is None for r in self.rows)
+        if not dead:
+            self._dead_steps = 0
+            return
+        self._dead_steps += 1
+        if force or dead == len(self.rows) or 2 * dead >= len(self.rows) or self._dead_steps > 8:
+            self._keep([b for b, r in enumerate(self.rows) if r is not None])
+            self._dead_steps = 0
 
     def _keep(self, keep: list[int]) -> None:
         """Keep only batch rows `keep` (cache rows included); cut columns no row uses any more."""
@@ -391,13 +417,3 @@ class Engine:
             layer.values = layer.values[idx.to(layer.values.device), :, first:]
         self._mask = self._mask[:, first:]
 
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """Poll until nothing runs or waits (tests, benchmarks)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        s = engine.stats()
-        if s["running"] == 0 and s["waiting"] == 0:
-            return True
-        time.sleep(0.02)
-    return False
