@@ -6,7 +6,8 @@ from pathlib import Path
 
 __all__ = ["grid", "demo", "DEMO_CONFIG"]
 
-# The demo grid: 16-bit LoRA, GPTQ QLoRA at 4 and 3 bits, each restored to 16 bits (PLR16).
+# The demo grid: 16-bit LoRA, GPTQ QLoRA at 4 and 3 bits, each restored to 16 bits: plain PLR16
+# and PLR16 with bias correction (restora.restoration).
 # Sizes are chosen to finish in about 15 minutes on 2 CPU cores (see README).
 DEMO_CONFIG = """
 model = "smollm2-135m"
@@ -32,16 +33,17 @@ epochs = 1
 lr = 1e-3
 batch_size = 16
 micro_batch_size = 8
-max_samples = 256
-val_samples = 64
+max_samples = 160
+val_samples = 48
 max_len = 256
 calib_samples = 128
 
 [eval]
 split = "test"
-limit = 100
-max_new_tokens = 64
+limit = 60
+max_new_tokens = 48
 batch_size = 16
+restore_modes = ["plain", "bias-correct"]
 """
 
 
