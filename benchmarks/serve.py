@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--fp32", action="store_true", help="decode in fp32 (the server's bf16=False)")
     ap.add_argument("--out", default=None, help="append the markdown table here")
     args = ap.parse_args()
 
@@ -115,7 +116,7 @@ def main() -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
     kw = dict(adapters_root=str(root), bits="16", memory_budget="16GiB", port=port, max_batch=args.clients,
-              max_loaded_adapters=args.clients)
+              max_loaded_adapters=args.clients, bf16=not args.fp32)
     code = f"import sys; from restora.serve.command import serve; sys.exit(serve('smollm2-135m', **{kw!r}))"
     log = open(root / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
@@ -152,7 +153,7 @@ def main() -> None:
     base = statistics.median(tps["base only"])
     cmd = "python benchmarks/serve.py " + " ".join(sys.argv[1:])
     lines = [
-        f"SmolLM2-135M float base (bf16 autocast), restora serve, {args.clients} closed-loop clients x "
+        f"SmolLM2-135M float base ({'fp32' if args.fp32 else 'bf16 autocast'}), restora serve, {args.clients} closed-loop clients x "
         f"{args.requests} requests x {args.tokens} tokens per round, {args.rounds} rounds, LoRA r={args.rank} on all "
         f"linear layers, CPU threads {os.cpu_count()}; base format {health['base']['format']} "
         f"{health['base']['bits']}-bit.",
