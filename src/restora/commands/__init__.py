@@ -9,6 +9,7 @@ from .checkpoints import generate, info, quantize
 from .experiments import demo, grid
 from .restoring import restore
 from .training import eval, train
+from ..serve.command import serve
 
 COMMANDS = {
     "quantize": quantize,
@@ -19,6 +20,7 @@ COMMANDS = {
     "restore": restore,
     "grid": grid,
     "plan": plan,
+    "serve": serve,
     "demo": demo,
 }
 
