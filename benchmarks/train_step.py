@@ -51,10 +51,10 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)
-    if name.startswith("restora") and not os.environ.get("BENCH_DEFAULT_MALLOC"):
+    if name.startswith("restora"):
         from restora.runtime import release_freed_memory
 
-        release_freed_memory()  # what the restora CLI does at start-up
+        release_freed_memory()  # only with RESTORA_MALLOC=release, as the restora CLI
     torch.manual_seed(0)
     from restora.models import load_model
 
@@ -72,6 +72,9 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
             spec = QuantSpec("nf4", 4, 64) if name == "restora-nf4" else QuantSpec("rtn", 4, 64)
             quantize_model(model, spec, progress=False)
         add_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all"))
+        from restora.train import _set_attention
+
+        _set_attention(model, "eager")  # what restora's trainer does on CPU
         params = [p for p in model.parameters() if p.requires_grad]
 
         def loss_fn(ids, labels, mask):

@@ -92,9 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .runtime import release_freed_memory
 
-    release_freed_memory()
     parser = build_parser()
     args = vars(parser.parse_args(argv))
+    release_freed_memory(default=args.get("command") == "serve")
     fn = args.pop("_fn")
     args.pop("command")
     try:

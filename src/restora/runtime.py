@@ -5,7 +5,11 @@ activation buffers a training step frees stay in the heap, so peak RSS keeps gro
 after step (measured: 22–53% above the live tensors; benchmarks/plan_accuracy.py). Setting
 M_MMAP_THRESHOLD to 128 KiB makes every large tensor its own mapping, released on free,
 so RSS tracks live memory and the memory planner's estimates hold (within 2.1%).
-Opt out with RESTORA_MALLOC=default.
+
+The price is speed where many large tensors come and go: training SmolLM2 ran at 133
+instead of 226 tokens/s (1 thread, benchmarks/train_step.py), with peak RSS 2.8 instead of
+4.4 GiB. So `restora serve` applies it (its budget is a promise) and other commands apply
+it only with RESTORA_MALLOC=release; RESTORA_MALLOC=default turns it off everywhere.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ M_MMAP_THRESHOLD = -3
 THRESHOLD = 128 * 1024
 
 
-def release_freed_memory() -> bool:
-    """Apply the mmap threshold on glibc (Linux); returns whether it was applied."""
-    if os.environ.get("RESTORA_MALLOC") == "default" or not sys.platform.startswith("linux"):
+def release_freed_memory(default: bool = False) -> bool:
+    """Apply the mmap threshold on glibc (Linux) if asked (or `default`); returns whether applied."""
+    choice = os.environ.get("RESTORA_MALLOC")
+    if choice == "default" or (choice != "release" and not default) or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD))
+        threshold = int(os.environ.get("RESTORA_MMAP_THRESHOLD", THRESHOLD))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
