@@ -49,3 +49,23 @@ def smollm():
     from restora.models import load_model
 
     return load_model("smollm2-135m")
+
+
+def make_tiny_llama_dir(path, num_hidden_layers: int = 2):
+    """A tiny random Llama saved with SmolLM2's tokenizer (for CLI and end-to-end tests)."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from restora.models import resolve_source
+
+    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=num_hidden_layers,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny"))

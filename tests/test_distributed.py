@@ -20,20 +20,6 @@ ARGS = ["--format", "rtn", "--bits", "4", "--task", "sql", "--max-samples", "32"
         "--no-bf16", "--targets", "attn"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from restora.models import resolve_source
-
-    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    d = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def _torchrun(args, env):

@@ -16,21 +16,13 @@ pytestmark = pytest.mark.smollm  # the tiny model borrows SmolLM2's tokenizer
 
 @pytest.fixture(scope="module")
 def adapter(tmp_path_factory):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from restora.models import resolve_source
+    from conftest import make_tiny_llama_dir
 
     base = tmp_path_factory.getbasetemp()
     import os
 
     os.environ["RESTORA_CACHE"] = str(base / "cache")
-    tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    d = base / "tiny4"
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
+    d = make_tiny_llama_dir(base / "tiny4", num_hidden_layers=4)
     ad = base / "ad3"
     assert main(["train", str(d), "--out", str(ad), "--format", "rtn", "--bits", "3", "--max-steps", "3",
                  "--task", "sql", "--max-samples", "24", "--batch-size", "8", "--micro-batch-size", "8",
