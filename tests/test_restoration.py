@@ -112,3 +112,12 @@ def test_bias_corrected_merge_loads_in_plain_transformers(adapter, tmp_path):
     plain = AutoModelForCausalLM.from_pretrained(out).eval()
     ours, _, _ = restore_with_mode(adapter, 16, RestorationMode("bias-correct", calib_rows=4))
     assert torch.allclose(_logits(plain), _logits(ours.model), atol=1e-4)
+
+
+def test_bias_correction_onto_a_quantized_base(adapter):
+    """Restoring 3 -> 8 bits with bias correction folds the bias into the QuantLinear bases."""
+    got, info, rec = restore_with_mode(adapter, 8, RestorationMode("bias-correct", calib_rows=4), "rtn")
+    q = got.model.model.layers[0].mlp.down_proj
+    assert isinstance(q, QuantLinear) and q.qweight.bits == 8 and q.bias is not None
+    assert "bias" in dict(q.named_buffers())
+    assert torch.isfinite(_logits(got.model)).all()

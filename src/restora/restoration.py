@@ -206,8 +206,11 @@ def fold_biases(model: nn.Module) -> None:
             base = m.base
             if isinstance(base, QuantLinear):
                 old = base.bias if base.bias is not None else torch.zeros_like(m.offset)
-                base.bias = None
-                base.register_buffer("bias", old + m.offset)
+                if "bias" in base._buffers:
+                    base._buffers["bias"] = old + m.offset
+                else:  # QuantLinear without bias holds a plain `bias = None` attribute
+                    del base.bias
+                    base.register_buffer("bias", old + m.offset)
             elif isinstance(base, nn.Linear):
                 if base.bias is None:
                     base.bias = nn.Parameter(m.offset.clone().to(base.weight.dtype), requires_grad=False)
