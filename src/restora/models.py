@@ -17,14 +17,14 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .atomic import atomic_dir
 
 __all__ = ["LoadedModel", "load_model", "resolve_source", "source_hash", "cache_dir", "ALIASES"]
 
@@ -84,18 +84,10 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     clean = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     clean.load_state_dict(loaded.state_dict())
     clean.generation_config = loaded.generation_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:
         clean.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / HASH_FILE).write_text(source_hash(clean) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

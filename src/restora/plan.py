@@ -25,7 +25,6 @@ past the plan (by ~40% after two steps on SmolLM2); setting MALLOC_MMAP_THRESHOL
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal

@@ -16,7 +16,6 @@ dequantizes it to float, to separate "more precision" from "different weights".
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 
 from .adapters import adapter_modules, load_adapter
+from .adapters.files import read_provenance
 from .bases import BaseChoice, build_base
 from .models import LoadedModel
 from .quant.linear import QuantLinear
@@ -44,16 +44,6 @@ class RestoreInfo:
     restore_spec: QuantSpec
     base: str  # "source" or "trained"
     provenance: dict[str, Any] | None
-
-
-def read_provenance(adapter_dir: str | Path) -> dict[str, Any] | None:
-    path = Path(adapter_dir) / "restora.json"
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def _train_spec(prov: dict[str, Any] | None) -> QuantSpec | None:

@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -40,6 +37,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .atomic import atomic_dir
 from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, init_distributed
 
 __all__ = ["TrainConfig", "train", "completion_loss", "evaluate_loss", "Example"]
@@ -218,24 +216,8 @@ def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _atomic_dir_write(target: Path, write: Callable[[Path], None]) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.tmp"))
-    try:
-        write(tmp)
-        old = target.with_name(f".{target.name}.old")
-        if target.exists():
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old.exists():
-            shutil.rmtree(old)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
 def _save_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    def write(tmp: Path) -> None:
+    with atomic_dir(folder) as tmp:
         tensors = {f"param/{k}": p.detach().contiguous() for k, p in named.items()}
         index = {id(p): k for k, p in named.items()}
         for group in opt.param_groups:
@@ -246,8 +228,6 @@ def _save_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.op
         tensors["rng/torch"] = torch.get_rng_state()  # dropout masks continue as if never stopped
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
-
-    _atomic_dir_write(folder, write)
 
 
 def _load_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:

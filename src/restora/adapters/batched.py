@@ -29,10 +29,8 @@ unwraps layers no adapter uses any more. `set_rows(model, ids)` is the callback
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,7 +42,7 @@ from torch import nn
 from restora.quant.linear import linear_shape
 from restora.quant.model import set_module
 
-from .files import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME, AdapterInfo, read_adapter_config
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterInfo, read_adapter_config, read_provenance
 from .ia3 import IA3Config
 from .inject import _FEEDFORWARD, PEFT_PREFIX, select_targets
 from .lora import LoRAConfig, adapter_modules
@@ -271,27 +269,6 @@ def _feedforward_paths(paths: list[str], ff: str | list[str] | None) -> set[str]
     return {p for p in paths if any(p == t or p.endswith("." + t) for t in ff)}
 
 
-def _read_provenance(folder: Path, expected_source_hash: str | None, force: bool) -> dict[str, Any] | None:
-    """restora.json (or None), refusing another base's adapter as load_adapter does."""
-    prov_path = folder / PROVENANCE_NAME
-    provenance = None
-    if prov_path.is_file():
-        try:
-            provenance = json.loads(prov_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if expected_source_hash is not None:
-        recorded = (provenance or {}).get("source_hash")
-        if recorded is None:
-            warnings.warn(f"{folder}: no source hash recorded, cannot check the adapter belongs to this base", stacklevel=3)
-        elif recorded != expected_source_hash:
-            msg = f"{prov_path}: adapter was trained on base {recorded}, this base is {expected_source_hash}"
-            if not force:
-                raise ValueError(msg + " (force=True to load anyway)")
-            warnings.warn(msg + " (loading anyway: force=True)", stacklevel=3)
-    return provenance
-
-
 class MultiAdapterModel:
     """Named adapters resident at once over one base `model` (wrapped in place), one slot each."""
 
@@ -353,7 +330,7 @@ class MultiAdapterModel:
             raise ValueError(f"an adapter named {name!r} is already loaded (from {self.infos[name].folder})")
         folder = Path(folder)
         kind, config = read_adapter_config(folder)
-        provenance = _read_provenance(folder, expected_source_hash, force)
+        provenance = read_provenance(folder, expected_source_hash, force)
         weights_path = folder / WEIGHTS_NAME
         if not weights_path.is_file():
             raise FileNotFoundError(f"{weights_path}: no such file")

@@ -221,6 +221,34 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[str, LoRAConfig | IA
         raise ValueError(f"{path}: {e}") from None
 
 
+def read_provenance(
+    folder: str | os.PathLike, expected_source_hash: str | None = None, force: bool = False
+) -> dict[str, Any] | None:
+    """restora.json of an adapter folder (None for a plain PEFT folder).
+
+    With `expected_source_hash`, an adapter recorded against another base is refused
+    (force=True downgrades that to a warning); an adapter without a record only warns.
+    """
+    folder = Path(folder)
+    prov_path = folder / PROVENANCE_NAME
+    provenance = None
+    if prov_path.is_file():
+        try:
+            provenance = json.loads(prov_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if expected_source_hash is not None:
+        recorded = (provenance or {}).get("source_hash")
+        if recorded is None:
+            warnings.warn(f"{folder}: no source hash recorded, cannot check the adapter belongs to this base", stacklevel=3)
+        elif recorded != expected_source_hash:
+            msg = f"{prov_path}: adapter was trained on base {recorded}, this base is {expected_source_hash}"
+            if not force:
+                raise ValueError(msg + " (force=True to load anyway)")
+            warnings.warn(msg + " (loading anyway: force=True)", stacklevel=3)
+    return provenance
+
+
 def load_adapter(
     model: nn.Module, folder: str | os.PathLike, expected_source_hash: str | None = None, force: bool = False
 ) -> AdapterInfo:
@@ -231,22 +259,7 @@ def load_adapter(
     """
     folder = Path(folder)
     kind, config = read_adapter_config(folder)
-    provenance = None
-    prov_path = folder / PROVENANCE_NAME
-    if prov_path.is_file():
-        try:
-            provenance = json.loads(prov_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if expected_source_hash is not None:
-        recorded = (provenance or {}).get("source_hash")
-        if recorded is None:
-            warnings.warn(f"{folder}: no source hash recorded, cannot check the adapter belongs to this base", stacklevel=2)
-        elif recorded != expected_source_hash:
-            msg = f"{prov_path}: adapter was trained on base {recorded}, this base is {expected_source_hash}"
-            if not force:
-                raise ValueError(msg + " (force=True to load anyway)")
-            warnings.warn(msg + " (loading anyway: force=True)", stacklevel=2)
+    provenance = read_provenance(folder, expected_source_hash, force)
     weights_path = folder / WEIGHTS_NAME
     if not weights_path.is_file():
         raise FileNotFoundError(f"{weights_path}: no such file")

@@ -8,7 +8,6 @@ from typing import Literal
 
 import torch
 
-from ..models import load_model
 from ..quant.spec import QuantSpec
 
 __all__ = ["train", "eval"]

@@ -14,9 +14,6 @@ temporary folder first and renamed into place, so a failed run leaves nothing be
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .. import __version__
+from ..atomic import atomic_dir
 from .linear import QuantLinear, empty_weight
 from .model import set_module
 from .spec import QuantSpec
@@ -87,8 +85,7 @@ def save_quantized(
         "sizes": storage_sizes(model),
         "layers": layers,
     }
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with atomic_dir(out) as tmp:
         save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "restora": __version__})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -96,12 +93,6 @@ def save_quantized(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
