@@ -26,6 +26,7 @@ bits = [16]
 name = "rtn"
 format = "rtn"
 bits = [4, 2]
+train = {{ max_steps = 1 }}
 
 [train]
 targets = "attn"
@@ -75,6 +76,10 @@ def test_grid_runs_resumes_and_shards_agree(tmp_path, tiny_dir, capsys):
     assert "16-bit LoRA" in table and "rtn 4b → PLR16" in table
     # one adapter per unit, shared by all its restore levels
     assert len(list((full / "adapters").iterdir())) == 3
+    # the rtn method's own [train] override reached its units only
+    steps = {p.name: json.loads((p / "restora.json").read_text())["metrics"]["steps"] for p in (full / "adapters").iterdir()}
+    assert steps == {"sql-lora-16b-s0": 2, "sql-rtn-4b-s0": 1, "sql-rtn-2b-s0": 1}
+    assert {c["unit"]: c["train_overrides"] for c in cells}["sql-rtn-4b-s0"] == {"max_steps": 1}
     # rerun: everything is skipped (no training, no evaluation)
     mtimes = {p: p.stat().st_mtime_ns for p in (full / "cells").glob("*.json")}
     capsys.readouterr()
@@ -108,6 +113,12 @@ def test_malformed_config_names_the_key(tmp_path, tiny_dir):
     p = tmp_path / "bad.toml"
     p.write_text(CONFIG.format(model=tiny_dir).replace("max_steps = 2", "max_stepz = 2"))
     with pytest.raises(ValueError, match="unknown key train.'max_stepz'"):
+        load_grid_config(p)
+    p.write_text(CONFIG.format(model=tiny_dir).replace("train = { max_steps = 1 }", "train = { epochz = 1 }"))
+    with pytest.raises(ValueError, match="unknown key methods\\[1\\].train.'epochz'"):
+        load_grid_config(p)
+    p.write_text(CONFIG.format(model=tiny_dir).replace('name = "rtn"', 'name = "lora"'))
+    with pytest.raises(ValueError, match="'lora' is used twice"):
         load_grid_config(p)
     p.write_text(CONFIG.format(model=tiny_dir).replace('tasks = ["sql"]', ""))
     with pytest.raises(ValueError, match="key 'tasks' is missing"):

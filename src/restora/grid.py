@@ -19,6 +19,7 @@ Config (TOML):
     restore_bits = [3, 4, 8, 16]          # l levels tried above each k
     [[methods]]                           # one entry per method
     name = "gptq"  format = "gptq"  bits = [4, 3]  init = "default"
+    train = { epochs = 3, targets = "all" }   # optional: this method's overrides of [train]
     [train]                               # restora train settings (rank, alpha, targets, epochs, lr, ...)
     [eval]                                # split, limit, max_new_tokens, batch_size, generate
 """
@@ -44,7 +45,7 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["GridConfig", "Unit", "load_grid_config", "plan_units", "run_grid", "collect", "parse_shard"]
 
 _TOP = {"model", "tasks", "seeds", "restore_bits", "methods", "train", "eval", "data_dir"}
-_METHOD = {"name", "format", "bits", "init", "group_size"}
+_METHOD = {"name", "format", "bits", "init", "group_size", "train"}
 _TRAIN = {
     "adapter", "rank", "alpha", "dropout", "rslora", "targets", "loftq_iters", "epochs", "max_steps", "lr",
     "batch_size", "micro_batch_size", "schedule", "warmup_ratio", "optimizer", "bf16", "grad_checkpointing",
@@ -60,6 +61,7 @@ class Method:
     bits: tuple[int, ...]
     init: str = "default"
     group_size: int = 64
+    train: tuple[tuple[str, Any], ...] = ()  # overrides of the config's [train] for this method
 
 
 @dataclass
@@ -104,8 +106,14 @@ def load_grid_config(path: str | Path) -> GridConfig:
         bits = m["bits"] if isinstance(m["bits"], list) else [m["bits"]]
         if m["format"] == "float" and bits != [16]:
             raise ValueError(f"{p}: key methods[{i}].bits must be [16] for format float")
+        overrides = m.get("train", {})
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{p}: key methods[{i}].train must be a table of [train] settings")
+        _check_keys(f"methods[{i}].train.", overrides, _TRAIN, str(p))
+        if any(prev.name == m["name"] for prev in methods):
+            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice: method names must be unique")
         methods.append(Method(m["name"], m["format"], tuple(int(b) for b in bits), m.get("init", "default"),
-                              int(m.get("group_size", 64))))
+                              int(m.get("group_size", 64)), tuple(sorted(overrides.items()))))
     _check_keys("train.", raw.get("train", {}), _TRAIN, str(p))
     _check_keys("eval.", raw.get("eval", {}), _EVAL, str(p))
     return GridConfig(
@@ -182,6 +190,11 @@ def _restore_format(unit: Unit, level: int, cfg: GridConfig) -> str:
     return fmt if level in SUPPORTED_BITS.get(fmt, ()) else ("int8" if level == 8 else "rtn")
 
 
+def _train_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
+    """The config's [train] settings with this unit's method overrides applied."""
+    return {**cfg.train, **dict(unit.method.train)}
+
+
 def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
     from .commands.training import train
 
@@ -190,7 +203,7 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
     if done.is_file() and "steps" in (json.loads(done.read_text()).get("metrics") or {}):
         return folder
     t0 = time.perf_counter()
-    kwargs = {k: v for k, v in cfg.train.items()}
+    kwargs = _train_settings(unit, cfg)
     resume = (folder / "checkpoint" / "trainer.json").is_file()
     train(cfg.model, out=str(folder), task=unit.task, format=unit.method.format, bits=unit.train_bits,  # type: ignore[arg-type]
           group_size=unit.method.group_size, init=unit.method.init, seed=unit.seed, resume=resume,  # type: ignore[arg-type]
@@ -210,7 +223,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     restoration = None
     if mode == "plain":
         loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, calib_task=unit.task,
-                                    calib_samples=int(cfg.train.get("calib_samples", 500)), seed=unit.seed,
+                                    calib_samples=int(_train_settings(unit, cfg).get("calib_samples", 500)), seed=unit.seed,
                                     data_dir=cfg.data_dir)
     else:
         from .restoration import RestorationMode, restore_with_mode
@@ -227,13 +240,13 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     rows = task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=e.get("limit"))
     res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, int(e.get("max_new_tokens", 96)),
                         int(e.get("batch_size", 8)), generate=bool(e.get("generate", True)),
-                        use_chat_template=bool(cfg.train.get("chat", False)), progress=False)
+                        use_chat_template=bool(_train_settings(unit, cfg).get("chat", False)), progress=False)
     trained = json.loads((adapter / "restora.json").read_text())
     gt = adapter / "grid_train.json"
     train_info = json.loads(gt.read_text()) if gt.is_file() else {}
     return {
         "unit": unit.id, "task": unit.task, "method": unit.method.name, "init": unit.method.init,
-        "train_format": unit.method.format, "train_bits": unit.train_bits, "restore_bits": level,
+        "train_format": unit.method.format, "train_bits": unit.train_bits, "train_overrides": dict(unit.method.train), "restore_bits": level,
         "restore_format": info.restore_spec.format, "restore_mode": mode, "seed": unit.seed,
         "restoration": {k: v for k, v in (restoration or {}).items()},
         "metrics": res.get("metrics", {}), "test_log_loss": res["log_loss"], "n": res["n"],
