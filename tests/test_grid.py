@@ -63,6 +63,13 @@ def test_plan_restore_levels(tmp_path, tiny_dir):
     units = plan_units(load_grid_config(_config(tmp_path, tiny_dir)))
     assert [(u.method.name, u.train_bits, u.restore_levels) for u in units] == [
         ("lora", 16, (16,)), ("rtn", 4, (4, 8, 16)), ("rtn", 2, (2, 8, 16))]
+    from restora.grid import _cells
+
+    # the loftq restore mode only applies to LoftQ-initialised units
+    assert [c[2] for c in _cells(units[1], ["plain", "loftq"])] == ["sql-rtn-4b-s0-l4", "sql-rtn-4b-s0-l8", "sql-rtn-4b-s0-l16"]
+    lq = plan_units(load_grid_config(_config(tmp_path, tiny_dir)))[1]
+    lq = type(lq)(lq.task, type(lq.method)("lq", "rtn", (4,), "loftq"), 4, 0, (4, 16))
+    assert [c[2] for c in _cells(lq, ["plain", "loftq"])] == ["sql-lq-4b-s0-l4", "sql-lq-4b-s0-l16", "sql-lq-4b-s0-l16-loftq"]
 
 
 def test_grid_runs_resumes_and_shards_agree(tmp_path, tiny_dir, capsys):

@@ -288,6 +288,8 @@ def _cells(unit: Unit, modes: list[str]) -> list[tuple[int, str, str]]:
     out = [(unit.train_bits, "plain", f"{unit.id}-l{unit.train_bits}")]
     for level in unit.restore_levels[1:]:
         for mode in modes:
+            if mode == "loftq" and unit.method.init != "loftq":
+                continue  # the loftq mode swaps LoftQ's init fit: only LoftQ units have one
             if mode != "auto":
                 out.append((level, mode, f"{unit.id}-l{level}" + ("" if mode == "plain" else f"-{mode}")))
     if "auto" in modes and len(unit.restore_levels) > 1:

@@ -12,8 +12,11 @@ to the k-bit base's activation statistics, not to its weight error. The modes:
                   each layer's mean output is unchanged: E[W_l x + b] = E[W_k x]
                   (needs forward passes only; exact under merging, a bias is a bias)
     partial+bias  both
+    loftq         LoftQ-initialised adapters: W_l + s·(BA − B₀A₀ + B_l A_l), the k-bit init fit
+                  swapped for the l-bit one (restoration_loftq.py)
     auto          a search on the validation split over {keep the k-bit base, plain,
-                  bias-correct, partial+bias over halves / attention / MLP} at each l,
+                  bias-correct, partial+bias over halves / attention / MLP, and loftq for
+                  LoftQ adapters} at each l,
                   then greedy per-block-group refinement; "keep" is a candidate, so on
                   validation it is never worse than the adapter on its own base. The
                   choice and every candidate's validation loss are returned as evidence.
@@ -40,7 +43,7 @@ from .restore import RestoreInfo, build_trained_base, read_provenance, restore_b
 
 __all__ = ["RestorationMode", "MODES", "restore_with_mode", "mean_inputs", "BiasedLinear", "layer_selector"]
 
-MODES = ("plain", "partial", "bias-correct", "partial+bias", "auto")
+MODES = ("plain", "partial", "bias-correct", "partial+bias", "loftq", "auto")
 
 
 @dataclass(frozen=True)
@@ -234,6 +237,10 @@ def restore_with_mode(
     """The adapter on a base restored with `mode`; returns the model, the restore info and a record."""
     prov = read_provenance(adapter_dir) or {}
     task = (prov.get("training") or {}).get("task") or "sql"
+    if mode.mode == "loftq":
+        from .restoration_loftq import restore_loftq
+
+        return restore_loftq(adapter_dir, bits, format, model=model, force=force, data_dir=data_dir)
     if mode.mode == "auto":
         return _auto(adapter_dir, mode, format, model, force, data_dir, seed, task, prov)
     loaded, info = restore_base(adapter_dir, bits, format, model=model, force=force, data_dir=data_dir, seed=seed)
@@ -313,6 +320,16 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
             _assemble(m, parts, restored, bias)
             fold_biases(m)
             final = (loaded, info)
+        if (prov.get("training") or {}).get("init") == "loftq":
+            from .restoration_loftq import restore_loftq
+
+            lq, lq_info, _ = restore_loftq(adapter_dir, level, format, model=model, force=force, data_dir=data_dir)
+            v = evaluate_loss(lq.model, encode_rows(task, lq.tokenizer, val, 512), lq.tokenizer.pad_token_id, 8, True)
+            name = f"loftq {level}"
+            evidence.append({"candidate": name, "val_loss": v, "restored_layers": len(everything)})
+            if v < best[0]:
+                best = (v, (level, name, everything, False))
+                final = (lq, lq_info)
     assert best is not None
     loaded, info = final
     record = {"mode": "auto", "chosen": best[1][1], "restore_bits": best[1][0], "val_loss": best[0],

@@ -26,7 +26,7 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 import torch
@@ -217,6 +217,32 @@ class LoRALinear(nn.Module):
         else:
             replace_weight(self.base_layer, weight_of(self.base_layer) - self.delta_weight())
         self.merged = False
+
+    @torch.no_grad()
+    def set_factors(self, lora_A: torch.Tensor, lora_B: torch.Tensor) -> None:
+        """Replace A (r', in) and B (out, r') by factors of any rank r', keeping the scaling s.
+
+        The config's alpha is rescaled (alpha' = s·r', or s·sqrt(r') with rsLoRA) so that a
+        saved folder still means s·B'A'. Used by restoration modes that add exact low-rank terms.
+        """
+        if self.merged:
+            raise ValueError("cannot change the factors of a merged LoRA layer: call unmerge() first")
+        rank = lora_A.shape[0]
+        if lora_A.shape != (rank, self.in_features) or lora_B.shape != (self.out_features, rank):
+            raise ValueError(
+                f"LoRA factors must be A (r, {self.in_features}) and B ({self.out_features}, r), got"
+                f" {tuple(lora_A.shape)} and {tuple(lora_B.shape)}"
+            )
+        old = self.lora_A.weight
+        self.lora_A = nn.Linear(self.in_features, rank, bias=False, device=old.device, dtype=old.dtype)
+        self.lora_B = nn.Linear(rank, self.out_features, bias=False, device=old.device, dtype=old.dtype)
+        self.lora_A.weight.copy_(lora_A)
+        self.lora_B.weight.copy_(lora_B)
+        self.lora_A.weight.requires_grad_(old.requires_grad)
+        self.lora_B.weight.requires_grad_(old.requires_grad)
+        alpha = self.scaling * (math.sqrt(rank) if self.config.use_rslora else rank)
+        self.config = replace(self.config, r=rank, alpha=alpha)
+        self.r = rank
 
     def swap_base(self, new_base: nn.Module) -> nn.Module:
         """Put `new_base` under this adapter (PLR's restore step); returns the old base."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -143,6 +144,9 @@ def generate(
     bits: int | None = None,
     chat: bool = False,
     force: bool = False,
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "loftq", "auto"] = "plain",
+    restore_layers: str | None = None,
+    restore_modules: str | None = None,
 ) -> int:
     """Greedy completion of PROMPT by MODEL, optionally with an adapter on a chosen base.
 
@@ -155,19 +159,30 @@ def generate(
         bits: base bits l for the adapter (16 = float source): Post LoRA Restoration.
         chat: wrap the prompt in the tokenizer's chat template.
         force: attach an adapter whose recorded source hash differs from the model's.
+        restore_mode: with --adapter and --bits: plain PLR, partial, bias-correct, partial+bias, loftq or auto.
+        restore_layers: partial: decoder blocks to restore, e.g. 0-14.
+        restore_modules: partial: attn, mlp, or a regex over layer names.
     """
     from ..generate import greedy_generate
 
+    if restore_mode != "plain" and (adapter is None or bits is None):
+        raise ValueError(f"--restore-mode {restore_mode} needs --adapter and --bits (the restore level)")
     if bits is not None or format is not None:
         if adapter is None:
             from ..bases import BaseChoice, build_base
             from ..restore import restore_spec
 
             loaded = build_base(model, BaseChoice(restore_spec(None, bits or 16, format)))
-        else:
+        elif restore_mode == "plain":
             from ..restore import restore_base
 
             loaded, _ = restore_base(adapter, bits or 16, format, model=model, force=force)
+        else:
+            from ..restoration import RestorationMode, restore_with_mode
+
+            mode = RestorationMode(restore_mode, restore_layers, restore_modules, auto_bits=(bits or 16,))
+            loaded, _, record = restore_with_mode(adapter, bits or 16, mode, format, model, force)
+            print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}", file=sys.stderr)
     else:
         loaded = load_model(model)
         if adapter is not None:

@@ -2,34 +2,34 @@
 
 from __future__ import annotations
 
-import shutil
 import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
-from torch import nn
+if TYPE_CHECKING:
+    from ..models import LoadedModel
+    from ..restore import RestoreInfo
 
-__all__ = ["restore"]
+__all__ = ["restore", "restored"]
 
 
-@torch.no_grad()
-def _declare_biases(model: nn.Module) -> None:
-    """Bias correction adds biases a bias-free architecture (Llama) does not declare: declare them
-    in the config and give every other projection a zero bias, so plain transformers loads it."""
-    from ..quant.model import quantizable_layers
+def restored(
+    adapter_dir: str, bits: int, format: str | None, group_size: int | None, model: str | None, base: str, force: bool,
+    calib_samples: int, restore_mode: str, restore_layers: str | None, restore_modules: str | None, calib_rows: int,
+    data_dir: str | None,
+) -> tuple[LoadedModel, RestoreInfo]:
+    """The adapter on its base at `bits`: plain PLR (or the trained control), or a restoration mode."""
+    from ..restore import restore_base
 
-    names = quantizable_layers(model)
-    if not any(model.get_submodule(n).bias is not None for n in names):
-        return
-    cfg = model.config
-    if not (hasattr(cfg, "attention_bias") and hasattr(cfg, "mlp_bias")):
-        raise ValueError(f"{type(model).__name__}: cannot export bias-corrected layers to a plain folder; omit --merge")
-    cfg.attention_bias = cfg.mlp_bias = True
-    for n in names:
-        lin = model.get_submodule(n)
-        if lin.bias is None:
-            lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype), requires_grad=False)
+    if restore_mode == "plain" or base == "trained":
+        return restore_base(adapter_dir, bits, format, group_size, model, base, force,
+                            calib_samples=calib_samples, data_dir=data_dir)
+    from ..restoration import RestorationMode, restore_with_mode
+
+    mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,))
+    loaded, info, record = restore_with_mode(adapter_dir, bits, mode, format, model, force, data_dir)
+    print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}")
+    return loaded, info
 
 
 def restore(
@@ -44,7 +44,7 @@ def restore(
     base: str = "source",
     force: bool = False,
     calib_samples: int = 500,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
@@ -63,26 +63,19 @@ def restore(
         base: source (rebuild at l bits) or trained (the dequantized k-bit base: a control).
         force: accept a source model whose weight hash differs from the adapter's record.
         calib_samples: GPTQ calibration rows when the restore format is gptq.
-        restore_mode: plain PLR, partial, bias-correct, partial+bias, or auto (validation search).
+        restore_mode: plain PLR, partial, bias-correct, partial+bias, loftq (LoftQ adapters: swap the k-bit init fit for the l-bit one), or auto (validation search).
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
         calib_rows: training rows for the bias correction's mean inputs.
         data_dir: folder laid out like ../shared/data (for GPTQ calibration and restoration modes).
     """
     from ..adapters import save_adapter
+    from ..export import carried_provenance, write_hf_folder
     from ..quant.checkpoint import save_quantized
-    from ..restore import merge_and_unload, restore_base
+    from ..restore import merge_and_unload
 
-    record = None
-    if restore_mode == "plain" or base == "trained":
-        loaded, info = restore_base(adapter_dir, bits, format, group_size, model, base, force,
-                                    calib_samples=calib_samples, data_dir=data_dir)
-    else:
-        from ..restoration import RestorationMode, restore_with_mode
-
-        mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,))
-        loaded, info, record = restore_with_mode(adapter_dir, bits, mode, format, model, force, data_dir)
-        print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}")
+    loaded, info = restored(adapter_dir, bits, format, group_size, model, base, force, calib_samples, restore_mode,
+                            restore_layers, restore_modules, calib_rows, data_dir)
     m, tok = loaded.model, loaded.tokenizer
     dest = Path(out)
     spec = info.restore_spec
@@ -90,14 +83,7 @@ def restore(
     if merge:
         merge_and_unload(m)
         if spec.is_float:
-            _declare_biases(m)
-            tmp = dest.with_name(f".{dest.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            m.save_pretrained(tmp)
-            tok.save_pretrained(tmp)
-            if dest.exists():
-                shutil.rmtree(dest)
-            tmp.replace(dest)
+            write_hf_folder(m, tok, dest)
             print(f"wrote {dest}: merged Hugging Face model ({label} base + adapter); loads with plain transformers")
             return 0
         save_quantized(m, tok, dest, spec, {"source": loaded.source, "source_hash": loaded.source_hash,
@@ -106,10 +92,7 @@ def restore(
         return 0
     from ..adapters import remove_adapters
 
-    prov = dict(info.provenance or {})
-    keep = {k: prov[k] for k in ("base_model", "source_hash", "training", "metrics") if k in prov}
-    keep["quantization"] = info.train_spec.to_dict() if info.train_spec else None
-    save_adapter(m, dest / "adapter", keep)
+    save_adapter(m, dest / "adapter", carried_provenance(info, loaded))
     remove_adapters(m)
     if spec.is_float:
         m.save_pretrained(dest / "base")
