@@ -5,11 +5,12 @@ through the library API, prints a human summary and returns an exit code.
 """
 
 from ..plan import plan
+from ..serve.command import serve
 from .checkpoints import generate, info, quantize
 from .experiments import demo, grid
+from .exporting import export
 from .restoring import restore
 from .training import eval, train
-from ..serve.command import serve
 
 COMMANDS = {
     "quantize": quantize,
@@ -18,6 +19,7 @@ COMMANDS = {
     "train": train,
     "eval": eval,
     "restore": restore,
+    "export": export,
     "grid": grid,
     "plan": plan,
     "serve": serve,

@@ -1,0 +1,97 @@
+"""The `export` command: an adapter as a folder vLLM and SGLang serve (restora.export)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from .restoring import restored
+
+__all__ = ["TARGETS", "export"]
+
+TARGETS = ("peft", "merged-hf")
+
+
+def _serve_hint(out: Path) -> str:
+    import json
+
+    from ..export import VLLM_MAX_LORA_RANKS
+
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    rank = next(r for r in VLLM_MAX_LORA_RANKS if r >= int(cfg["r"]))
+    flag = f" --max-lora-rank {rank}" if rank > 16 else ""  # vLLM's default is 16
+    return f"vllm serve {cfg['base_model_name_or_path']} --enable-lora{flag} --lora-modules {out.name}={out}"
+
+
+def export(
+    adapter: str,
+    out: str,
+    *,
+    to: str,
+    bits: int = 16,
+    format: str | None = None,
+    group_size: int | None = None,
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
+    model: str | None = None,
+    force: bool = False,
+    overwrite: bool = False,
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "loftq", "auto"] = "plain",
+    restore_layers: str | None = None,
+    restore_modules: str | None = None,
+    calib_rows: int = 64,
+    calib_samples: int = 500,
+    data_dir: str | None = None,
+) -> int:
+    """Write ADAPTER as a folder vLLM and SGLang serve: a PEFT LoRA folder, or the model merged at L bits.
+
+    Args:
+        adapter: adapter folder written by `restora train` (or PEFT, with --model).
+        out: output folder (refused if it exists, unless --overwrite).
+        to: peft (adapter_config.json + adapter_model.safetensors on the 16-bit source model; LoRA only) or merged-hf (the adapter folded into the base restored at --bits, a plain transformers folder).
+        bits: merged-hf: restore bits l of the base (16 = the float source model).
+        format: merged-hf: restore format (default: the training format if it has l bits, int8 at 8, else rtn).
+        group_size: merged-hf: restore group size (default: the training one).
+        dtype: merged-hf: dtype of the merged weights (float32 keeps the merged sums exactly).
+        model: source model, when the adapter has no provenance or it moved.
+        force: accept a source model whose weight hash differs from the adapter's record.
+        overwrite: replace OUT if it exists.
+        restore_mode: merged-hf: plain PLR, partial, bias-correct, partial+bias, loftq or auto (as `restora restore`).
+        restore_layers: merged-hf, partial: decoder blocks to restore, e.g. 0-14.
+        restore_modules: merged-hf, partial: attn, mlp, or a regex over layer names.
+        calib_rows: merged-hf: training rows for the bias correction's mean inputs.
+        calib_samples: merged-hf: GPTQ calibration rows when the restore format is gptq.
+        data_dir: folder laid out like ../shared/data (for GPTQ calibration and restoration modes).
+    """
+    import torch
+
+    from ..adapters import read_adapter_config
+    from ..export import export_merged_hf, export_peft
+
+    if to not in TARGETS:
+        raise ValueError(f"--to {to!r} is unknown: expected peft or merged-hf")
+    src, dest = Path(adapter), Path(out)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{src}: no such adapter folder")
+    read_adapter_config(src)  # a PEFT folder, before any model is loaded
+    if dest.exists() and not overwrite:
+        raise ValueError(f"{dest} exists: pass --overwrite to replace it")
+    if dest.resolve() == src.resolve():
+        raise ValueError(f"{dest} is the adapter folder itself: choose another OUT")
+    if to == "peft":
+        changed = [f"--{k.replace('_', '-')}" for k, v in (("bits", bits != 16), ("format", format is not None),
+                   ("group_size", group_size is not None), ("restore_mode", restore_mode != "plain")) if v]
+        if changed:
+            raise ValueError(f"{' '.join(changed)} only apply to --to merged-hf: a PEFT folder goes on the 16-bit source model")
+        export_peft(src, dest, model, force)
+        print(f"wrote {dest}: PEFT LoRA folder on the 16-bit source (PLR16); serve: {_serve_hint(dest)}")
+        return 0
+    loaded, info = restored(adapter, bits, format, group_size, model, "source", force, calib_samples, restore_mode,
+                            restore_layers, restore_modules, calib_rows, data_dir)
+    record = {"source": loaded.source, "source_hash": loaded.source_hash, "adapter": str(src.resolve()),
+              "restore": info.restore_spec.to_dict(), "restore_mode": restore_mode, "dtype": dtype,
+              "trained_on": info.train_spec.to_dict() if info.train_spec else None}
+    export_merged_hf(loaded, dest, getattr(torch, dtype), record)
+    base = "16-bit source" if info.restore_spec.is_float else info.restore_spec.label()
+    print(f"wrote {dest}: adapter merged into the {base} base, {dtype}; "
+          f"loads with plain transformers (vllm serve {dest})")
+    return 0
