@@ -115,17 +115,23 @@ def test_uniform_and_base_rows(folders: dict[str, str]) -> None:
         assert torch.equal(model(input_ids=ids).logits, single("float", None, ids))
 
 
-def test_mixed_batch_under_bf16_autocast(folders: dict[str, str]) -> None:
+@pytest.mark.parametrize("T", [1, 12, 40])  # decode-sized rows run the adapter term in fp32, prefill in bf16
+def test_mixed_batch_under_bf16_autocast(folders: dict[str, str], T: int) -> None:
     """The serving dtype: same computation up to bf16 rounding."""
     model = base()
     bank = load_adapters(model, {n: folders[n] for n in ADAPTERS})
-    ids = inputs(len(ROWS), seed=2)
+    ids = inputs(len(ROWS), seed=2, T=T)
     bank.set_rows(bank.rows(ROWS))
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = model(input_ids=ids).logits.float()
-        for b, name in enumerate(ROWS):
-            ref = single("float", None if name is None else folders[name], ids[b : b + 1]).float()
-            assert (mixed[b] - ref[0]).abs().max() < 0.05 * ref.abs().max(), f"row {b} ({name})"
+    for b, name in enumerate(ROWS):
+        folder = None if name is None else folders[name]
+        ref = single("float", folder, ids[b : b + 1]).float()  # fp32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            own = single("float", folder, ids[b : b + 1]).float()  # the one-adapter model, bf16 autocast
+        # as close to fp32 as the one-adapter model under the same autocast is (bf16 rounding)
+        err, own_err = (mixed[b] - ref[0]).abs().max().item(), (own[0] - ref[0]).abs().max().item()
+        assert err <= 1.5 * own_err + 0.01 * ref.abs().max().item(), f"row {b} ({name}): {err} vs {own_err}"
 
 
 class ByteTokenizer:

@@ -15,7 +15,11 @@ A LoRA adapter has l = 1; an (IA)³ adapter has A = B = 0 and scales the input (
 modules, e.g. down_proj) or the output (k, v), as IA3Linear. The LoRA term is two batched
 matmuls over weights gathered by row, torch.bmm then torch.baddbmm, with no Python loop
 over adapters. The gathered (and scaled, and cast) weights are cached until the rows or the
-adapters change, so each decode step costs two small matmuls per layer. When every row uses
+adapters change, so each decode step costs two small matmuls per layer. On CPU those run in
+fp32 when a row has few tokens (decode): with bf16 autocast a (8, 1, 576) x (8, 576, 16) bmm
+then (8, 1, 16) x (8, 16, 1536) takes ~180 us in bf16 (no fast small-batch kernel) and ~50 us
+in fp32, against ~280 us for the base matmul; for prefill-sized rows bf16 wins (1.2 ms vs 3.2 ms
+at 128 tokens), so it stays in the autocast dtype there. When every row uses
 the same slot the gather is skipped and one plain (B·T, in) matmul serves all rows (the
 "segment" case; benchmarks/multi_adapter.py measures both).
 
@@ -50,6 +54,7 @@ from .lora import LoRAConfig, adapter_modules
 __all__ = ["BASE", "MultiLoRALinear", "MultiAdapterModel", "load_adapters", "set_rows"]
 
 BASE = 0  # the slot of "no adapter"
+_SMALL_T = 16  # tokens per row up to which the adapter term runs in fp32 on CPU (decode steps)
 
 
 class MultiLoRALinear(nn.Module):
@@ -73,7 +78,7 @@ class MultiLoRALinear(nn.Module):
         self.adapter_enabled = True
         self.merged = False  # never: rows use different adapters, so there is nothing to merge
         self.rows: torch.Tensor | None = None  # (B,) slot of each batch row
-        self._cache: dict[str, Any] | None = None
+        self._cache: dict[torch.dtype, dict[str, Any]] | None = None  # per compute dtype
 
     @property
     def num_slots(self) -> int:
@@ -162,8 +167,10 @@ class MultiLoRALinear(nn.Module):
     # -- forward --------------------------------------------------------------------------------
     def _gathered(self, dtype: torch.dtype) -> dict[str, Any]:
         """Per-row weights for the current rows, scaled and cast once (until rows or slots change)."""
-        c = self._cache
-        if c is not None and c["dtype"] == dtype:
+        if self._cache is None:
+            self._cache = {}
+        c = self._cache.get(dtype)
+        if c is not None:
             return c
         rows = self.rows
         assert rows is not None
@@ -180,7 +187,7 @@ class MultiLoRALinear(nn.Module):
                 c["Bt"] = Bs.transpose(1, 2).to(dtype).contiguous()  # (B, r, out)
         c["l_in"] = None if self.ia3_in is None else self.ia3_in[rows][:, None, :]  # (B, 1, in), float
         c["l_out"] = None if self.ia3_out is None else self.ia3_out[rows][:, None, :]  # (B, 1, out)
-        self._cache = c
+        self._cache[dtype] = c
         return c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -191,9 +198,12 @@ class MultiLoRALinear(nn.Module):
             raise ValueError(f"MultiLoRALinear has {have}, the batch has {x.shape[0]}: call set_rows(model, ids) first")
         device = x.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
-        c = self._gathered(dtype)
         B = x.shape[0]
         x3 = x.reshape(B, -1, self.in_features)  # (B, T, in)
+        # The adapter term's own dtype: on CPU, bf16/fp16 matmuls with a handful of rows (decode
+        # steps) have no fast kernel; fp32 is ~4x faster there (see the module docstring).
+        lora_dtype = torch.float32 if device == "cpu" and x3.shape[1] <= _SMALL_T and dtype.itemsize < 4 else dtype
+        c = self._gathered(lora_dtype)
         if c["l_in"] is not None:  # exact for the other rows: their l is 1
             x3 = (x3 * c["l_in"]).to(x.dtype)
         # Cast once for the base and the adapters: the base's autocast would cast x the same way.
@@ -202,16 +212,17 @@ class MultiLoRALinear(nn.Module):
         if c["l_out"] is not None:
             y = (y * c["l_out"]).to(y.dtype)
         if c["r"] > 0:
+            xl = xc if lora_dtype == dtype else x3.to(lora_dtype)
             # Accumulate into the base's fresh output in place (no (B, T, out) temporary) unless autograd needs it.
-            inplace = y.dtype == dtype and not y.requires_grad
+            inplace = y.dtype == lora_dtype and not y.requires_grad
             if c["uniform"]:
                 y2 = y.reshape(-1, self.out_features)  # (B·T, out)
-                xa = xc.reshape(-1, self.in_features) @ c["At"]  # (B·T, r)
-                y2 = y2.addmm_(xa, c["Bt"]) if inplace else torch.addmm(y2.to(dtype), xa, c["Bt"]).to(y.dtype)
+                xa = xl.reshape(-1, self.in_features) @ c["At"]  # (B·T, r)
+                y2 = y2.addmm_(xa, c["Bt"]) if inplace else y2 + (xa @ c["Bt"]).to(y.dtype)
                 y = y2.view(y.shape)
             else:
-                xa = torch.bmm(xc, c["At"])  # (B, T, r)
-                y = y.baddbmm_(xa, c["Bt"]) if inplace else torch.baddbmm(y.to(dtype), xa, c["Bt"]).to(y.dtype)
+                xa = torch.bmm(xl, c["At"])  # (B, T, r)
+                y = y.baddbmm_(xa, c["Bt"]) if inplace else y + torch.bmm(xa, c["Bt"]).to(y.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
 
     # -- the adapter interface (AdapterModule) ------------------------------------------------
