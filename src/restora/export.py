@@ -100,7 +100,9 @@ def export_peft(adapter_dir: str | Path, out: str | Path, model: str | None = No
 
     The adapter is first loaded onto the source model (checking keys, shapes and the source
     hash as `restora restore` does), then saved from there, so PEFT-made folders come out
-    normalised too.
+    normalised too. When the leaf target names also match layers the adapter does not cover
+    (e.g. only block 0 adapted), PEFT gives those layers B = 0 (no change) and vLLM/SGLang
+    apply only the layers present in the tensor file, so every loader computes the same model.
     """
     kind, _ = read_adapter_config(adapter_dir)
     if kind != "lora":
