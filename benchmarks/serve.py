@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-SQL = Path("/work/shared/data/sql_create_context/train.jsonl")
+SQL = Path(os.environ.get("RESTORA_DATA_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "data"))) / "sql_create_context" / "train.jsonl"
 
 
 def write_adapters(n: int, rank: int, root: Path) -> list[str]:

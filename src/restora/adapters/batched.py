@@ -34,7 +34,6 @@ unwraps layers no adapter uses any more. `set_rows(model, ids)` is the callback
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ from restora.quant.model import set_module
 
 from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterInfo, read_adapter_config, read_provenance
 from .ia3 import IA3Config
-from .inject import _FEEDFORWARD, PEFT_PREFIX, select_targets
+from .inject import PEFT_PREFIX, feedforward_paths, select_targets
 from .lora import LoRAConfig, adapter_modules
 
 __all__ = ["BASE", "MultiLoRALinear", "MultiAdapterModel", "load_adapters", "set_rows"]
@@ -280,15 +279,6 @@ def set_rows(model: nn.Module, ids: torch.Tensor | Sequence[int]) -> None:
         layer.set_rows(rows.to(layer.scaling.device))
 
 
-def _feedforward_paths(paths: list[str], ff: str | list[str] | None) -> set[str]:
-    """Which (IA)³ targets scale their input, as add_ia3 decides."""
-    if ff is None:
-        return {p for p in paths if re.fullmatch(_FEEDFORWARD, p)}
-    if isinstance(ff, str):
-        return {p for p in paths if re.fullmatch(ff, p)}
-    return {p for p in paths if any(p == t or p.endswith("." + t) for t in ff)}
-
-
 class MultiAdapterModel:
     """Named adapters resident at once over one base `model` (wrapped in place), one slot each."""
 
@@ -385,7 +375,7 @@ class MultiAdapterModel:
     ) -> dict[str, tuple[Any, Any, Any, bool]]:
         """path -> (A, B, None, False) for LoRA or (None, None, vector, feedforward) for (IA)³; one-line errors."""
         state = {k.replace(".default.", ".").removesuffix(".default"): v for k, v in state.items()}
-        ff = _feedforward_paths(paths, config.feedforward_modules) if isinstance(config, IA3Config) else set()
+        ff = feedforward_paths(paths, config.feedforward_modules) if isinstance(config, IA3Config) else set()
         expected: dict[str, tuple[int, ...]] = {}
         for path in paths:
             layer = self.model.get_submodule(path)

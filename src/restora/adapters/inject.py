@@ -30,7 +30,7 @@ from .ia3 import IA3Config, IA3Linear
 from .lora import AdapterModule, LoRAConfig, LoRALinear, adapter_modules
 
 __all__ = [
-    "PEFT_PREFIX", "PRESETS", "linear_layers", "select_targets", "target_names", "add_lora", "add_ia3",
+    "PEFT_PREFIX", "PRESETS", "linear_layers", "select_targets", "target_names", "add_lora", "add_ia3", "feedforward_paths",
     "remove_adapters", "mark_only_adapters_trainable", "adapter_state_dict", "load_adapter_state_dict",
 ]
 
@@ -120,17 +120,20 @@ def add_lora(model: nn.Module, config: LoRAConfig) -> list[str]:
     return _wrap(model, select_targets(model, config.target_modules), lambda _, m: LoRALinear(m, config))
 
 
+def feedforward_paths(paths: list[str], ff: str | list[str] | None) -> set[str]:
+    """Which (IA)³ targets scale their input: `ff` names or a regex, by default the MLP down projections."""
+    if ff is None:
+        return {p for p in paths if re.fullmatch(_FEEDFORWARD, p)}
+    if isinstance(ff, str):
+        return {p for p in paths if re.fullmatch(ff, p)}
+    return {p for p in paths if any(p == t or p.endswith("." + t) for t in ff)}
+
+
 def add_ia3(model: nn.Module, config: IA3Config | None = None) -> list[str]:
     """Wrap the target layers of `model` in IA3Linear (vectors at ones), in place; freeze everything else."""
     config = config or IA3Config()
     paths = select_targets(model, config.target_modules)
-    ff = config.feedforward_modules
-    if ff is None:
-        feedforward = {p for p in paths if re.fullmatch(_FEEDFORWARD, p)}
-    elif isinstance(ff, str):
-        feedforward = {p for p in paths if re.fullmatch(ff, p)}
-    else:
-        feedforward = {p for p in paths if any(p == t or p.endswith("." + t) for t in ff)}
+    feedforward = feedforward_paths(paths, config.feedforward_modules)
     return _wrap(model, paths, lambda p, m: IA3Linear(m, is_feedforward=p in feedforward))
 
 
