@@ -8,6 +8,9 @@ adapter gradients over ranks (one all-reduce of one flat buffer: the base has no
 gradients, so nothing else crosses the wire) each rank holds exactly the single-process
 gradient, and identical optimizer steps keep the adapters identical. Backend: gloo on
 CPU, NCCL on CUDA. Rank 0 alone writes checkpoints, logs and adapter folders.
+
+`parallel="fsdp"` keeps the same data split and loss scaling but shards the frozen base
+and the adapter with FSDP2 instead of replicating them (see restora.fsdp).
 """
 
 from __future__ import annotations
@@ -20,17 +23,29 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["DistInfo", "init_distributed", "all_reduce_grads", "all_reduce_sum", "barrier"]
+__all__ = ["DistInfo", "all_reduce_grads", "all_reduce_sum", "barrier", "init_distributed"]
 
 
 @dataclass(frozen=True)
 class DistInfo:
+    """This process's place in the run; `parallel` is ddp (replicate) or fsdp (shard, restora.fsdp)."""
+
     rank: int = 0
     world_size: int = 1
+    parallel: str = "ddp"
+
+    def __post_init__(self) -> None:
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be ddp or fsdp, got {self.parallel!r}")
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def fsdp(self) -> bool:
+        """Sharded training: FSDP2 over more than one rank."""
+        return self.enabled and self.parallel == "fsdp"
 
     @property
     def is_main(self) -> bool:
@@ -41,17 +56,17 @@ class DistInfo:
         return list(rows[self.rank :: self.world_size])
 
 
-def init_distributed() -> DistInfo:
+def init_distributed(parallel: str = "ddp") -> DistInfo:
     """Join the process group torchrun set up (WORLD_SIZE > 1); a no-op for a single process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return DistInfo()
+        return DistInfo(parallel=parallel)
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    return DistInfo(dist.get_rank(), dist.get_world_size())
+    return DistInfo(dist.get_rank(), dist.get_world_size(), parallel)
 
 
 def all_reduce_grads(params: Sequence[nn.Parameter], info: DistInfo) -> None:

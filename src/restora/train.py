@@ -18,6 +18,10 @@ drawn from (seed, e), so a resumed run sees the same order.
 Checkpoints. Every `save_every` optimizer steps the adapter, AdamW moments, the RNG
 state (dropout) and the trainer position are written to DIR/checkpoint (safetensors + JSON, temp-then-rename),
 so a killed run resumes losing at most the optimizer step in flight.
+
+Under torchrun the global batch is split over ranks (restora.distributed); with
+`parallel="fsdp"` the base and adapter are sharded (restora.fsdp) and every file is
+written from gathered whole tensors, so checkpoints and adapters look the same either way.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,11 +43,18 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
-from .distributed import DistInfo, all_reduce_grads, all_reduce_sum, barrier, init_distributed
+from .distributed import (
+    DistInfo,
+    all_reduce_grads,
+    all_reduce_sum,
+    barrier,
+    init_distributed,
+)
 
-__all__ = ["TrainConfig", "train", "completion_loss", "evaluate_loss", "Example"]
+__all__ = ["Example", "TrainConfig", "completion_loss", "evaluate_loss", "train"]
 
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with -100 on prompt positions
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]  # (ids, labels, mask) -> (sum, n)
 LOGIT_CHUNK = 1024  # label positions projected to the vocabulary at once
 
 
@@ -173,20 +185,30 @@ def evaluate_loss(
     micro_batch_size: int = 8,
     bf16: bool = True,
     dist_info: DistInfo | None = None,
+    loss_of: LossFn | None = None,
 ) -> float:
-    """Mean completion log loss (nats/token) over `rows` (split over ranks when distributed)."""
+    """Mean completion log loss (nats/token) over `rows` (split over ranks when distributed).
+
+    `loss_of` replaces `completion_loss(model, ...)` (the FSDP root, under sharding).
+    """
     info = dist_info or DistInfo()
+    loss_of = loss_of or partial(completion_loss, model)
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     mine = info.shard(range(len(rows)))
     order = sorted(mine, key=lambda i: len(rows[i]["input_ids"]))  # less padding
-    for a in range(0, len(order), micro_batch_size):
-        ids, labels, mask = _collate([rows[i] for i in order[a : a + micro_batch_size]], pad_id)
+    batches: list[list[int] | None] = [order[a : a + micro_batch_size] for a in range(0, len(order), micro_batch_size)]
+    if info.fsdp:  # every forward gathers parameters: all ranks run as many; a short rank repeats a row, unscored
+        most = math.ceil(math.ceil(len(rows) / info.world_size) / micro_batch_size)
+        batches += [None] * (most - len(batches))
+    for b in batches:
+        ids, labels, mask = _collate([rows[i] for i in b] if b is not None else [rows[0]], pad_id)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and ids.device.type == "cpu"):
-            s, n = completion_loss(model, ids, labels, mask)
-        total += float(s)
-        count += n
+            s, n = loss_of(ids, labels, mask)
+        if b is not None:
+            total += float(s)
+            count += n
     model.train(was_training)
     total, count = all_reduce_sum([total, float(count)], info)
     return total / max(count, 1)
@@ -216,21 +238,43 @@ def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _save_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+def _itself(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _whole_as_is(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return full
+
+
+def _checkpoint_tensors(
+    named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, whole: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Adapter, optimizer moments and RNG state; `whole` gathers sharded tensors (FSDP: on every rank)."""
+    tensors = {f"param/{k}": whole(p.detach()).contiguous() for k, p in named.items()}
+    index = {id(p): k for k, p in named.items()}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            for sk, sv in opt.state.get(p, {}).items():
+                if torch.is_tensor(sv):
+                    tensors[f"opt/{index[id(p)]}/{sk}"] = whole(sv.detach()).contiguous()
+    tensors["rng/torch"] = torch.get_rng_state()  # dropout masks continue as if never stopped
+    return tensors
+
+
+def _save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     with atomic_dir(folder) as tmp:
-        tensors = {f"param/{k}": p.detach().contiguous() for k, p in named.items()}
-        index = {id(p): k for k, p in named.items()}
-        for group in opt.param_groups:
-            for p in group["params"]:
-                for sk, sv in opt.state.get(p, {}).items():
-                    if torch.is_tensor(sv):
-                        tensors[f"opt/{index[id(p)]}/{sk}"] = sv.detach().contiguous()
-        tensors["rng/torch"] = torch.get_rng_state()  # dropout masks continue as if never stopped
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
 
 
-def _load_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, cfg: TrainConfig) -> dict[str, Any]:
+def _load_checkpoint(
+    folder: Path,
+    named: dict[str, nn.Parameter],
+    opt: torch.optim.Optimizer,
+    cfg: TrainConfig,
+    piece: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _whole_as_is,
+) -> dict[str, Any]:
+    """Restore adapter, moments and RNG; `piece(full, like)` cuts a whole tensor like a sharded one (FSDP)."""
     state = json.loads((folder / "trainer.json").read_text())
     mine = cfg.resume_key()
     for k, v in state["config"].items():
@@ -242,14 +286,28 @@ def _load_checkpoint(folder: Path, named: dict[str, nn.Parameter], opt: torch.op
             key = f"param/{k}"
             if key not in tensors:
                 raise ValueError(f"cannot resume from {folder}: adapter tensor {k} is missing")
-            p.copy_(tensors[key])
+            p.copy_(piece(tensors[key], p))
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
     for k, p in named.items():
         st = {sk.split("/")[-1]: v for sk, v in tensors.items() if sk.startswith(f"opt/{k}/")}
         if st:
-            opt.state[p] = {sk: (v.clone()) for sk, v in st.items()}
+            opt.state[p] = {sk: piece(v, p).clone() for sk, v in st.items()}
     return state
+
+
+def _save_adapter(
+    model: nn.Module, info: DistInfo, save_best: Callable[[Path, dict[str, Any]], None], out: Path, metrics: dict
+) -> None:
+    """Rank 0 writes the adapter folder; under FSDP every rank first gathers the whole adapter."""
+    if info.fsdp:
+        from .fsdp import gathered_adapter
+
+        with gathered_adapter(model):
+            if info.is_main:
+                save_best(out, metrics)
+    elif info.is_main:
+        save_best(out, metrics)
 
 
 def train(
@@ -268,6 +326,7 @@ def train(
 
     Under torchrun each rank trains on its share of every global batch and the adapter
     gradients are summed over ranks (see restora.distributed); rank 0 alone writes files.
+    With `dist_info.parallel == "fsdp"` the model is sharded in place first (restora.fsdp).
 
     `save_best(folder, metrics)` writes the adapter as it is now to `folder` (a PEFT-style
     adapter folder); it is called whenever validation loss improves, at each epoch's end.
@@ -277,9 +336,20 @@ def train(
     info = dist_info or init_distributed()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if not named:
+    if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: add an adapter first")
+    loss_of: LossFn = partial(completion_loss, model)
+    whole, piece = _itself, _whole_as_is  # how files see parameters: as they are, unless sharded
+    if info.fsdp:
+        if cfg.batch_size % info.world_size:
+            raise ValueError(f"--parallel fsdp: batch_size {cfg.batch_size} must be a multiple of the {info.world_size}"
+                             " ranks (every rank runs as many forward passes)")
+        if cfg.optimizer != "adamw":
+            raise ValueError(f"--parallel fsdp: optimizer {cfg.optimizer!r} cannot step sharded parameters; use adamw")
+        from .fsdp import full_tensor, set_gradient_sync, shard_as, shard_for_training
+
+        loss_of, whole, piece = shard_for_training(model, completion_loss, info), full_tensor, shard_as
+    named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
     opt = _make_optimizer(params, cfg)
     steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
@@ -290,7 +360,7 @@ def train(
     if resume:
         if not (ckpt / "trainer.json").is_file():
             raise FileNotFoundError(f"{ckpt}/trainer.json is missing: nothing to resume")
-        state = _load_checkpoint(ckpt, named, opt, cfg)
+        state = _load_checkpoint(ckpt, named, opt, cfg, piece)
         step, best, history = state["step"], state["best_val_loss"], state["history"]
     attn_before = getattr(model.config, "_attn_implementation", None)
     if cfg.eager_attention and next(model.parameters()).device.type == "cpu":
@@ -319,12 +389,15 @@ def train(
             local = info.shard(batch)  # this rank's rows of the global batch
             for a in range(0, len(local), cfg.micro_batch_size):
                 ids, labels, mask = _collate(local[a : a + cfg.micro_batch_size], pad_id)
+                if info.fsdp:  # reduce-scatter once, after the last micro-batch
+                    set_gradient_sync(loss_of, a + cfg.micro_batch_size >= len(local))
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                    s, _ = completion_loss(model, ids, labels, mask)
+                    s, _ = loss_of(ids, labels, mask)
                 (s / max(n_labels, 1)).backward()
                 loss_sum += float(s.detach())
                 step_tokens += int(mask.sum())
-            all_reduce_grads(params, info)
+            if not info.fsdp:
+                all_reduce_grads(params, info)
             loss_sum, step_tokens = all_reduce_sum([loss_sum, float(step_tokens)], info)
             tokens_seen += int(step_tokens)
             if cfg.max_grad_norm > 0:
@@ -339,21 +412,23 @@ def train(
             record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": rate}
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if epoch_end and val_rows:
-                val = evaluate_loss(model, val_rows, pad_id, cfg.micro_batch_size, use_bf16, info)
+                val = evaluate_loss(model, val_rows, pad_id, cfg.micro_batch_size, use_bf16, info, loss_of)
                 record["val_loss"] = val
                 history.append({"epoch": epoch + 1, "step": step, "val_loss": val})
                 if val < best:
                     best = val
-                    if info.is_main:
-                        save_best(out, {"best_epoch": epoch + 1, "best_val_loss": val, "history": history})
-            elif epoch_end and not val_rows and info.is_main:
-                save_best(out, {"best_epoch": epoch + 1, "history": history})
+                    _save_adapter(model, info, save_best, out, {"best_epoch": epoch + 1, "best_val_loss": val,
+                                                                "history": history})
+            elif epoch_end and not val_rows:
+                _save_adapter(model, info, save_best, out, {"best_epoch": epoch + 1, "history": history})
             if metrics_log is not None:
                 metrics_log.write(json.dumps(record) + "\n")
                 metrics_log.flush()
-            if info.is_main and cfg.save_every and (step % cfg.save_every == 0 or step == total_steps):
-                state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key()}
-                _save_checkpoint(ckpt, named, opt, state)
+            if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps) and (info.is_main or info.fsdp):
+                tensors = _checkpoint_tensors(named, opt, whole)  # FSDP: every rank gathers
+                if info.is_main:
+                    state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key()}
+                    _save_checkpoint(ckpt, tensors, state)
     finally:
         bar.close()
         if metrics_log is not None:

@@ -10,7 +10,7 @@ import torch
 
 from ..quant.spec import QuantSpec
 
-__all__ = ["train", "eval"]
+__all__ = ["eval", "train"]
 
 Base = Literal["float", "nf4", "fp4", "int8", "rtn", "gptq"]
 
@@ -56,6 +56,7 @@ def train(
     seed: int = 0,
     calib_samples: int = 500,
     resume: bool = False,
+    parallel: Literal["ddp", "fsdp"] = "ddp",
     data_dir: str | None = None,
 ) -> int:
     """Fine-tune an adapter on MODEL quantized to FORMAT/BITS (QLoRA), keeping the best-validation epoch.
@@ -92,12 +93,15 @@ def train(
         seed: seed for splits, data order and init.
         calib_samples: GPTQ calibration rows (train split).
         resume: continue a killed run from OUT/checkpoint.
+        parallel: under torchrun, ddp (every rank holds the base; adapter gradients all-reduced) or fsdp
+            (FSDP2 shards the frozen base and the adapter; bases float, nf4, fp4, int8, rtn, gptq).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
     from ..adapters import IA3Config, LoRAConfig, add_ia3, add_lora, save_adapter
     from ..bases import build_base
     from ..data import encode_rows, get_task, split_rows
-    from ..train import TrainConfig, train as run_train
+    from ..train import TrainConfig
+    from ..train import train as run_train
 
     cfg = TrainConfig(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
@@ -111,7 +115,7 @@ def train(
     torch.manual_seed(seed)
     from ..distributed import barrier, init_distributed
 
-    dist_info = init_distributed()
+    dist_info = init_distributed(parallel)
     if not dist_info.is_main:
         barrier(dist_info)  # under torchrun, rank 0 quantizes and caches the base first
     if init == "loftq":
@@ -184,7 +188,7 @@ def _save_loftq_init(folder: Path, results: dict) -> None:
     tmp.replace(folder / "loftq_init.safetensors")
 
 
-def _load_loftq_init(model, results: dict) -> None:  # noqa: ANN001
+def _load_loftq_init(model, results: dict) -> None:
     with torch.no_grad():
         for name, res in results.items():
             layer = model.get_submodule(name)
