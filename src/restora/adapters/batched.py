@@ -4,7 +4,7 @@ Chen et al. 2023, "Punica: Multi-Tenant LoRA Serving", arXiv:2310.18547; S-LoRA,
 Every adapted layer keeps all loaded adapters stacked in slots, zero-padded to the layer's
 largest rank r_max (zero rows of A and zero columns of B add exactly nothing):
 
-    A_all (S, r_max, in)   B_all (S, out, r_max)   scaling (S,)   l_in (S, in)   l_out (S, out)
+    A_allᵀ (S, in, r_max)   s·B_allᵀ (S, r_max, out)   scaling (S,)   l_in (S, in)   l_out (S, out)
 
 Slot 0 is the base ("no adapter"): zero A/B, (IA)³ vectors of ones. Row b of a batch with
 slot i_b computes, for every adapter kind at once,
@@ -67,8 +67,9 @@ class MultiLoRALinear(nn.Module):
         w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # QuantLinear has buffers only
         kw: dict[str, Any] = {"device": w.device if w is not None else None}
         # Runtime state, not checkpoints: adapters live in their folders (persistent=False).
-        self.register_buffer("lora_A", torch.zeros(num_slots, 0, in_features, **kw), persistent=False)  # (S, r, in)
-        self.register_buffer("lora_B", torch.zeros(num_slots, out_features, 0, **kw), persistent=False)  # (S, out, r)
+        # Stored in the layout the forward multiplies with, so gathering rows is one index copy:
+        self.register_buffer("lora_At", torch.zeros(num_slots, in_features, 0, **kw), persistent=False)  # (S, in, r): Aᵀ
+        self.register_buffer("lora_Bt", torch.zeros(num_slots, 0, out_features, **kw), persistent=False)  # (S, r, out): s·Bᵀ
         self.register_buffer("scaling", torch.zeros(num_slots, **kw), persistent=False)  # (S,)
         self.register_buffer("ia3_in", None, persistent=False)  # (S, in) or None when no (IA)³ adapter scales inputs
         self.register_buffer("ia3_out", None, persistent=False)  # (S, out) or None
@@ -84,6 +85,11 @@ class MultiLoRALinear(nn.Module):
         return self.scaling.shape[0]
 
     @property
+    def rank(self) -> int:
+        """r_max: the stacks' rank (0 when no LoRA adapter uses this layer)."""
+        return self.lora_At.shape[2]
+
+    @property
     def used_slots(self) -> set[int]:
         return set(self.ranks) | set(self.ia3_slots)
 
@@ -95,7 +101,7 @@ class MultiLoRALinear(nn.Module):
         if extra <= 0:
             return
         pad = lambda t, fill: torch.cat([t, t.new_full((extra, *t.shape[1:]), fill)])  # noqa: E731
-        self.lora_A, self.lora_B, self.scaling = pad(self.lora_A, 0.0), pad(self.lora_B, 0.0), pad(self.scaling, 0.0)
+        self.lora_At, self.lora_Bt, self.scaling = pad(self.lora_At, 0.0), pad(self.lora_Bt, 0.0), pad(self.scaling, 0.0)
         if self.ia3_in is not None:
             self.ia3_in = pad(self.ia3_in, 1.0)
         if self.ia3_out is not None:
@@ -104,12 +110,12 @@ class MultiLoRALinear(nn.Module):
 
     @torch.no_grad()
     def _resize_rank(self, r_max: int) -> None:
-        r = self.lora_A.shape[1]
+        r = self.rank
         if r_max > r:  # zero-pad: exact
-            self.lora_A = torch.cat([self.lora_A, self.lora_A.new_zeros(self.num_slots, r_max - r, self.in_features)], 1)
-            self.lora_B = torch.cat([self.lora_B, self.lora_B.new_zeros(self.num_slots, self.out_features, r_max - r)], 2)
+            self.lora_At = torch.cat([self.lora_At, self.lora_At.new_zeros(self.num_slots, self.in_features, r_max - r)], 2)
+            self.lora_Bt = torch.cat([self.lora_Bt, self.lora_Bt.new_zeros(self.num_slots, r_max - r, self.out_features)], 1)
         elif r_max < r:  # every slot beyond r_max is zero there
-            self.lora_A, self.lora_B = self.lora_A[:, :r_max].contiguous(), self.lora_B[:, :, :r_max].contiguous()
+            self.lora_At, self.lora_Bt = self.lora_At[:, :, :r_max].contiguous(), self.lora_Bt[:, :r_max].contiguous()
 
     @torch.no_grad()
     def set_lora(self, slot: int, A: torch.Tensor, B: torch.Tensor, scaling: float) -> None:
@@ -121,9 +127,9 @@ class MultiLoRALinear(nn.Module):
                 f" {(self.out_features, self.in_features)}"
             )
         self.clear(slot)
-        self._resize_rank(max(r, self.lora_A.shape[1]))
-        self.lora_A[slot, :r] = A.to(self.lora_A.dtype)
-        self.lora_B[slot, :, :r] = B.to(self.lora_B.dtype)
+        self._resize_rank(max(r, self.rank))
+        self.lora_At[slot, :, :r] = A.T.to(self.lora_At.dtype)
+        self.lora_Bt[slot, :r] = (B.to(self.lora_Bt.dtype) * scaling).T
         self.scaling[slot] = scaling
         self.ranks[slot] = r
         self._cache = None
@@ -146,8 +152,8 @@ class MultiLoRALinear(nn.Module):
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         """Empty `slot`; shrink r_max and drop unused (IA)³ stacks so no work is wasted on them."""
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+        self.lora_At[slot].zero_()
+        self.lora_Bt[slot].zero_()
         self.scaling[slot] = 0.0
         self.ranks.pop(slot, None)
         self._resize_rank(max(self.ranks.values(), default=0))
@@ -174,16 +180,13 @@ class MultiLoRALinear(nn.Module):
         rows = self.rows
         assert rows is not None
         uniform = bool((rows == rows[0]).all())
-        c = {"dtype": dtype, "r": self.lora_A.shape[1], "uniform": uniform}
+        c = {"dtype": dtype, "r": self.rank, "uniform": uniform}
         if c["r"] > 0:
-            if uniform:  # one adapter for all rows: one plain matmul over all tokens
+            if uniform:  # one adapter for all rows: one plain matmul over all tokens (views, no copy in fp32)
                 i = int(rows[0])
-                c["At"] = self.lora_A[i].T.to(dtype).contiguous()  # (in, r)
-                c["Bt"] = (self.lora_B[i] * self.scaling[i]).T.to(dtype).contiguous()  # (r, out)
-            else:
-                c["At"] = self.lora_A[rows].transpose(1, 2).to(dtype).contiguous()  # (B, in, r)
-                Bs = self.lora_B[rows] * self.scaling[rows][:, None, None]  # (B, out, r)
-                c["Bt"] = Bs.transpose(1, 2).to(dtype).contiguous()  # (B, r, out)
+                c["At"], c["Bt"] = self.lora_At[i].to(dtype), self.lora_Bt[i].to(dtype)  # (in, r), (r, out)
+            else:  # one index copy per stack (and a cast for bf16)
+                c["At"], c["Bt"] = self.lora_At[rows].to(dtype), self.lora_Bt[rows].to(dtype)  # (B, in, r), (B, r, out)
         c["l_in"] = None if self.ia3_in is None else self.ia3_in[rows][:, None, :]  # (B, 1, in), float
         c["l_out"] = None if self.ia3_out is None else self.ia3_out[rows][:, None, :]  # (B, 1, out)
         self._cache[dtype] = c
@@ -261,7 +264,7 @@ class MultiLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         ia3 = [a for a in ("ia3_in", "ia3_out") if getattr(self, a) is not None]
-        return f"slots={self.num_slots}, r_max={self.lora_A.shape[1]}" + (f", {'+'.join(ia3)}" if ia3 else "")
+        return f"slots={self.num_slots}, r_max={self.rank}" + (f", {'+'.join(ia3)}" if ia3 else "")
 
 
 def set_rows(model: nn.Module, ids: torch.Tensor | Sequence[int]) -> None:

@@ -293,8 +293,8 @@ class Engine:
             except Exception as e:
                 self._send(req, ("error", 400, f"adapter {req.adapter!r} cannot be loaded: {e}"))
                 self.counts["failed"] += 1
-        for slot in dict.fromkeys(r.slot for r in ready):  # one prefill per adapter: the no-gather path
-            self._prefill([r for r in ready if r.slot == slot])
+        if ready:  # one prefill for every joining row, whatever its adapter (a row-gathered forward)
+            self._prefill(ready)
 
     def _forward(self, **kw: Any) -> Any:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cpu"):
@@ -382,11 +382,11 @@ class Engine:
                         r.sent = n
                 continue
             text = _cut_at_stop(self.tok.decode(r.tokens, skip_special_tokens=True), r.params.stop)[0]
+            self.rows[b] = None  # before the client hears "done": /health must not count it as running then
+            self.counts["completed"] += 1
             if r.stream and len(text) > r.sent:
                 self._send(r, ("delta", text[r.sent:]))
             self._send(r, ("done", finish, text, len(r.tokens)))
-            self.counts["completed"] += 1
-            self.rows[b] = None
 
     def _compact(self, force: bool = False) -> None:
         """Drop finished rows from the tensors: at once when nothing runs, when rows join (force),
