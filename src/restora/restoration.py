@@ -12,6 +12,12 @@ to the k-bit base's activation statistics, not to its weight error. The modes:
                   each layer's mean output is unchanged: E[W_l x + b] = E[W_k x]
                   (needs forward passes only; exact under merging, a bias is a bias)
     partial+bias  both
+    affine-correct  every restored layer's output channel c gets the least-squares affine map
+                  onto the k-bit layer's output, y_c = γ_c (W_l x)_c + b_c with
+                  γ_c = Cov[(W_k x)_c, (W_l x)_c] / Var[(W_l x)_c] and b_c = E[W_k x]_c − γ_c E[W_l x]_c,
+                  from the mean and covariance of x over the same calibration rows (γ = 1 and
+                  this is bias-correct when the two outputs differ by a constant). Folds into
+                  a float base (row scale + bias); on a quantized base it stays a wrapper.
     loftq         LoftQ-initialised adapters: W_l + s·(BA − B₀A₀ + B_l A_l), the k-bit init fit
                   swapped for the l-bit one (restoration_loftq.py)
     auto          a search on the validation split over {keep the k-bit base, plain,
@@ -43,7 +49,7 @@ from .restore import RestoreInfo, build_trained_base, read_provenance, restore_b
 
 __all__ = ["RestorationMode", "MODES", "restore_with_mode", "mean_inputs", "BiasedLinear", "layer_selector"]
 
-MODES = ("plain", "partial", "bias-correct", "partial+bias", "loftq", "auto")
+MODES = ("plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto")
 
 
 @dataclass(frozen=True)
@@ -70,16 +76,20 @@ class RestorationMode:
 
 
 class BiasedLinear(nn.Module):
-    """base(x) + b: a base layer plus a fixed output offset (the bias correction)."""
+    """scale ⊙ base(x) + b: a base layer plus a fixed output offset (bias correction) and, for the
+    affine correction, a per-output-channel scale."""
 
-    def __init__(self, base: nn.Module, bias: torch.Tensor) -> None:
+    def __init__(self, base: nn.Module, bias: torch.Tensor, scale: torch.Tensor | None = None) -> None:
         super().__init__()
         self.base = base
         self.in_features, self.out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
         self.register_buffer("offset", bias.detach().clone())
+        self.register_buffer("scale", None if scale is None else scale.detach().clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
+        if self.scale is not None:
+            y = y * self.scale.to(y.dtype)
         return y + self.offset.to(y.dtype)
 
 
@@ -153,6 +163,62 @@ def mean_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: S
     return {n: sums[n] / max(counts[n], 1) for n in names if n in sums}
 
 
+@torch.no_grad()
+def input_moments(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: Sequence[str],
+                  max_len: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(E[x], Cov[x]) per layer over all tokens of `texts`: (in,) and (in, in), in float64.
+
+    Layers fed the same tensor (q/k/v, gate/up) share one accumulation."""
+    acc: dict[str, list[Any]] = {}  # layer -> [Σx, Σx xᵀ, tokens]
+    # input tensor -> (the tensor, its contribution), within one forward; holding the tensor keeps its
+    # address from being reused by a later input, so the data_ptr key cannot collide
+    seen: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def fn(_m: nn.Module, args: tuple, _out: Any) -> None:
+            t = args[0]
+            key = (t.data_ptr(), t._version, tuple(t.shape))
+            if key not in seen:
+                x = t.detach().double().reshape(-1, t.shape[-1])  # (tokens, in)
+                seen[key] = (t, (x.sum(0), x.T @ x, x.shape[0]))
+            part = seen[key][1]
+            a = acc.setdefault(name, [0, 0, 0])
+            a[0], a[1], a[2] = a[0] + part[0], a[1] + part[1], a[2] + part[2]
+        return fn
+
+    hooks = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    was = model.training
+    model.eval()
+    try:
+        for t in texts:
+            seen.clear()
+            ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
+            model(input_ids=ids)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    out = {}
+    for n in names:
+        if n in acc:
+            total, outer, count = acc[n]
+            mean = total / count
+            out[n] = (mean, outer / count - torch.outer(mean, mean))
+    return out
+
+
+def affine_correction(w_k: torch.Tensor, w_l: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
+                      eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per output channel, the least-squares (γ, b) with γ (W_l x) + b ≈ W_k x for x ~ (mean, cov)."""
+    wk, wl = w_k.double(), w_l.double()  # (out, in)
+    wl_cov = wl @ cov  # (out, in)
+    var_l = (wl_cov * wl).sum(1)  # (out,) Var[(W_l x)_c]
+    cov_kl = (wl_cov * wk).sum(1)  # (out,) Cov[(W_k x)_c, (W_l x)_c]
+    gamma = torch.where(var_l > eps, cov_kl / var_l.clamp_min(eps), torch.ones_like(var_l))
+    bias = wk @ mean - gamma * (wl @ mean)
+    return gamma.float(), bias.float()
+
+
 @dataclass
 class _Parts:
     """Everything a candidate is assembled from: the two bases per layer and the bias terms."""
@@ -161,6 +227,7 @@ class _Parts:
     base_l: dict[str, nn.Module]
     base_k: dict[str, nn.Module]
     bias: dict[str, torch.Tensor] = field(default_factory=dict)
+    affine: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (γ, b)
 
 
 def _base_name(name: str) -> str:
@@ -168,7 +235,7 @@ def _base_name(name: str) -> str:
 
 
 def _prepare(loaded_l: LoadedModel, adapter_dir: Any, prov: dict, source: str, data_dir: str | None,
-             need_bias: bool, calib_rows: int, seed: int, task: str) -> _Parts:
+             need_bias: bool, calib_rows: int, seed: int, task: str, need_affine: bool = False) -> _Parts:
     m_l = loaded_l.model
     trained = build_trained_base(prov, source, data_dir)
     m_k = trained.model  # no adapter yet: its layer names are the base layer paths
@@ -177,25 +244,35 @@ def _prepare(loaded_l: LoadedModel, adapter_dir: Any, prov: dict, source: str, d
         wrapped = hasattr(m_l.get_submodule(n), "base_layer")
         names.append(n + ".base_layer" if wrapped else n)  # the base layer's path in the adapted model
     parts = _Parts(names, {n: m_l.get_submodule(n) for n in names}, {n: m_k.get_submodule(_base_name(n)) for n in names})
-    if need_bias:
+    if need_bias or need_affine:
         from .data import calibration_rows, get_task
 
         load_adapter(m_k, adapter_dir, expected_source_hash=trained.source_hash, force=True)
         t = get_task(task)
         texts = [t.text(r) for r in calibration_rows(t, calib_rows, seed=seed, data_dir=data_dir)]
-        means = mean_inputs(m_k, trained.tokenizer, texts, names)
-        for n in tqdm(names, desc="bias correction", leave=False):
-            delta = weight_of(parts.base_k[n]) - weight_of(parts.base_l[n])  # (out, in): W_k − W_l
-            parts.bias[n] = delta @ means[n]  # (out,)
+        if need_affine:
+            moments = input_moments(m_k, trained.tokenizer, texts, names)
+            means = {n: mc[0].float() for n, mc in moments.items()}
+        else:
+            means = mean_inputs(m_k, trained.tokenizer, texts, names)
+        for n in tqdm(names, desc="output corrections", leave=False):
+            w_k, w_l = weight_of(parts.base_k[n]), weight_of(parts.base_l[n])  # (out, in)
+            parts.bias[n] = (w_k - w_l) @ means[n]  # (out,)
+            if need_affine:
+                parts.affine[n] = affine_correction(w_k, w_l, *moments.pop(n))
     return parts
 
 
-def _assemble(model: nn.Module, parts: _Parts, restored: set[str], bias: bool) -> None:
+def _assemble(model: nn.Module, parts: _Parts, restored: set[str], correction: str | None) -> None:
+    """Put W_l (with `correction`: None, "bias" or "affine") on `restored` layers and W_k on the rest."""
     for n in parts.names:
         if n in restored:
             layer = parts.base_l[n]
-            if bias and n in parts.bias:
+            if correction == "bias" and n in parts.bias:
                 layer = BiasedLinear(layer, parts.bias[n])
+            elif correction == "affine" and n in parts.affine:
+                gamma, b = parts.affine[n]
+                layer = BiasedLinear(layer, b, scale=gamma)
         else:
             layer = parts.base_k[n]
         set_module(model, n, layer)
@@ -207,6 +284,12 @@ def fold_biases(model: nn.Module) -> None:
     for name, m in list(model.named_modules()):
         if isinstance(m, BiasedLinear):
             base = m.base
+            if m.scale is not None:
+                if not isinstance(base, nn.Linear):
+                    continue  # a quantized weight cannot take a row scale exactly: the wrapper stays
+                base.weight.mul_(m.scale[:, None].to(base.weight.dtype))
+                if base.bias is not None:
+                    base.bias.mul_(m.scale.to(base.bias.dtype))
             if isinstance(base, QuantLinear):
                 old = base.bias if base.bias is not None else torch.zeros_like(m.offset)
                 if "bias" in base._buffers:
@@ -249,10 +332,11 @@ def restore_with_mode(
         return loaded, info, record
     source = model or prov.get("base_model") or loaded.source
     need_bias = mode.mode in ("bias-correct", "partial+bias")
-    parts = _prepare(loaded, adapter_dir, prov, source, data_dir, need_bias, mode.calib_rows, seed, task)
+    need_affine = mode.mode == "affine-correct"
+    parts = _prepare(loaded, adapter_dir, prov, source, data_dir, need_bias, mode.calib_rows, seed, task, need_affine)
     pick = layer_selector(loaded.model, mode.layers, mode.modules) if mode.mode.startswith("partial") else (lambda n: True)
     restored = {n for n in parts.names if pick(n)}
-    _assemble(loaded.model, parts, restored, need_bias)
+    _assemble(loaded.model, parts, restored, "affine" if need_affine else "bias" if need_bias else None)
     fold_biases(loaded.model)
     record.update({"restored_layers": len(restored), "total_layers": len(parts.names), "layers": mode.layers,
                    "modules": mode.modules})
@@ -269,39 +353,42 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
     evidence: list[dict[str, Any]] = []
     best: tuple[float, Any] | None = None
     val = split_rows(task, seed, data_dir).validation[: mode.val_rows]
+    final: tuple[LoadedModel, RestoreInfo] | None = None
     for level in levels:
         loaded, info = restore_base(adapter_dir, level, format, model=model, force=force, data_dir=data_dir, seed=seed)
         m, tok = loaded.model, loaded.tokenizer
         enc = encode_rows(task, tok, val, 512)
         source = model or prov.get("base_model") or loaded.source
-        parts = _prepare(loaded, adapter_dir, prov, source, data_dir, True, mode.calib_rows, seed, task)
+        parts = _prepare(loaded, adapter_dir, prov, source, data_dir, True, mode.calib_rows, seed, task, True)
         everything = set(parts.names)
         pick_attn = layer_selector(m, None, "attn")
         pick_mlp = layer_selector(m, None, "mlp")
         n_blocks = len(decoder_blocks(m))
         half = layer_selector(m, f"0-{n_blocks // 2 - 1}", None)
-        candidates: list[tuple[str, set[str], bool]] = [
-            ("keep k-bit base", set(), False),
-            (f"plain PLR{level}", everything, False),
-            (f"bias-correct {level}", everything, True),
-            (f"partial first half + bias {level}", {n for n in everything if half(n)}, True),
-            (f"partial second half + bias {level}", {n for n in everything if not half(n)}, True),
-            (f"partial attention + bias {level}", {n for n in everything if pick_attn(n)}, True),
-            (f"partial MLP + bias {level}", {n for n in everything if pick_mlp(n)}, True),
+        candidates: list[tuple[str, set[str], str | None]] = [
+            ("keep k-bit base", set(), None),
+            (f"plain PLR{level}", everything, None),
+            (f"bias-correct {level}", everything, "bias"),
+            (f"affine-correct {level}", everything, "affine"),
+            (f"partial first half + bias {level}", {n for n in everything if half(n)}, "bias"),
+            (f"partial second half + bias {level}", {n for n in everything if not half(n)}, "bias"),
+            (f"partial attention + bias {level}", {n for n in everything if pick_attn(n)}, "bias"),
+            (f"partial MLP + bias {level}", {n for n in everything if pick_mlp(n)}, "bias"),
         ]
 
-        def score(restored: set[str], bias: bool) -> float:
-            _assemble(m, parts, restored, bias)
+        def score(restored: set[str], correction: str | None) -> float:
+            _assemble(m, parts, restored, correction)
             return evaluate_loss(m, enc, tok.pad_token_id, 8, True)
 
-        for name, restored, bias in tqdm(candidates, desc=f"auto l={level}", leave=False):
-            v = score(restored, bias)
+        for name, restored, correction in tqdm(candidates, desc=f"auto l={level}", leave=False):
+            v = score(restored, correction)
             evidence.append({"candidate": name, "val_loss": v, "restored_layers": len(restored)})
             if best is None or v < best[0]:
-                best = (v, (level, name, restored, bias))
-        # greedy refinement over groups of blocks, starting from this level's best bias candidate
+                best = (v, (level if restored else train_bits, name, restored, correction))
+        # greedy refinement over groups of blocks, starting from this level's best corrected candidate
         assert best is not None
         if best[1][0] == level and best[1][3]:
+            correction = best[1][3]
             groups = max(1, min(6, n_blocks))
             size = -(-n_blocks // groups)
             current = set(best[1][2])
@@ -309,15 +396,15 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
                 sel = layer_selector(m, f"{g * size}-{min(n_blocks, (g + 1) * size) - 1}", None)
                 group = {n for n in everything if sel(n)}
                 trial = current - group if group <= current else current | group
-                v = score(trial, True)
-                name = f"greedy blocks {g * size}-{min(n_blocks, (g + 1) * size) - 1} toggled, l={level}"
+                v = score(trial, correction)
+                name = f"greedy blocks {g * size}-{min(n_blocks, (g + 1) * size) - 1} toggled, l={level} ({correction})"
                 evidence.append({"candidate": name, "val_loss": v, "restored_layers": len(trial)})
                 if v < best[0]:
-                    best = (v, (level, name, trial, True))
+                    best = (v, (level, name, trial, correction))
                     current = trial
-        chosen_level, chosen_name, restored, bias = best[1]
-        if chosen_level == level:
-            _assemble(m, parts, restored, bias)
+        chosen_level, chosen_name, restored, correction = best[1]
+        if chosen_level == level or (chosen_level == train_bits and not restored and final is None):
+            _assemble(m, parts, restored, correction)
             fold_biases(m)
             final = (loaded, info)
         if (prov.get("training") or {}).get("init") == "loftq":
@@ -328,9 +415,10 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
             name = f"loftq {level}"
             evidence.append({"candidate": name, "val_loss": v, "restored_layers": len(everything)})
             if v < best[0]:
-                best = (v, (level, name, everything, False))
+                best = (v, (level, name, everything, None))
                 final = (lq, lq_info)
     assert best is not None
+    assert final is not None
     loaded, info = final
     record = {"mode": "auto", "chosen": best[1][1], "restore_bits": best[1][0], "val_loss": best[0],
               "val_rows": len(val), "evidence": evidence}

@@ -144,7 +144,7 @@ def generate(
     bits: int | None = None,
     chat: bool = False,
     force: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
 ) -> int:

@@ -35,7 +35,7 @@ def export(
     model: str | None = None,
     force: bool = False,
     overwrite: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,

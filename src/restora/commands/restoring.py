@@ -44,7 +44,7 @@ def restore(
     base: str = "source",
     force: bool = False,
     calib_samples: int = 500,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,

@@ -213,7 +213,7 @@ def eval(
     seed: int = 0,
     calib_samples: int = 500,
     force: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
