@@ -409,7 +409,8 @@ def train(
             rate = tokens_seen / (time.perf_counter() - t_start)
             bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{rate:.0f}")
             bar.update(1)
-            record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": rate}
+            record: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss, "lr": lr, "tokens_per_s": rate,
+                                      "tokens": tokens_seen}  # input tokens (all ranks) since this process started
             epoch_end = step % steps_per_epoch == 0 or step == total_steps
             if epoch_end and val_rows:
                 val = evaluate_loss(model, val_rows, pad_id, cfg.micro_batch_size, use_bf16, info, loss_of)
