@@ -86,9 +86,16 @@ def all_reduce_grads(params: Sequence[nn.Parameter], info: DistInfo) -> None:
 def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     if not info.enabled:
         return values
-    t = torch.tensor(values, dtype=torch.float64)
+    t = torch.tensor(values, dtype=torch.float64, device=device_for(info))  # NCCL reduces CUDA tensors only
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def device_for(info: DistInfo) -> torch.device:
+    """Where this process trains: its local GPU (LOCAL_RANK under torchrun) when CUDA is present, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) if info.enabled else torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier(info: DistInfo) -> None:

@@ -195,6 +195,7 @@ def evaluate_loss(
     loss_of = loss_of or partial(completion_loss, model)
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     mine = info.shard(range(len(rows)))
     order = sorted(mine, key=lambda i: len(rows[i]["input_ids"]))  # less padding
@@ -203,8 +204,8 @@ def evaluate_loss(
         most = math.ceil(math.ceil(len(rows) / info.world_size) / micro_batch_size)
         batches += [None] * (most - len(batches))
     for b in batches:
-        ids, labels, mask = _collate([rows[i] for i in b] if b is not None else [rows[0]], pad_id)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and ids.device.type == "cpu"):
+        ids, labels, mask = (t.to(device) for t in _collate([rows[i] for i in b] if b is not None else [rows[0]], pad_id))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             s, n = loss_of(ids, labels, mask)
         if b is not None:
             total += float(s)
@@ -373,7 +374,8 @@ def train(
     metrics_log = (out / "metrics.jsonl").open("a") if info.is_main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and info.is_main))
     t_start, tokens_seen = time.perf_counter(), 0
-    use_bf16 = cfg.bf16 and next(model.parameters()).device.type == "cpu"
+    device = next(model.parameters()).device  # device-agnostic: batches follow the model (CPU here, CUDA for users)
+    use_bf16 = cfg.bf16
     try:
         while step < total_steps:
             epoch, k = divmod(step, steps_per_epoch)
@@ -388,10 +390,10 @@ def train(
             batch.sort(key=lambda r: len(r["input_ids"]))  # similar lengths share a micro-batch: less padding
             local = info.shard(batch)  # this rank's rows of the global batch
             for a in range(0, len(local), cfg.micro_batch_size):
-                ids, labels, mask = _collate(local[a : a + cfg.micro_batch_size], pad_id)
+                ids, labels, mask = (t.to(device) for t in _collate(local[a : a + cfg.micro_batch_size], pad_id))
                 if info.fsdp:  # reduce-scatter once, after the last micro-batch
                     set_gradient_sync(loss_of, a + cfg.micro_batch_size >= len(local))
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     s, _ = loss_of(ids, labels, mask)
                 (s / max(n_labels, 1)).backward()
                 loss_sum += float(s.detach())

@@ -151,6 +151,9 @@ def train(
     def save_best(folder: Path, metrics: dict) -> None:
         save_adapter(m, folder, {**provenance, "metrics": metrics})
 
+    from ..distributed import device_for
+
+    m.to(device_for(dist_info))  # this rank's GPU when CUDA is present (NCCL), else stays on the CPU
     summary = run_train(m, enc_train, enc_val, cfg, out, tok.pad_token_id, save_best, resume=resume,
                         dist_info=dist_info)
     if not dist_info.is_main:
