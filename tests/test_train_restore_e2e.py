@@ -50,6 +50,14 @@ def test_train_eval_restore_merge(tiny_dir, tmp_path):
         assert res[bits]["eval_base"]["bits"] == bits and res[bits]["train_base"]["bits"] == 3
         assert {"exact_match", "execution_match"} <= set(res[bits]["metrics"])
     assert res[3]["log_loss"] != res[16]["log_loss"]  # the base really changed
+    # --bits without --format: the format restore picks (rtn at 4 here), never silently 16 bits
+    out = tmp_path / "eval4.json"
+    assert main(["eval", str(tiny_dir), "--adapter", str(ad), "--split", "validation", "--limit", "4",
+                 "--bits", "4", "--no-generate", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["eval_base"]["bits"] == 4
+    assert json.loads(out.read_text())["eval_base"]["format"] == "rtn"
+    assert main(["eval", str(tiny_dir), "--adapter", str(ad), "--format", "float", "--bits", "4"]) == 2
+    assert main(["eval", str(tiny_dir), "--bits", "4"]) == 2
 
     # restore to 16 bits and merge: plain transformers loads it and matches restora's in-memory PLR model
     merged = tmp_path / "merged"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import json
 from pathlib import Path
 from typing import Literal
@@ -204,7 +206,7 @@ def eval(
     adapter: str | None = None,
     task: str = "sql",
     split: Literal["train", "validation", "test"] = "test",
-    format: Base = "float",
+    format: Base | None = None,
     bits: int = 16,
     group_size: int = 64,
     limit: int = 0,
@@ -230,7 +232,8 @@ def eval(
         adapter: adapter folder (restora or PEFT); none = the base alone.
         task: sql, gsm8k, or PATH.jsonl.
         split: which split to score (test is never used in training).
-        format: evaluation base format (float = 16-bit restore).
+        format: evaluation base format (default: float at 16 bits; with an adapter below 16 bits, the
+            training format if it has that width, else int8 at 8 or rtn, as restore picks).
         bits: evaluation base bits l.
         group_size: quantization group size.
         limit: score only the first N rows (0 = all).
@@ -253,24 +256,28 @@ def eval(
     from ..data import task_split
     from ..evaluate import evaluate_task
 
-    choice = _base_choice(format, bits, group_size, task, calib_samples, seed)
+    if format == "float" and bits != 16:
+        raise ValueError(f"--format float is the 16-bit model, got --bits {bits}: pass a quantized --format or drop --bits")
+    if format is None and bits != 16 and not adapter:
+        raise ValueError(f"--bits {bits} without an adapter needs --format (nf4, fp4, int8, rtn or gptq)")
+    choice = _base_choice(format or "float", bits, group_size, task, calib_samples, seed)
     trained_on = None
     if adapter:
         from ..restore import restore_base
 
         restoration = None
         if restore_mode == "plain":
-            loaded, rinfo = restore_base(adapter, choice.spec.bits, choice.spec.format, group_size, model=model,
+            loaded, rinfo = restore_base(adapter, bits, format, group_size, model=model,
                                          force=force, calib_task=task, calib_samples=calib_samples, seed=seed,
                                          data_dir=data_dir)
         else:
             from ..restoration import RestorationMode, restore_with_mode
 
-            mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows,
-                                   auto_bits=(choice.spec.bits,))
-            loaded, rinfo, restoration = restore_with_mode(adapter, choice.spec.bits, mode, choice.spec.format,
-                                                           model=model, force=force, data_dir=data_dir, seed=seed)
+            mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,))
+            loaded, rinfo, restoration = restore_with_mode(adapter, bits, mode, format, model=model, force=force,
+                                                           data_dir=data_dir, seed=seed)
         trained_on = rinfo.train_spec.to_dict() if rinfo.train_spec else None
+        choice = replace(choice, spec=rinfo.restore_spec)  # what restore built (auto may keep the k-bit base)
     else:
         loaded = build_base(model, choice, data_dir)
     if materialize:
