@@ -12,17 +12,16 @@ to the k-bit base's activation statistics, not to its weight error. The modes:
                   each layer's mean output is unchanged: E[W_l x + b] = E[W_k x]
                   (needs forward passes only; exact under merging, a bias is a bias)
     partial+bias  both
-    affine-correct  every restored layer's output channel c gets the least-squares affine map
-                  onto the k-bit layer's output, y_c = γ_c (W_l x)_c + b_c with
-                  γ_c = Cov[(W_k x)_c, (W_l x)_c] / Var[(W_l x)_c] and b_c = E[W_k x]_c − γ_c E[W_l x]_c,
-                  from the mean and covariance of x over the same calibration rows (γ = 1 and
-                  this is bias-correct when the two outputs differ by a constant). Folds into
-                  a float base (row scale + bias); on a quantized base it stays a wrapper.
+    mean-match    every restored layer (or the --restore-layers/--restore-modules subset) gets
+                  b = E[W_k x_k] − E[W_l x_l], the inputs x_l taken in the restored model with the
+                  earlier layers' biases applied, so the mean outputs match the k-bit model's along
+                  the network, not only layer by layer (corrections.py; one batched forward of
+                  each model over the calibration rows)
     loftq         LoftQ-initialised adapters: W_l + s·(BA − B₀A₀ + B_l A_l), the k-bit init fit
                   swapped for the l-bit one (restoration_loftq.py)
     auto          a search on the validation split over {keep the k-bit base, plain,
-                  bias-correct, partial+bias over halves / attention / MLP, and loftq for
-                  LoftQ adapters} at each l,
+                  bias-correct, mean-match, partial+bias over halves / attention / MLP, and
+                  loftq for LoftQ adapters} at each l,
                   then greedy per-block-group refinement; "keep" is a candidate, so on
                   validation it is never worse than the adapter on its own base. The
                   choice and every candidate's validation loss are returned as evidence.
@@ -42,14 +41,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .adapters import load_adapter
+from .corrections import BiasedLinear, fold_biases, mean_match_biases, output_means
 from .models import LoadedModel
-from .quant.linear import QuantLinear, weight_of
+from .quant.linear import weight_of
 from .quant.model import decoder_blocks, quantizable_layers, set_module
 from .restore import RestoreInfo, build_trained_base, read_provenance, restore_base
 
-__all__ = ["RestorationMode", "MODES", "restore_with_mode", "mean_inputs", "BiasedLinear", "layer_selector"]
+__all__ = ["RestorationMode", "MODES", "restore_with_mode", "layer_selector"]
 
-MODES = ("plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto")
+MODES = ("plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto")
 
 
 @dataclass(frozen=True)
@@ -73,24 +73,6 @@ class RestorationMode:
             raise ValueError(f"restore mode {self.mode} needs --restore-layers and/or --restore-modules")
         if self.calib_rows <= 0 or self.val_rows <= 0:
             raise ValueError("calib_rows and val_rows must be positive")
-
-
-class BiasedLinear(nn.Module):
-    """scale ⊙ base(x) + b: a base layer plus a fixed output offset (bias correction) and, for the
-    affine correction, a per-output-channel scale."""
-
-    def __init__(self, base: nn.Module, bias: torch.Tensor, scale: torch.Tensor | None = None) -> None:
-        super().__init__()
-        self.base = base
-        self.in_features, self.out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
-        self.register_buffer("offset", bias.detach().clone())
-        self.register_buffer("scale", None if scale is None else scale.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base(x)
-        if self.scale is not None:
-            y = y * self.scale.to(y.dtype)
-        return y + self.offset.to(y.dtype)
 
 
 def _block_of(name: str, prefixes: Sequence[str]) -> int | None:
@@ -134,91 +116,6 @@ def layer_selector(model: nn.Module, layers: str | None, modules: str | None) ->
     return pick
 
 
-@torch.no_grad()
-def mean_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: Sequence[str], max_len: int = 256) -> dict[str, torch.Tensor]:
-    """E[x] per layer: the mean input vector over all tokens of `texts` (one row at a time)."""
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {n: 0 for n in names}
-    hooks = []
-
-    def hook(name: str):  # noqa: ANN202
-        def fn(_m: nn.Module, args: tuple, _out: Any) -> None:
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
-            sums[name] = sums.get(name, 0) + x.sum(0)
-            counts[name] += x.shape[0]
-        return fn
-
-    for n in names:
-        hooks.append(model.get_submodule(n).register_forward_hook(hook(n)))
-    was = model.training
-    model.eval()
-    try:
-        for t in texts:
-            ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
-            model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    return {n: sums[n] / max(counts[n], 1) for n in names if n in sums}
-
-
-@torch.no_grad()
-def input_moments(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: Sequence[str],
-                  max_len: int = 256) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """(E[x], Cov[x]) per layer over all tokens of `texts`: (in,) and (in, in), in float64.
-
-    Layers fed the same tensor (q/k/v, gate/up) share one accumulation."""
-    acc: dict[str, list[Any]] = {}  # layer -> [Σx, Σx xᵀ, tokens]
-    # input tensor -> (the tensor, its contribution), within one forward; holding the tensor keeps its
-    # address from being reused by a later input, so the data_ptr key cannot collide
-    seen: dict[tuple[int, int, tuple[int, ...]], tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, int]]] = {}
-
-    def hook(name: str):  # noqa: ANN202
-        def fn(_m: nn.Module, args: tuple, _out: Any) -> None:
-            t = args[0]
-            key = (t.data_ptr(), t._version, tuple(t.shape))
-            if key not in seen:
-                x = t.detach().double().reshape(-1, t.shape[-1])  # (tokens, in)
-                seen[key] = (t, (x.sum(0), x.T @ x, x.shape[0]))
-            part = seen[key][1]
-            a = acc.setdefault(name, [0, 0, 0])
-            a[0], a[1], a[2] = a[0] + part[0], a[1] + part[1], a[2] + part[2]
-        return fn
-
-    hooks = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    was = model.training
-    model.eval()
-    try:
-        for t in texts:
-            seen.clear()
-            ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
-            model(input_ids=ids)
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    out = {}
-    for n in names:
-        if n in acc:
-            total, outer, count = acc[n]
-            mean = total / count
-            out[n] = (mean, outer / count - torch.outer(mean, mean))
-    return out
-
-
-def affine_correction(w_k: torch.Tensor, w_l: torch.Tensor, mean: torch.Tensor, cov: torch.Tensor,
-                      eps: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per output channel, the least-squares (γ, b) with γ (W_l x) + b ≈ W_k x for x ~ (mean, cov)."""
-    wk, wl = w_k.double(), w_l.double()  # (out, in)
-    wl_cov = wl @ cov  # (out, in)
-    var_l = (wl_cov * wl).sum(1)  # (out,) Var[(W_l x)_c]
-    cov_kl = (wl_cov * wk).sum(1)  # (out,) Cov[(W_k x)_c, (W_l x)_c]
-    gamma = torch.where(var_l > eps, cov_kl / var_l.clamp_min(eps), torch.ones_like(var_l))
-    bias = wk @ mean - gamma * (wl @ mean)
-    return gamma.float(), bias.float()
-
-
 @dataclass
 class _Parts:
     """Everything a candidate is assembled from: the two bases per layer and the bias terms."""
@@ -226,8 +123,10 @@ class _Parts:
     names: list[str]
     base_l: dict[str, nn.Module]
     base_k: dict[str, nn.Module]
-    bias: dict[str, torch.Tensor] = field(default_factory=dict)
-    affine: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # name -> (γ, b)
+    bias: dict[str, torch.Tensor] = field(default_factory=dict)  # first-order b = (W_k − W_l) E[x_k]
+    targets: dict[str, torch.Tensor] = field(default_factory=dict)  # mean-match: E[W_k x_k]
+    tokenizer: Any = None
+    texts: list[str] = field(default_factory=list)  # the calibration rows
 
 
 def _base_name(name: str) -> str:
@@ -235,7 +134,7 @@ def _base_name(name: str) -> str:
 
 
 def _prepare(loaded_l: LoadedModel, adapter_dir: Any, prov: dict, source: str, data_dir: str | None,
-             need_bias: bool, calib_rows: int, seed: int, task: str, need_affine: bool = False) -> _Parts:
+             need_bias: bool, calib_rows: int, seed: int, task: str, need_match: bool = False) -> _Parts:
     m_l = loaded_l.model
     trained = build_trained_base(prov, source, data_dir)
     m_k = trained.model  # no adapter yet: its layer names are the base layer paths
@@ -244,67 +143,38 @@ def _prepare(loaded_l: LoadedModel, adapter_dir: Any, prov: dict, source: str, d
         wrapped = hasattr(m_l.get_submodule(n), "base_layer")
         names.append(n + ".base_layer" if wrapped else n)  # the base layer's path in the adapted model
     parts = _Parts(names, {n: m_l.get_submodule(n) for n in names}, {n: m_k.get_submodule(_base_name(n)) for n in names})
-    if need_bias or need_affine:
+    if need_bias or need_match:
+        from .corrections import mean_inputs
         from .data import calibration_rows, get_task
 
         load_adapter(m_k, adapter_dir, expected_source_hash=trained.source_hash, force=True)
         t = get_task(task)
-        texts = [t.text(r) for r in calibration_rows(t, calib_rows, seed=seed, data_dir=data_dir)]
-        if need_affine:
-            moments = input_moments(m_k, trained.tokenizer, texts, names)
-            means = {n: mc[0].float() for n, mc in moments.items()}
-        else:
-            means = mean_inputs(m_k, trained.tokenizer, texts, names)
-        for n in tqdm(names, desc="output corrections", leave=False):
-            w_k, w_l = weight_of(parts.base_k[n]), weight_of(parts.base_l[n])  # (out, in)
-            parts.bias[n] = (w_k - w_l) @ means[n]  # (out,)
-            if need_affine:
-                parts.affine[n] = affine_correction(w_k, w_l, *moments.pop(n))
+        parts.texts = [t.text(r) for r in calibration_rows(t, calib_rows, seed=seed, data_dir=data_dir)]
+        parts.tokenizer = trained.tokenizer
+        if need_match:
+            parts.targets = output_means(m_k, trained.tokenizer, parts.texts, names)
+        if need_bias:
+            means = mean_inputs(m_k, trained.tokenizer, parts.texts, names)
+            for n in tqdm(names, desc="bias correction", leave=False):
+                parts.bias[n] = (weight_of(parts.base_k[n]) - weight_of(parts.base_l[n])) @ means[n]  # (out,)
     return parts
 
 
 def _assemble(model: nn.Module, parts: _Parts, restored: set[str], correction: str | None) -> None:
-    """Put W_l (with `correction`: None, "bias" or "affine") on `restored` layers and W_k on the rest."""
+    """Put W_l (with `correction`: None, "bias" or "mean-match") on `restored` layers and W_k on the rest."""
     for n in parts.names:
         if n in restored:
             layer = parts.base_l[n]
             if correction == "bias" and n in parts.bias:
                 layer = BiasedLinear(layer, parts.bias[n])
-            elif correction == "affine" and n in parts.affine:
-                gamma, b = parts.affine[n]
-                layer = BiasedLinear(layer, b, scale=gamma)
         else:
             layer = parts.base_k[n]
         set_module(model, n, layer)
-
-
-@torch.no_grad()
-def fold_biases(model: nn.Module) -> None:
-    """Replace each BiasedLinear by its base with the offset added to the base's own bias."""
-    for name, m in list(model.named_modules()):
-        if isinstance(m, BiasedLinear):
-            base = m.base
-            if m.scale is not None:
-                if not isinstance(base, nn.Linear):
-                    continue  # a quantized weight cannot take a row scale exactly: the wrapper stays
-                base.weight.mul_(m.scale[:, None].to(base.weight.dtype))
-                if base.bias is not None:
-                    base.bias.mul_(m.scale.to(base.bias.dtype))
-            if isinstance(base, QuantLinear):
-                old = base.bias if base.bias is not None else torch.zeros_like(m.offset)
-                if "bias" in base._buffers:
-                    base._buffers["bias"] = old + m.offset
-                else:  # QuantLinear without bias holds a plain `bias = None` attribute
-                    del base.bias
-                    base.register_buffer("bias", old + m.offset)
-            elif isinstance(base, nn.Linear):
-                if base.bias is None:
-                    base.bias = nn.Parameter(m.offset.clone().to(base.weight.dtype), requires_grad=False)
-                else:
-                    base.bias.add_(m.offset.to(base.bias.dtype))
-            else:
-                continue
-            set_module(model, name, base)
+    if correction == "mean-match" and restored:  # biases depend on the assembled model: computed on it
+        order = [n for n in parts.names if n in restored]
+        biases = mean_match_biases(model, parts.targets, parts.tokenizer, parts.texts, order)
+        for n in order:
+            set_module(model, n, BiasedLinear(parts.base_l[n], biases[n]))
 
 
 def restore_with_mode(
@@ -332,11 +202,12 @@ def restore_with_mode(
         return loaded, info, record
     source = model or prov.get("base_model") or loaded.source
     need_bias = mode.mode in ("bias-correct", "partial+bias")
-    need_affine = mode.mode == "affine-correct"
-    parts = _prepare(loaded, adapter_dir, prov, source, data_dir, need_bias, mode.calib_rows, seed, task, need_affine)
-    pick = layer_selector(loaded.model, mode.layers, mode.modules) if mode.mode.startswith("partial") else (lambda n: True)
+    need_match = mode.mode == "mean-match"
+    parts = _prepare(loaded, adapter_dir, prov, source, data_dir, need_bias, mode.calib_rows, seed, task, need_match)
+    subset = mode.mode.startswith("partial") or (need_match and bool(mode.layers or mode.modules))
+    pick = layer_selector(loaded.model, mode.layers, mode.modules) if subset else (lambda n: True)
     restored = {n for n in parts.names if pick(n)}
-    _assemble(loaded.model, parts, restored, "affine" if need_affine else "bias" if need_bias else None)
+    _assemble(loaded.model, parts, restored, "mean-match" if need_match else "bias" if need_bias else None)
     fold_biases(loaded.model)
     record.update({"restored_layers": len(restored), "total_layers": len(parts.names), "layers": mode.layers,
                    "modules": mode.modules})
@@ -369,7 +240,7 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
             ("keep k-bit base", set(), None),
             (f"plain PLR{level}", everything, None),
             (f"bias-correct {level}", everything, "bias"),
-            (f"affine-correct {level}", everything, "affine"),
+            (f"mean-match {level}", everything, "mean-match"),
             (f"partial first half + bias {level}", {n for n in everything if half(n)}, "bias"),
             (f"partial second half + bias {level}", {n for n in everything if not half(n)}, "bias"),
             (f"partial attention + bias {level}", {n for n in everything if pick_attn(n)}, "bias"),

@@ -144,7 +144,7 @@ def generate(
     bits: int | None = None,
     chat: bool = False,
     force: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
 ) -> int:
@@ -159,7 +159,7 @@ def generate(
         bits: base bits l for the adapter (16 = float source): Post LoRA Restoration.
         chat: wrap the prompt in the tokenizer's chat template.
         force: attach an adapter whose recorded source hash differs from the model's.
-        restore_mode: with --adapter and --bits: plain PLR, partial, bias-correct, partial+bias, loftq or auto.
+        restore_mode: with --adapter and --bits: plain PLR, partial, bias-correct, partial+bias, mean-match, loftq or auto.
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
     """

@@ -35,7 +35,7 @@ def export(
     model: str | None = None,
     force: bool = False,
     overwrite: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
@@ -55,7 +55,7 @@ def export(
         model: source model, when the adapter has no provenance or it moved.
         force: accept a source model whose weight hash differs from the adapter's record.
         overwrite: replace OUT if it exists.
-        restore_mode: merged-hf: plain PLR, partial, bias-correct, partial+bias, loftq or auto (as `restora restore`).
+        restore_mode: merged-hf: plain PLR, partial, bias-correct, partial+bias, mean-match, loftq or auto (as `restora restore`).
         restore_layers: merged-hf, partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: merged-hf, partial: attn, mlp, or a regex over layer names.
         calib_rows: merged-hf: training rows for the bias correction's mean inputs.

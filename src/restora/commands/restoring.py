@@ -44,7 +44,7 @@ def restore(
     base: str = "source",
     force: bool = False,
     calib_samples: int = 500,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
@@ -63,7 +63,7 @@ def restore(
         base: source (rebuild at l bits) or trained (the dequantized k-bit base: a control).
         force: accept a source model whose weight hash differs from the adapter's record.
         calib_samples: GPTQ calibration rows when the restore format is gptq.
-        restore_mode: plain PLR, partial, bias-correct, partial+bias, loftq (LoftQ adapters: swap the k-bit init fit for the l-bit one), or auto (validation search).
+        restore_mode: plain PLR, partial, bias-correct, partial+bias, mean-match (restored layers keep the k-bit mean outputs along the network), loftq (LoftQ adapters: swap the k-bit init fit for the l-bit one), or auto (validation search).
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
         calib_rows: training rows for the bias correction's mean inputs.

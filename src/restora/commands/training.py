@@ -218,7 +218,7 @@ def eval(
     seed: int = 0,
     calib_samples: int = 500,
     force: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "affine-correct", "loftq", "auto"] = "plain",
+    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
@@ -245,7 +245,7 @@ def eval(
         seed: seed of the splits (must match training's).
         calib_samples: GPTQ calibration rows (train split).
         force: load an adapter whose recorded source hash differs.
-        restore_mode: plain PLR, partial, bias-correct, partial+bias, loftq (LoftQ adapters), or auto (searches on the validation split).
+        restore_mode: plain PLR, partial, bias-correct, partial+bias, mean-match, loftq (LoftQ adapters), or auto (searches on the validation split).
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
         calib_rows: training rows for the bias correction's mean inputs.
