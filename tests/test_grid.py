@@ -81,6 +81,11 @@ def test_grid_runs_resumes_and_shards_agree(tmp_path, tiny_dir, capsys):
     assert (full / "plr.png").stat().st_size > 1000
     table = (full / "table.md").read_text()
     assert "16-bit LoRA" in table and "rtn 4b → PLR16" in table
+    modes = (full / "modes.md").read_text().splitlines()
+    assert "own k-bit base" in modes[0] and "PLR16" in modes[0] and len(modes) == 2 + 3  # header, rule, 3 adapters
+    rtn4 = next(line for line in modes if "| rtn 4b |" in line)
+    want = next(c for c in cells if c["unit"] == "sql-rtn-4b-s0" and c["restore_bits"] == 4)["test_log_loss"]
+    assert f"{want:.3f}" in rtn4
     # one adapter per unit, shared by all its restore levels
     assert len(list((full / "adapters").iterdir())) == 3
     # the rtn method's own [train] override reached its units only

@@ -4,7 +4,9 @@ Table layout follows seed 000's Table 1: one row per task and metric, and column
 `16-bit LoRA | kb QLoRA | PLRl ...` for each train bit-width k (highest first), where
 "kb QLoRA" is the adapter on its own k-bit base and PLRl the same adapter on an l-bit
 base. Methods other than the 16-bit baseline get their name in the column header.
-The plot shows, per task, the main metric and the test log loss against restore bits:
+`modes_table` (modes.md) turns it around for comparing restoration modes: one row per adapter
+(task, method, k), its test log loss on its own base and at each (l, mode), the best in bold,
+and what `auto` chose. The plot shows, per task, the main metric and the test log loss against restore bits:
 one line per (method, train bits), the 16-bit LoRA as a dashed reference.
 """
 
@@ -16,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_reports", "main_metric", "markdown_table"]
+__all__ = ["write_reports", "main_metric", "markdown_table", "modes_table"]
 
 _PREFERRED = ("execution_match", "accuracy", "exact_match")
 
@@ -100,6 +102,45 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+_MODE_ORDER = ("plain", "bias-correct", "partial", "partial+bias", "mean-match", "loftq")
+
+
+def modes_table(cells: list[dict[str, Any]]) -> str:
+    """Test log loss per adapter (rows) and restore level × mode (columns); seeds averaged."""
+    rows: dict[tuple[str, str, int], dict[Any, list[float]]] = defaultdict(lambda: defaultdict(list))
+    chosen: dict[tuple[str, str, int], str] = {}
+    for c in cells:
+        key = (Path(c["task"]).stem, c["method"], c["train_bits"])
+        mode = c.get("restore_mode", "plain")
+        if mode == "auto":
+            rows[key]["auto"].append(c["test_log_loss"])
+            chosen[key] = str((c.get("restoration") or {}).get("chosen", ""))
+        elif c["restore_bits"] == c["train_bits"] and mode == "plain":
+            rows[key]["own"].append(c["test_log_loss"])
+        else:
+            rows[key][(c["restore_bits"], mode)].append(c["test_log_loss"])
+    levels = sorted({col for r in rows.values() for col in r if isinstance(col, tuple)},
+                    key=lambda t: (t[0], _MODE_ORDER.index(t[1]) if t[1] in _MODE_ORDER else len(_MODE_ORDER), t[1]))
+    cols: list[Any] = ["own", *levels, "auto"]
+
+    def label(col: Any) -> str:
+        if col == "own":
+            return "own k-bit base"
+        if col == "auto":
+            return "auto"
+        return f"PLR{col[0]}" + ("" if col[1] == "plain" else f" {col[1]}")
+
+    lines = ["| task | adapter | " + " | ".join(label(c) for c in cols) + " | auto's choice |",
+             "|---|---|" + "---|" * (len(cols) + 1)]
+    for key in sorted(rows, key=lambda k: (k[0], k[1], -k[2])):
+        vals = {c: _mean(rows[key][c]) for c in cols if rows[key].get(c)}
+        best = min(vals.values()) if vals else None
+        cells_ = [("" if c not in vals else f"**{vals[c]:.3f}**" if vals[c] == best else f"{vals[c]:.3f}") for c in cols]
+        name = f"{key[1]} {key[2]}b" if key[2] != 16 else f"{key[1]} 16-bit"
+        lines.append(f"| {key[0]} | {name} | " + " | ".join(cells_) + f" | {chosen.get(key, '')} |")
+    return "\n".join(lines) + "\n"
+
+
 def _plot(cells: list[dict[str, Any]], path: Path) -> bool:
     try:
         import matplotlib
@@ -157,4 +198,5 @@ def write_reports(cells: list[dict[str, Any]], out: Path) -> None:
         w.writeheader()
         w.writerows(rows)
     (out / "table.md").write_text(markdown_table(cells))
+    (out / "modes.md").write_text(modes_table(cells))
     _plot(cells, out / "plr.png")
