@@ -86,7 +86,7 @@ def test_partial_keeps_unselected_layers_at_k_bits(adapter):
 
 
 def test_auto_picks_the_validation_minimum(adapter):
-    got, info, rec = restore_with_mode(adapter, 16, RestorationMode("auto", calib_rows=4, val_rows=8))
+    got, info, rec = restore_with_mode(adapter, 16, RestorationMode("auto", calib_rows=4, val_rows=8, min_gain=0))
     losses = [e["val_loss"] for e in rec["evidence"]]
     assert rec["val_loss"] == min(losses)
     keep = next(e for e in rec["evidence"] if e["candidate"] == "keep k-bit base")
@@ -96,6 +96,16 @@ def test_auto_picks_the_validation_minimum(adapter):
 
     enc = encode_rows("sql", got.tokenizer, split_rows("sql", 0).validation[:8], 512)
     assert evaluate_loss(got.model, enc, got.tokenizer.pad_token_id, 8, True) == pytest.approx(rec["val_loss"], rel=1e-5)
+
+
+def test_auto_keeps_the_k_bit_base_unless_a_restoration_gains_min_gain(adapter):
+    got, _, rec = restore_with_mode(adapter, 16, RestorationMode("auto", calib_rows=4, val_rows=8, min_gain=0.99))
+    assert rec["restore_bits"] == 3 and rec["chosen"].startswith("keep k-bit base")
+    assert rec["val_loss"] == rec["evidence"][0]["val_loss"]
+    own, _ = restore_base(adapter, 3, "rtn")
+    assert torch.equal(_logits(got.model), _logits(own.model))
+    with pytest.raises(ValueError, match="min_gain must be in"):
+        RestorationMode("auto", min_gain=1.5)
 
 
 def test_bad_mode_is_a_one_line_error():

@@ -23,7 +23,9 @@ to the k-bit base's activation statistics, not to its weight error. The modes:
                   bias-correct, mean-match, partial+bias over halves / attention / MLP, and
                   loftq for LoftQ adapters} at each l,
                   then greedy per-block-group refinement; "keep" is a candidate, so on
-                  validation it is never worse than the adapter on its own base. The
+                  validation it is never worse than the adapter on its own base, and a
+                  restoration must beat "keep" by min_gain (1%) of its validation loss to be
+                  chosen (smaller gains did not carry over to held-out rows). The
                   choice and every candidate's validation loss are returned as evidence.
 
 With l = k every mode is the trained model itself (W_l = W_k, so b = 0).
@@ -65,6 +67,7 @@ class RestorationMode:
     calib_rows: int = 64
     val_rows: int = 64
     auto_bits: tuple[int, ...] = (16,)
+    min_gain: float = 0.01  # auto restores only if that beats keeping the k-bit base by this fraction
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -73,6 +76,8 @@ class RestorationMode:
             raise ValueError(f"restore mode {self.mode} needs --restore-layers and/or --restore-modules")
         if self.calib_rows <= 0 or self.val_rows <= 0:
             raise ValueError("calib_rows and val_rows must be positive")
+        if not 0 <= self.min_gain < 1:
+            raise ValueError(f"min_gain must be in [0, 1), got {self.min_gain}")
 
 
 def _block_of(name: str, prefixes: Sequence[str]) -> int | None:
@@ -225,12 +230,14 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
     best: tuple[float, Any] | None = None
     val = split_rows(task, seed, data_dir).validation[: mode.val_rows]
     final: tuple[LoadedModel, RestoreInfo] | None = None
+    first: tuple[LoadedModel, RestoreInfo, nn.Module, _Parts] | None = None  # where "keep" can be rebuilt
     for level in levels:
         loaded, info = restore_base(adapter_dir, level, format, model=model, force=force, data_dir=data_dir, seed=seed)
         m, tok = loaded.model, loaded.tokenizer
         enc = encode_rows(task, tok, val, 512)
         source = model or prov.get("base_model") or loaded.source
         parts = _prepare(loaded, adapter_dir, prov, source, data_dir, True, mode.calib_rows, seed, task, True)
+        first = first or (loaded, info, m, parts)
         everything = set(parts.names)
         pick_attn = layer_selector(m, None, "attn")
         pick_mlp = layer_selector(m, None, "mlp")
@@ -288,9 +295,14 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
             if v < best[0]:
                 best = (v, (level, name, everything, None))
                 final = (lq, lq_info)
-    assert best is not None
-    assert final is not None
+    assert best is not None and final is not None and first is not None
+    keep_loss = evidence[0]["val_loss"]  # the first candidate is always "keep k-bit base"
+    if best[1][2] and best[0] > keep_loss * (1 - mode.min_gain):  # a gain this small is validation noise
+        loaded, info, m, parts = first
+        _assemble(m, parts, set(), None)
+        final, best = (loaded, info), (keep_loss, (train_bits, f"keep k-bit base (best restoration, {best[1][1]},"
+                                                   f" gained under {100 * mode.min_gain:g}%)", set(), None))
     loaded, info = final
     record = {"mode": "auto", "chosen": best[1][1], "restore_bits": best[1][0], "val_loss": best[0],
-              "val_rows": len(val), "evidence": evidence}
+              "val_rows": len(val), "min_gain": mode.min_gain, "evidence": evidence}
     return loaded, info, record
