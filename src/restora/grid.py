@@ -51,7 +51,8 @@ _TRAIN = {
     "batch_size", "micro_batch_size", "schedule", "warmup_ratio", "optimizer", "bf16", "grad_checkpointing",
     "max_samples", "val_samples", "max_len", "chat", "calib_samples",
 }
-_EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize", "restore_modes"}
+_EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize", "restore_modes",
+         "auto_min_gain"}
 
 
 @dataclass(frozen=True)
@@ -229,7 +230,8 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
         from .restoration import RestorationMode, restore_with_mode
 
         levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
-        rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,))
+        rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,),
+                                min_gain=float(cfg.eval.get("auto_min_gain", 0.0)))
         loaded, info, restoration = restore_with_mode(adapter, level, rmode, fmt if mode != "auto" else None,
                                                       data_dir=cfg.data_dir, seed=unit.seed)
         level = int(restoration["restore_bits"])

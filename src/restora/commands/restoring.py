@@ -16,7 +16,7 @@ __all__ = ["restore", "restored"]
 def restored(
     adapter_dir: str, bits: int, format: str | None, group_size: int | None, model: str | None, base: str, force: bool,
     calib_samples: int, restore_mode: str, restore_layers: str | None, restore_modules: str | None, calib_rows: int,
-    data_dir: str | None,
+    data_dir: str | None, auto_min_gain: float = 0.0,
 ) -> tuple[LoadedModel, RestoreInfo]:
     """The adapter on its base at `bits`: plain PLR (or the trained control), or a restoration mode."""
     from ..restore import restore_base
@@ -26,7 +26,8 @@ def restored(
                             calib_samples=calib_samples, data_dir=data_dir)
     from ..restoration import RestorationMode, restore_with_mode
 
-    mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,))
+    mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,),
+                           min_gain=auto_min_gain)
     loaded, info, record = restore_with_mode(adapter_dir, bits, mode, format, model, force, data_dir)
     print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}")
     return loaded, info
@@ -48,6 +49,7 @@ def restore(
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
+    auto_min_gain: float = 0.0,
     data_dir: str | None = None,
 ) -> int:
     """Rebuild ADAPTER_DIR's base at BITS (Post LoRA Restoration) and write it to OUT.
@@ -67,6 +69,7 @@ def restore(
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
         calib_rows: training rows for the bias correction's mean inputs.
+        auto_min_gain: auto: restore only if that beats keeping the k-bit base by this fraction of its validation loss.
         data_dir: folder laid out like ../shared/data (for GPTQ calibration and restoration modes).
     """
     from ..adapters import save_adapter
@@ -75,7 +78,7 @@ def restore(
     from ..restore import merge_and_unload
 
     loaded, info = restored(adapter_dir, bits, format, group_size, model, base, force, calib_samples, restore_mode,
-                            restore_layers, restore_modules, calib_rows, data_dir)
+                            restore_layers, restore_modules, calib_rows, data_dir, auto_min_gain)
     m, tok = loaded.model, loaded.tokenizer
     dest = Path(out)
     spec = info.restore_spec

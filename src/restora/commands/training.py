@@ -222,6 +222,7 @@ def eval(
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
+    auto_min_gain: float = 0.0,
     materialize: bool = True,
     data_dir: str | None = None,
 ) -> int:
@@ -249,6 +250,7 @@ def eval(
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
         calib_rows: training rows for the bias correction's mean inputs.
+        auto_min_gain: auto: restore only if that beats keeping the k-bit base by this fraction of its validation loss.
         materialize: dequantize each layer once to bf16 for fast evaluation (same numbers under bf16 compute).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
@@ -273,7 +275,8 @@ def eval(
         else:
             from ..restoration import RestorationMode, restore_with_mode
 
-            mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,))
+            mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,),
+                                   min_gain=auto_min_gain)
             loaded, rinfo, restoration = restore_with_mode(adapter, bits, mode, format, model=model, force=force,
                                                            data_dir=data_dir, seed=seed)
         trained_on = rinfo.train_spec.to_dict() if rinfo.train_spec else None
