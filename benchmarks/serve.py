@@ -155,7 +155,7 @@ def main() -> None:
     lines = [
         f"SmolLM2-135M float base ({'fp32' if args.fp32 else 'bf16 autocast'}), restora serve, {args.clients} closed-loop clients x "
         f"{args.requests} requests x {args.tokens} tokens per round, {args.rounds} rounds, LoRA r={args.rank} on all "
-        f"linear layers, server torch threads {os.environ.get("OMP_NUM_THREADS", os.cpu_count())} (OMP_NUM_THREADS); base format {health['base']['format']} "
+        f"linear layers, server torch threads {os.environ.get('OMP_NUM_THREADS', os.cpu_count())} (OMP_NUM_THREADS); base format {health['base']['format']} "
         f"{health['base']['bits']}-bit.",
         "",
         "| load | tokens/s (median) | p50 latency (s) | p99 latency (s) | vs base |",
