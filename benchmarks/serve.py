@@ -164,7 +164,7 @@ def main() -> None:
     for k in loads:
         t = statistics.median(tps[k])
         lines.append(f"| {k} | {t:.1f} | {pct(lat[k], .5):.2f} | {pct(lat[k], .99):.2f} | {t / base:.2f}x |")
-    lines.append("| PEFT mixed batch of 8 (benchmarks/multi_adapter.py, earlier) | 43 | | | 0.30x |")
+    lines.append("| PEFT mixed batch of 8 (issue 6's measurement, another setup: not this run) | 43 | | | 0.30x |")
     lines += ["", f"Command: `{cmd}`"]
     table = "\n".join(lines)
     print("\n" + table)
