@@ -108,6 +108,15 @@ def test_auto_keeps_the_k_bit_base_unless_a_restoration_gains_min_gain(adapter):
         RestorationMode("auto", min_gain=1.5)
 
 
+def test_cli_offers_exactly_the_library_modes():
+    from typing import get_args
+
+    from restora.commands.training import RestoreModeName
+    from restora.restoration import MODES
+
+    assert get_args(RestoreModeName) == MODES
+
+
 def test_bad_mode_is_a_one_line_error():
     with pytest.raises(ValueError, match="restore mode 'magic' is unknown"):
         RestorationMode("magic")

@@ -29,7 +29,7 @@ import torch
 from .adapters import load_adapter
 from .adapters.lora import LoRALinear, adapter_modules
 from .models import LoadedModel
-from .restore import RestoreInfo, _train_spec, read_provenance, restore_base, restore_spec
+from .restore import RestoreInfo, train_spec, read_provenance, restore_base, restore_spec
 
 __all__ = ["INIT_FILE", "restore_loftq"]
 
@@ -63,7 +63,7 @@ def restore_loftq(
         raise ValueError(f"{adapter_dir}: restore mode loftq needs an adapter trained with --init loftq,"
                          f" this one was trained with init {training.get('init', 'default')!r}")
     init = _init_factors(adapter_dir)
-    train = _train_spec(prov)
+    train = train_spec(prov)
     spec = restore_spec(train, bits, format, group_size)
     record: dict[str, Any] = {"mode": "loftq", "restore_bits": spec.bits}
     if train is not None and spec == train:  # l = k: the trained model itself

@@ -34,7 +34,7 @@ from .quant.spec import SUPPORTED_BITS, QuantSpec
 
 __all__ = [
     "RestoreInfo", "read_provenance", "restore_spec", "restore_base", "merge_and_unload", "dequantize_model",
-    "build_trained_base",
+    "build_trained_base", "train_spec",
 ]
 
 
@@ -46,7 +46,7 @@ class RestoreInfo:
     provenance: dict[str, Any] | None
 
 
-def _train_spec(prov: dict[str, Any] | None) -> QuantSpec | None:
+def train_spec(prov: dict[str, Any] | None) -> QuantSpec | None:
     q = (prov or {}).get("quantization")
     if not q:
         return None
@@ -103,7 +103,7 @@ def _calibration(prov: dict[str, Any] | None, task: str | None, samples: int, se
 
 def build_trained_base(prov: dict[str, Any], source: str, data_dir: str | None = None, samples: int = 500) -> LoadedModel:
     """Exactly the k-bit base an adapter was trained on: same format, bits, calibration, LoftQ init."""
-    train = _train_spec(prov)
+    train = train_spec(prov)
     if train is None:
         raise ValueError("restora.json records no training quantization: cannot rebuild the trained base")
     training = prov.get("training") or {}
@@ -137,7 +137,7 @@ def restore_base(
     source = model or (prov or {}).get("base_model")
     if not source:
         raise ValueError(f"{adapter_dir}: no restora.json provenance names the base model: pass --model MODEL")
-    train = _train_spec(prov)
+    train = train_spec(prov)
     training = (prov or {}).get("training") or {}
     calib = calib_task or training.get("task") or "sql"
     if base == "trained":

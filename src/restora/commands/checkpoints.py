@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Literal
@@ -14,6 +13,7 @@ from ..models import load_model
 from ..quant.checkpoint import save_quantized
 from ..quant.model import quantize_model
 from ..quant.spec import QuantSpec
+from .training import RestoreModeName
 
 __all__ = ["quantize", "info", "generate", "human_bytes"]
 
@@ -144,7 +144,7 @@ def generate(
     bits: int | None = None,
     chat: bool = False,
     force: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
+    restore_mode: RestoreModeName = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
 ) -> int:
@@ -173,16 +173,11 @@ def generate(
             from ..restore import restore_spec
 
             loaded = build_base(model, BaseChoice(restore_spec(None, bits or 16, format)))
-        elif restore_mode == "plain":
-            from ..restore import restore_base
-
-            loaded, _ = restore_base(adapter, bits or 16, format, model=model, force=force)
         else:
-            from ..restoration import RestorationMode, restore_with_mode
+            from .restoring import restored
 
-            mode = RestorationMode(restore_mode, restore_layers, restore_modules, auto_bits=(bits or 16,))
-            loaded, _, record = restore_with_mode(adapter, bits or 16, mode, format, model, force)
-            print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}", file=sys.stderr)
+            loaded, _ = restored(adapter, bits or 16, format, None, model, "source", force, 500, restore_mode,
+                                 restore_layers, restore_modules, 64, None)
     else:
         loaded = load_model(model)
         if adapter is not None:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 from .restoring import restored
+from .training import RestoreModeName
 
 __all__ = ["TARGETS", "export"]
 
@@ -35,7 +36,7 @@ def export(
     model: str | None = None,
     force: bool = False,
     overwrite: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
+    restore_mode: RestoreModeName = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,

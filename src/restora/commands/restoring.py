@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
+
+from .training import RestoreModeName
 
 if TYPE_CHECKING:
     from ..models import LoadedModel
@@ -29,7 +32,7 @@ def restored(
     mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,),
                            min_gain=auto_min_gain)
     loaded, info, record = restore_with_mode(adapter_dir, bits, mode, format, model, force, data_dir)
-    print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}")
+    print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}", file=sys.stderr)
     return loaded, info
 
 
@@ -45,7 +48,7 @@ def restore(
     base: str = "source",
     force: bool = False,
     calib_samples: int = 500,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
+    restore_mode: RestoreModeName = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,

@@ -15,6 +15,7 @@ from ..quant.spec import QuantSpec
 __all__ = ["eval", "train"]
 
 Base = Literal["float", "nf4", "fp4", "int8", "rtn", "gptq"]
+RestoreModeName = Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"]  # restora.restoration.MODES
 
 
 def _base_choice(format: str, bits: int, group_size: int, calib_task: str, calib_samples: int, seed: int):
@@ -218,7 +219,7 @@ def eval(
     seed: int = 0,
     calib_samples: int = 500,
     force: bool = False,
-    restore_mode: Literal["plain", "partial", "bias-correct", "partial+bias", "mean-match", "loftq", "auto"] = "plain",
+    restore_mode: RestoreModeName = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     calib_rows: int = 64,
