@@ -3,14 +3,17 @@
 One command runs every configuration, each in its own fresh subprocess so that peak RSS
 is per configuration, and prints one table with the ratios:
 
-    restora bf16 base      LoRA r16 on all linear layers, completion-only loss, bf16 autocast
+    restora bf16 base      LoRA r16 on all linear layers, completion-only loss, bf16 autocast,
+                           compiled decoder blocks (what `restora train` does for this model size)
     restora nf4 base       same adapter over restora's NF4 (blockwise 64) base
     restora rtn4 base      same over uniform 4-bit (group 64)
+    restora ... eager      the same without torch.compile (`--compile off`)
     peft bf16              transformers + peft LoRA, bf16 model, HF loss (labels, prompt masked)
     peft + bnb nf4         transformers + bitsandbytes 4-bit (CPU) + peft LoRA
 
 Batch: B = 8 SQL Create Context rows (prompt masked), AdamW lr 2e-4, one optimizer step per
-batch. Tokens/s counts every input token (prompt included), median of the timed steps.
+batch. Tokens/s counts every input token (prompt included), median of the timed steps; the
+warm-up steps absorb the one-time compile (reported as "first steps").
 
     python benchmarks/train_step.py [--steps 6] [--warmup 2] [--threads 2]
 """
@@ -26,7 +29,8 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ["restora-bf16", "restora-nf4", "restora-rtn4", "peft-bf16", "peft-bnb-nf4"]
+CONFIGS = ["restora-bf16", "restora-nf4", "restora-rtn4", "restora-bf16-eager", "restora-rtn4-eager", "peft-bf16",
+           "peft-bnb-nf4"]
 
 
 def _rows(tok, n: int = 64):
@@ -66,15 +70,20 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
         from restora.quant import QuantSpec, quantize_model
         from restora.train import completion_loss
 
-        if name == "restora-bf16":
+        if name.startswith("restora-bf16"):
             model.to(torch.bfloat16)
         else:
-            spec = QuantSpec("nf4", 4, 64) if name == "restora-nf4" else QuantSpec("rtn", 4, 64)
+            spec = QuantSpec("nf4", 4, 64) if name.startswith("restora-nf4") else QuantSpec("rtn", 4, 64)
             quantize_model(model, spec, progress=False)
         add_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all"))
         from restora.train import _set_attention
 
         _set_attention(model, "eager")  # what restora's trainer does on CPU
+        if not name.endswith("-eager"):
+            from restora.compiled import compiled_blocks
+
+            compiling = compiled_blocks(model)  # kept referenced: collecting it would undo the compile
+            compiling.__enter__()  # for the rest of this process, as during `restora train`
         params = [p for p in model.parameters() if p.requires_grad]
 
         def loss_fn(ids, labels, mask):
@@ -102,8 +111,11 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
     model.train()
     opt = torch.optim.AdamW(params, lr=2e-4)
     times, tokens = [], []
+    t_warm = time.perf_counter()
     for i in range(warmup + steps):
         ids, labels, mask = batches[i % len(batches)]
+        if i == warmup:
+            first_steps = time.perf_counter() - t_warm
         t0 = time.perf_counter()
         loss = loss_fn(ids, labels, mask)
         loss.backward()
@@ -118,6 +130,7 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
         "tokens_per_s": statistics.median(rates),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
         "final_loss": float(loss),
+        "first_steps_s": first_steps,
     }
 
 
@@ -144,7 +157,8 @@ def main() -> None:
             continue
         results.append(json.loads(line[-1]))
         r = results[-1]
-        print(f"{name}: {r['tokens_per_s']:.0f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB", flush=True)
+        print(f"{name}: {r['tokens_per_s']:.0f} tok/s, peak RSS {r['peak_rss_gib']:.2f} GiB, first {a.warmup} steps"
+              f" {r['first_steps_s']:.1f} s", flush=True)
     by = {r["config"]: r for r in results}
     print("\n| config | tokens/s | peak RSS (GiB) | vs PEFT bf16 (speed / RSS) |")
     print("|---|---|---|---|")

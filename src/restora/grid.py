@@ -49,7 +49,7 @@ _METHOD = {"name", "format", "bits", "init", "group_size", "train"}
 _TRAIN = {
     "adapter", "rank", "alpha", "dropout", "rslora", "targets", "loftq_iters", "epochs", "max_steps", "lr",
     "batch_size", "micro_batch_size", "schedule", "warmup_ratio", "optimizer", "bf16", "grad_checkpointing",
-    "max_samples", "val_samples", "max_len", "chat", "calib_samples",
+    "compile", "max_samples", "val_samples", "max_len", "chat", "calib_samples",
 }
 _EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize", "restore_modes",
          "auto_min_gain"}

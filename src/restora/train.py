@@ -30,6 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -43,6 +44,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from .atomic import atomic_dir
+from .compiled import compiled_blocks
 from .distributed import (
     DistInfo,
     all_reduce_grads,
@@ -78,6 +80,8 @@ class TrainConfig:
     seed: seed of data order and adapter init.
     max_grad_norm: clip the adapter gradient norm (0 = no clipping).
     eager_attention: on CPU, train with eager attention (faster backward than SDPA here).
+    compile: compile the decoder blocks with torch.compile while training (restora.compiled);
+        not with FSDP.
     """
 
     epochs: int = 1
@@ -95,6 +99,7 @@ class TrainConfig:
     seed: int = 0
     max_grad_norm: float = 1.0
     eager_attention: bool = True
+    compile: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -116,7 +121,7 @@ class TrainConfig:
     def resume_key(self) -> dict[str, Any]:
         """Settings that must match for --resume to be meaningful."""
         d = asdict(self)
-        for k in ("save_every", "extra", "eager_attention"):
+        for k in ("save_every", "extra", "eager_attention", "compile"):  # speed, not semantics
             d.pop(k)
         return d
 
@@ -162,7 +167,7 @@ def completion_loss(
 ) -> tuple[torch.Tensor, int]:
     """Summed CE over label positions (and their count), logits only at those positions."""
     backbone, head = _backbone_and_head(model)
-    hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, T, H)
+    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
     target = labels[:, 1:]  # token t+1 is predicted at position t
     sel = target != -100  # (B, T-1)
     h = hidden[:, :-1][sel]  # (N, H)
@@ -345,6 +350,8 @@ def train(
         if cfg.batch_size % info.world_size:
             raise ValueError(f"--parallel fsdp: batch_size {cfg.batch_size} must be a multiple of the {info.world_size}"
                              " ranks (every rank runs as many forward passes)")
+        if cfg.compile:
+            raise ValueError("--parallel fsdp: compiled blocks are not supported under sharding; use --compile off")
         if cfg.optimizer != "adamw":
             raise ValueError(f"--parallel fsdp: optimizer {cfg.optimizer!r} cannot step sharded parameters; use adamw")
         from .fsdp import full_tensor, set_gradient_sync, shard_as, shard_for_training
@@ -370,6 +377,7 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    compiling = ExitStack()
     model.train()
     metrics_log = (out / "metrics.jsonl").open("a") if info.is_main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and info.is_main))
@@ -377,6 +385,7 @@ def train(
     device = next(model.parameters()).device  # device-agnostic: batches follow the model (CPU here, CUDA for users)
     use_bf16 = cfg.bf16
     try:
+        compiling.enter_context(compiled_blocks(model, cfg.compile))
         while step < total_steps:
             epoch, k = divmod(step, steps_per_epoch)
             g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -433,6 +442,7 @@ def train(
                     state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key()}
                     _save_checkpoint(ckpt, tensors, state)
     finally:
+        compiling.close()
         bar.close()
         if metrics_log is not None:
             metrics_log.close()

@@ -52,6 +52,7 @@ def train(
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
     bf16: bool = True,
     grad_checkpointing: bool = False,
+    compile: Literal["auto", "on", "off"] = "auto",
     max_samples: int = 0,
     val_samples: int = 200,
     max_len: int = 384,
@@ -89,6 +90,8 @@ def train(
         optimizer: adamw, adamw8bit (blockwise 8-bit moments), paged_adamw8bit (bitsandbytes, CUDA).
         bf16: bf16 autocast compute.
         grad_checkpointing: recompute activations in backward to save memory.
+        compile: torch.compile the decoder blocks while training (about 2x faster on SmolLM2 on CPU, after a
+            one-time compile of ~40 s); auto = on for models of 50M+ parameters, off under --parallel fsdp.
         max_samples: use at most this many training rows (0 = all).
         val_samples: validation rows for the per-epoch validation loss.
         max_len: token cap per example.
@@ -154,9 +157,11 @@ def train(
     def save_best(folder: Path, metrics: dict) -> None:
         save_adapter(m, folder, {**provenance, "metrics": metrics})
 
+    from ..compiled import resolve_compile
     from ..distributed import device_for
 
     m.to(device_for(dist_info))  # this rank's GPU when CUDA is present (NCCL), else stays on the CPU
+    cfg.compile = resolve_compile(compile, m) and not (compile == "auto" and dist_info.fsdp)
     summary = run_train(m, enc_train, enc_val, cfg, out, tok.pad_token_id, save_best, resume=resume,
                         dist_info=dist_info)
     if not dist_info.is_main:
