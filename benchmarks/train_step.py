@@ -41,7 +41,6 @@ def _rows(tok, n: int = 64):
 
 
 def _batches(enc, bsz: int):
-    import torch
 
     from restora.train import _collate
 

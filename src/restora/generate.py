@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .decode import LeanDecoder, supports
+from .packed import can_pack, packed_linears
+
 __all__ = ["greedy_generate"]
 
 
@@ -54,8 +57,14 @@ def greedy_generate(
     row_adapters: Sequence[int] | None = None,
     set_rows: Callable[[nn.Module, torch.Tensor], None] | None = None,
     progress: bool = False,
+    lean: bool = True,
 ) -> list[str]:
-    """Greedy completions of `prompts` (in order), each cut at its first stop string."""
+    """Greedy completions of `prompts` (in order), each cut at its first stop string.
+
+    `lean` decodes Llama-family models through restora.decode's static-cache forward (others, or
+    lean=False, through the model's own forward). With bf16 on a CPU that has it, float base
+    layers run on pre-packed bf16 weights while decoding (restora.packed).
+    """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if row_adapters is not None and (set_rows is None or len(row_adapters) != len(prompts)):
@@ -64,9 +73,29 @@ def greedy_generate(
     model.eval()  # decoding never uses dropout; the caller's mode is restored at the end
     try:
         return _generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, bf16, add_special_tokens,
-                         row_adapters, set_rows, progress)
+                         row_adapters, set_rows, progress, lean)
     finally:
         model.train(was_training)
+
+
+def _finished(
+    tokenizer: Any, next_tok: torch.Tensor, alive: list[int], out_tokens: list[list[int]], stop: Sequence[str],
+    max_new_tokens: int,
+) -> torch.Tensor:
+    """Append each alive row's new token; (len(alive),) bool: the row hit EOS, a stop string or the token cap."""
+    eos = tokenizer.eos_token_id
+    done = torch.zeros(len(alive), dtype=torch.bool)
+    for j, r in enumerate(alive):
+        t = int(next_tok[j])
+        if t == eos:
+            done[j] = True
+            continue
+        out_tokens[r].append(t)
+        if stop and _cut_at_stop(tokenizer.decode(out_tokens[r][-16:]), stop)[1]:
+            done[j] = True
+        elif len(out_tokens[r]) >= max_new_tokens:
+            done[j] = True
+    return done
 
 
 def _generate(
@@ -81,6 +110,7 @@ def _generate(
     row_adapters: Sequence[int] | None,
     set_rows: Callable[[nn.Module, torch.Tensor], None] | None,
     progress: bool,
+    lean: bool,
 ) -> list[str]:
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -89,56 +119,88 @@ def _generate(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
     results: list[str] = [""] * len(prompts)
     use_bf16 = bf16 and device.type == "cpu"
-    for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
-        rows = order[a : a + batch_size]
-        T = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), T), pad, dtype=torch.long)
-        mask = torch.zeros((len(rows), T), dtype=torch.long)
-        for j, i in enumerate(rows):  # left padding
-            ids[j, T - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[j, T - len(encoded[i]) :] = 1
-        ids, mask = ids.to(device), mask.to(device)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
-        alive = torch.arange(len(rows), device=device)  # batch row -> index into `rows`
-        if row_adapters is not None and set_rows is not None:
-            set_rows(model, torch.tensor([row_adapters[i] for i in rows], device=device))
-        out_tokens: list[list[int]] = [[] for _ in rows]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-            res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-            cache = res.past_key_values
-            next_tok = res.logits[:, -1].argmax(-1)  # (B,)
-            last_pos = pos[:, -1]
-            for _ in range(max_new_tokens):
-                done = torch.zeros(len(alive), dtype=torch.bool)
-                for j, r in enumerate(alive.tolist()):
-                    t = int(next_tok[j])
-                    if t == eos:
-                        done[j] = True
-                        continue
-                    out_tokens[r].append(t)
-                    if stop and _cut_at_stop(tokenizer.decode(out_tokens[r][-16:]), stop)[1]:
-                        done[j] = True
-                    elif len(out_tokens[r]) >= max_new_tokens:
-                        done[j] = True
-                if done.all():
-                    break
-                keep = (~done).nonzero().flatten().to(device)
-                if len(keep) < len(alive):
-                    alive, next_tok, mask, last_pos = alive[keep], next_tok[keep], mask[keep], last_pos[keep]
-                    cache = _select_cache(cache, keep)
-                    if row_adapters is not None and set_rows is not None:
-                        set_rows(model, torch.tensor([row_adapters[rows[r]] for r in alive.tolist()], device=device))
-                mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
-                last_pos = last_pos + 1
-                res = model(
-                    input_ids=next_tok[:, None],
-                    attention_mask=mask,
-                    position_ids=last_pos[:, None],
-                    past_key_values=cache,
-                    use_cache=True,
-                )
-                cache = res.past_key_values
-                next_tok = res.logits[:, -1].argmax(-1)
-        for j, i in enumerate(rows):
-            results[i] = _cut_at_stop(tokenizer.decode(out_tokens[j], skip_special_tokens=True), stop)[0]
+    decode = _decode_lean if lean and supports(model) else _decode_hf
+    with packed_linears(model, min(batch_size, len(prompts)), enabled=use_bf16 and can_pack(device)):
+        for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
+            rows = order[a : a + batch_size]
+            T = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(rows), T), dtype=torch.long)
+            for j, i in enumerate(rows):  # left padding
+                ids[j, T - len(encoded[i]) :] = torch.tensor(encoded[i])
+                mask[j, T - len(encoded[i]) :] = 1
+            ids, mask = ids.to(device), mask.to(device)
+
+            def adapters_of(alive: list[int], rows: list[int] = rows) -> None:
+                if row_adapters is not None and set_rows is not None:
+                    set_rows(model, torch.tensor([row_adapters[rows[r]] for r in alive], device=device))
+
+            adapters_of(list(range(len(rows))))
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
+                out_tokens = decode(model, tokenizer, ids, mask, max_new_tokens, stop, adapters_of)
+            for j, i in enumerate(rows):
+                results[i] = _cut_at_stop(tokenizer.decode(out_tokens[j], skip_special_tokens=True), stop)[0]
     return results
+
+
+Rows = Callable[[list[int]], None]  # (batch rows still decoding) -> set their adapters
+
+
+def _decode_lean(
+    model: nn.Module, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+    stop: Sequence[str], adapters_of: Rows,
+) -> list[list[int]]:
+    """Greedy tokens of each row through restora.decode's static-cache forward."""
+    B, T = ids.shape
+    dec = LeanDecoder(model, B, T + max_new_tokens)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
+    next_tok = dec.forward(ids, pos, mask.bool()).argmax(-1)  # (B,)
+    last_pos = pos[:, -1]
+    alive = list(range(B))  # batch row -> row of `ids`
+    out_tokens: list[list[int]] = [[] for _ in range(B)]
+    for _ in range(max_new_tokens):
+        done = _finished(tokenizer, next_tok, alive, out_tokens, stop, max_new_tokens)
+        if done.all():
+            break
+        if done.any():
+            keep = (~done).nonzero().flatten().to(ids.device)
+            alive = [alive[j] for j in keep.tolist()]
+            next_tok, last_pos = next_tok[keep], last_pos[keep]
+            dec.keep_rows(keep)
+            adapters_of(alive)
+        last_pos = last_pos + 1
+        real = torch.ones((len(alive), 1), dtype=torch.bool, device=ids.device)
+        next_tok = dec.forward(next_tok[:, None], last_pos[:, None], real).argmax(-1)
+    return out_tokens
+
+
+def _decode_hf(
+    model: nn.Module, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+    stop: Sequence[str], adapters_of: Rows,
+) -> list[list[int]]:
+    """Greedy tokens of each row through the model's own forward and transformers' KV cache."""
+    device = ids.device
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
+    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+    cache = res.past_key_values
+    next_tok = res.logits[:, -1].argmax(-1)  # (B,)
+    last_pos = pos[:, -1]
+    alive = list(range(ids.shape[0]))
+    out_tokens: list[list[int]] = [[] for _ in alive]
+    for _ in range(max_new_tokens):
+        done = _finished(tokenizer, next_tok, alive, out_tokens, stop, max_new_tokens)
+        if done.all():
+            break
+        if done.any():
+            keep = (~done).nonzero().flatten().to(device)
+            alive = [alive[j] for j in keep.tolist()]
+            next_tok, mask, last_pos = next_tok[keep], mask[keep], last_pos[keep]
+            cache = _select_cache(cache, keep)
+            adapters_of(alive)
+        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+        last_pos = last_pos + 1
+        res = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                    past_key_values=cache, use_cache=True)
+        cache = res.past_key_values
+        next_tok = res.logits[:, -1].argmax(-1)
+    return out_tokens

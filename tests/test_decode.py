@@ -1,0 +1,140 @@
+"""The lean decoder reproduces transformers' forward; generation through it gives the same tokens."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+from restora.adapters import LoRAConfig, add_lora
+from restora.decode import LeanDecoder, supports
+from restora.generate import greedy_generate
+from restora.packed import PackedLinear, can_pack, packed_linears
+from restora.quant import QuantSpec, quantize_model
+
+
+def _tiny(kind: str) -> nn.Module:
+    if kind == "llama":
+        return tiny_llama()
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128)
+    torch.manual_seed(0)
+    if kind == "qwen2":  # q/k/v biases, untied head
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        return Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False)).eval()
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(**common, sliding_window=None)).eval()
+
+
+def _left_padded(lengths: list[int], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    T = max(lengths)
+    ids = torch.zeros((len(lengths), T), dtype=torch.long)
+    mask = torch.zeros((len(lengths), T), dtype=torch.long)
+    for j, n in enumerate(lengths):
+        ids[j, T - n :] = torch.randint(1, 256, (n,), generator=g)
+        mask[j, T - n :] = 1
+    return ids, mask
+
+
+def _hf_last_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1]
+
+
+def _check_against_hf(model: nn.Module, lengths: list[int], steps: int = 4, atol: float = 1e-5) -> None:
+    """Prefill + `steps` single-token steps of the lean decoder equal HF's full forward at every step."""
+    ids, mask = _left_padded(lengths)
+    dec = LeanDecoder(model, len(lengths), ids.shape[1] + steps)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = dec.forward(ids, pos, mask.bool())
+    torch.testing.assert_close(logits, _hf_last_logits(model, ids, mask), atol=atol, rtol=0)
+    last = pos[:, -1]
+    for step in range(steps):
+        nxt = logits.argmax(-1)
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        last = last + 1
+        logits = dec.forward(nxt[:, None], last[:, None], torch.ones_like(nxt[:, None], dtype=torch.bool))
+        torch.testing.assert_close(logits, _hf_last_logits(model, ids, mask), atol=atol, rtol=0, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+def test_lean_forward_matches_transformers(kind):
+    model = _tiny(kind)
+    assert supports(model)
+    _check_against_hf(model, [5, 9, 1])  # ragged, one row a single token: left padding everywhere
+
+
+def test_lean_forward_quantized_base_with_lora():
+    """Layers are called, never opened: a quantized base under an adapter decodes as HF runs it."""
+    model = tiny_llama()
+    quantize_model(model, QuantSpec("rtn", 4, group_size=32), progress=False)
+    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    _check_against_hf(model, [6, 3], steps=3)
+
+
+def test_lean_decoder_drops_rows():
+    model = tiny_llama()
+    ids, mask = _left_padded([4, 7, 6])
+    dec = LeanDecoder(model, 3, 12)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    nxt = dec.forward(ids, pos, mask.bool()).argmax(-1)
+    keep = torch.tensor([0, 2])
+    dec.keep_rows(keep)
+    logits = dec.forward(nxt[keep, None], pos[keep, -1:] + 1, torch.ones((2, 1), dtype=torch.bool))
+    ids2 = torch.cat([ids[keep], nxt[keep, None]], 1)
+    mask2 = torch.cat([mask[keep], torch.ones((2, 1), dtype=torch.long)], 1)
+    torch.testing.assert_close(logits, _hf_last_logits(model, ids2, mask2), atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="cache holds 12 positions, asked for 13"):
+        dec.forward(torch.ones((2, 5), dtype=torch.long), torch.zeros((2, 5), dtype=torch.long),
+                    torch.ones((2, 5), dtype=torch.bool))  # 8 filled + 5
+
+
+def test_supports_only_what_it_reproduces():
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    assert not supports(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)))
+    windowed = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                num_attention_heads=2, num_key_value_heads=1, sliding_window=16))
+    assert not supports(windowed)
+    with pytest.raises(ValueError, match="not a Llama-family decoder"):
+        LeanDecoder(windowed, 1, 8)
+
+
+def test_generate_lean_equals_transformers_path(tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = ["SELECT name FROM", "a", "Question: how many rows are in the table called heads?", "x y z"]
+    for stop in ((), ("a",)):  # without and with stop strings (rows finish at different steps)
+        kw = dict(max_new_tokens=12, stop=stop, batch_size=3, bf16=False)
+        assert greedy_generate(model, tok, prompts, lean=True, **kw) == greedy_generate(model, tok, prompts, lean=False, **kw)
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
+def test_packed_linears_swap_and_restore():
+    model = tiny_llama()
+    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="attn"))
+    before = dict(model.named_modules())
+    x = torch.randn(3, 64)
+    with packed_linears(model, batch_hint=3) as n:
+        assert n == 2 * 7 + 1  # every base layer (inside the adapters too) and the tied head; not lora_A/B
+        q = model.model.layers[0].self_attn.q_proj
+        assert isinstance(q.base_layer, PackedLinear) and type(q.lora_A) is nn.Linear
+        ref = before["model.layers.0.mlp.up_proj"]
+        got = model.model.layers[0].mlp.up_proj(x)
+        want = torch.nn.functional.linear(x.bfloat16(), ref.weight.bfloat16())
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+    assert dict(model.named_modules()).keys() == before.keys()
+    assert all(m is before[k] for k, m in model.named_modules())  # the very same modules are back
