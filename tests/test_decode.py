@@ -138,3 +138,15 @@ def test_packed_linears_swap_and_restore():
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert dict(model.named_modules()).keys() == before.keys()
     assert all(m is before[k] for k, m in model.named_modules())  # the very same modules are back
+
+
+def test_compiled_decode_steps_match_eager(tiny_dir):
+    """compile=True runs one-token steps through one torch.compile'd graph of all blocks: same tokens."""
+    pytest.importorskip("torch._inductor")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = ["SELECT name FROM", "a", "Question: how many rows are in the table called heads?"]
+    kw = dict(max_new_tokens=10, stop=("a",), batch_size=3, bf16=False)
+    assert greedy_generate(model, tok, prompts, compile=True, **kw) == greedy_generate(model, tok, prompts, **kw)

@@ -18,6 +18,11 @@ The mask lets a query see every earlier non-padding key and always itself (a lef
 query then attends to itself instead of to nothing, which would be NaN). Rows are left
 padded and carry explicit positions, so each row decodes exactly as it would alone.
 
+With `compile=True` the one-token steps run all blocks as one torch.compile'd graph with
+dynamic shapes (one compile serves every cache length and batch size); the prompt pass
+stays eager. It trims the remaining per-op overhead (SmolLM2-135M, 4-bit base, batch 1,
+one thread: 43 against 35 tokens/s) after a one-time compile of about a minute.
+
 Supported: model types in `LEAN_MODEL_TYPES` with plain RMSNorm and no sliding window;
 `supports(model)` says whether a model qualifies (restora.generate falls back to
 transformers' forward otherwise).
@@ -25,6 +30,7 @@ transformers' forward otherwise).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -76,10 +82,32 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
+def _block(
+    block: nn.Module, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, keys: torch.Tensor,
+    values: torch.Tensor, s: int, e: int, shape: tuple[int, int, int], gqa: bool, scaling: float, act: Callable,
+) -> torch.Tensor:
+    """One decoder block on h (B, T, H) for cache positions [s, e); writes its keys/values into the cache."""
+    heads, kv_heads, head_dim = shape
+    B, T, _ = h.shape
+    attn, mlp = block.self_attn, block.mlp
+    x = _rms_norm(block.input_layernorm, h)
+    q = attn.q_proj(x).view(B, T, heads, head_dim).transpose(1, 2)  # (B, Hq, T, D)
+    k = attn.k_proj(x).view(B, T, kv_heads, head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+    v = attn.v_proj(x).view(B, T, kv_heads, head_dim).transpose(1, 2)
+    q, k = _rope(q, cos, sin), _rope(k, cos, sin)
+    keys[:, :, s:e] = k
+    values[:, :, s:e] = v
+    a = F.scaled_dot_product_attention(q.to(keys.dtype), keys[:, :, :e], values[:, :, :e], attn_mask=mask,
+                                       scale=scaling, enable_gqa=gqa)  # (B, Hq, T, D)
+    h = h + attn.o_proj(a.transpose(1, 2).reshape(B, T, heads * head_dim))
+    x = _rms_norm(block.post_attention_layernorm, h)
+    return h + mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
 class LeanDecoder:
     """A static-cache forward over a Llama-family causal LM, for `batch` rows of up to `max_len` tokens."""
 
-    def __init__(self, model: nn.Module, batch: int, max_len: int) -> None:
+    def __init__(self, model: nn.Module, batch: int, max_len: int, compile: bool = False) -> None:
         if not supports(model):
             raise ValueError(f"{type(model).__name__}: not a Llama-family decoder the lean forward supports")
         cfg = model.config
@@ -90,6 +118,9 @@ class LeanDecoder:
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.heads
         self.act = ACT2FN[cfg.hidden_act]
+        self.shape = (self.heads, self.kv_heads, self.head_dim)
+        self.gqa = self.kv_heads != self.heads  # a bool: under dynamic shapes ints would turn symbolic
+        self.step: Callable | None = torch.compile(self._blocks, dynamic=True) if compile else None  # one-token steps
         self.scaling = [getattr(b.self_attn, "scaling", self.head_dim**-0.5) for b in self.blocks]
         device = next(model.parameters()).device
         self.capacity = max_len
@@ -109,6 +140,13 @@ class LeanDecoder:
                 store[i] = fresh
         self.valid = self.valid[keep]
 
+    def _blocks(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, s: int,
+                e: int) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            h = _block(block, h, cos, sin, mask, self.keys[i], self.values[i], s, e, self.shape, self.gqa, self.scaling[i],
+                       self.act)
+        return h
+
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
         """Append tokens ids (B, T) at `positions` (B, T); `real` (B, T) marks non-padding. Returns last logits (B, V)."""
@@ -125,25 +163,12 @@ class LeanDecoder:
         h = self.inner.embed_tokens(ids)  # (B, T, H)
         cos, sin = self.inner.rotary_emb(h, positions)  # (B, T, D) each
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D): broadcast over heads
-        for i, block in enumerate(self.blocks):
-            attn, mlp = block.self_attn, block.mlp
-            x = _rms_norm(block.input_layernorm, h)
-            q = attn.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-            k = attn.k_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-            v = attn.v_proj(x).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            q, k = _rope(q, cos, sin), _rope(k, cos, sin)
-            if len(self.keys) <= i:  # first forward: the cache takes the dtype attention will compute in
-                dev = k.device.type
-                dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else k.dtype
-                shape = (B, self.kv_heads, self.capacity, self.head_dim)
-                self.keys.append(k.new_zeros(shape, dtype=dtype))
-                self.values.append(k.new_zeros(shape, dtype=dtype))
-            self.keys[i][:, :, s:e] = k
-            self.values[i][:, :, s:e] = v
-            keys, values = self.keys[i][:, :, :e], self.values[i][:, :, :e]
-            a = F.scaled_dot_product_attention(q.to(keys.dtype), keys, values, attn_mask=mask,
-                                               scale=self.scaling[i], enable_gqa=self.kv_heads != self.heads)
-            h = h + attn.o_proj(a.transpose(1, 2).reshape(B, T, self.heads * self.head_dim))
-            x = _rms_norm(block.post_attention_layernorm, h)
-            h = h + mlp.down_proj(self.act(mlp.gate_proj(x)) * mlp.up_proj(x))
+        if not self.keys:  # first forward: the cache takes the dtype attention will compute in
+            dev = h.device.type
+            dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+            shape = (B, self.kv_heads, self.capacity, self.head_dim)
+            self.keys = [h.new_zeros(shape, dtype=dtype) for _ in self.blocks]
+            self.values = [h.new_zeros(shape, dtype=dtype) for _ in self.blocks]
+        run = self.step if T == 1 and self.step is not None else self._blocks
+        h = run(h, cos, sin, mask, s, e)
         return self.head(_rms_norm(self.inner.norm, h[:, -1]))  # (B, V)

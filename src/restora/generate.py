@@ -14,6 +14,7 @@ and a `set_rows` callback (restora.adapters' batched forward provides one).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -58,6 +59,7 @@ def greedy_generate(
     set_rows: Callable[[nn.Module, torch.Tensor], None] | None = None,
     progress: bool = False,
     lean: bool = True,
+    compile: bool = False,
 ) -> list[str]:
     """Greedy completions of `prompts` (in order), each cut at its first stop string.
 
@@ -73,7 +75,7 @@ def greedy_generate(
     model.eval()  # decoding never uses dropout; the caller's mode is restored at the end
     try:
         return _generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, bf16, add_special_tokens,
-                         row_adapters, set_rows, progress, lean)
+                         row_adapters, set_rows, progress, lean, compile)
     finally:
         model.train(was_training)
 
@@ -111,6 +113,7 @@ def _generate(
     set_rows: Callable[[nn.Module, torch.Tensor], None] | None,
     progress: bool,
     lean: bool,
+    compile: bool,
 ) -> list[str]:
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -119,7 +122,7 @@ def _generate(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
     results: list[str] = [""] * len(prompts)
     use_bf16 = bf16 and device.type == "cpu"
-    decode = _decode_lean if lean and supports(model) else _decode_hf
+    decode = partial(_decode_lean, compile=compile) if lean and supports(model) else _decode_hf
     with packed_linears(model, min(batch_size, len(prompts)), enabled=use_bf16 and can_pack(device)):
         for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[a : a + batch_size]
@@ -148,11 +151,11 @@ Rows = Callable[[list[int]], None]  # (batch rows still decoding) -> set their a
 
 def _decode_lean(
     model: nn.Module, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-    stop: Sequence[str], adapters_of: Rows,
+    stop: Sequence[str], adapters_of: Rows, compile: bool = False,
 ) -> list[list[int]]:
     """Greedy tokens of each row through restora.decode's static-cache forward."""
     B, T = ids.shape
-    dec = LeanDecoder(model, B, T + max_new_tokens)
+    dec = LeanDecoder(model, B, T + max_new_tokens, compile)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
     next_tok = dec.forward(ids, pos, mask.bool()).argmax(-1)  # (B,)
     last_pos = pos[:, -1]
