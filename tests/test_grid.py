@@ -135,3 +135,24 @@ def test_malformed_config_names_the_key(tmp_path, tiny_dir):
     p.write_text(CONFIG.format(model=tiny_dir).replace('tasks = ["sql"]', ""))
     with pytest.raises(ValueError, match="key 'tasks' is missing"):
         load_grid_config(p)
+
+
+def test_plot_has_one_column_per_restoration_mode(tmp_path):
+    pytest.importorskip("matplotlib")
+    from PIL import Image
+
+    from restora.grid_report import _modes, _plot
+
+    cells = []
+    for mode, loss in (("plain", 0.6), ("bias-correct", 0.55), ("mean-match", 0.5), ("auto", 0.5)):
+        for k in (3, 4):
+            for level in (k, 16):
+                if mode != "plain" and level == k:
+                    continue  # only plain cells exist at the adapter's own base
+                cells.append({"task": "sql", "method": "gptq", "train_bits": k, "restore_bits": level,
+                              "restore_mode": mode, "test_log_loss": loss + k / 100})
+    cells.append({"task": "sql", "method": "lora", "train_bits": 16, "restore_bits": 16, "test_log_loss": 0.4})
+    assert _modes(cells) == ["plain", "bias-correct", "mean-match"]  # auto picks among them: not a column
+    assert _plot(cells, tmp_path / "plr.png")
+    width, height = Image.open(tmp_path / "plr.png").size
+    assert width == 3 * 550 and height == 400  # 3 mode columns x 1 (task, metric) row at 100 dpi

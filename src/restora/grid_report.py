@@ -141,7 +141,14 @@ def modes_table(cells: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _modes(cells: list[dict[str, Any]]) -> list[str]:
+    """Restoration modes to plot, one column each: plain first ("auto" picks among the others)."""
+    found = {c.get("restore_mode", "plain") for c in cells} - {"auto", "plain"}
+    return ["plain", *sorted(found)]
+
+
 def _plot(cells: list[dict[str, Any]], path: Path) -> bool:
+    """One panel per (task, metric) row and restoration-mode column; a line per adapter (method, k)."""
     try:
         import matplotlib
 
@@ -151,39 +158,44 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> bool:
         return False
     tasks = sorted({c["task"] for c in cells})
     metric = main_metric(cells)
-    panels = ([metric] if metric else []) + ["test_log_loss"]
-    fig, axes = plt.subplots(len(tasks), len(panels), figsize=(5.5 * len(panels), 4 * len(tasks)), squeeze=False)
-    for r, task in enumerate(tasks):
-        tcells = [c for c in cells if c["task"] == task]
-        for col, m in enumerate(panels):
+    panels = [(task, m) for task in tasks for m in ([metric] if metric else []) + ["test_log_loss"]]
+    modes = _modes(cells)
+    adapters = sorted({(c["method"], c["train_bits"]) for c in cells if c["train_bits"] != 16}, key=lambda a: (-a[1], a[0]))
+    colour = {a: plt.get_cmap("tab20")(i % 20) for i, a in enumerate(adapters)}  # one colour per adapter, every panel
+    fig, axes = plt.subplots(len(panels), len(modes), figsize=(5.5 * len(modes), 4 * len(panels)), squeeze=False,
+                             sharey="row")
+    for r, (task, m) in enumerate(panels):
+        # (method, k) -> restore bits -> values, per mode; the plain cell at l = k is every mode's start
+        by_mode: dict[str, dict[tuple[str, int], dict[int, list[float]]]] = defaultdict(
+            lambda: defaultdict(lambda: defaultdict(list)))
+        for c in cells:
+            v = _value(c, m)
+            if c["task"] == task and v is not None:
+                by_mode[c.get("restore_mode", "plain")][(c["method"], c["train_bits"])][c["restore_bits"]].append(
+                    v if m == "test_log_loss" else 100 * v)
+        for col, mode in enumerate(modes):
             ax = axes[r][col]
-            lines: dict[tuple[str, int], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-            for c in tcells:
-                v = _value(c, m)
-                mode = c.get("restore_mode", "plain")
-                if v is not None and mode != "auto":
-                    key = (c["method"] if mode == "plain" else f"{c['method']} {mode}", c["train_bits"])
-                    lines[key][c["restore_bits"]].append(v if m == "test_log_loss" else 100 * v)
-            for (name, k), pts in list(lines.items()):  # a mode's line starts at the adapter's own base
-                method = name.split(" ")[0]
-                if name != method and k in lines.get((method, k), {}):
-                    pts.setdefault(k, lines[(method, k)][k])
+            lines = by_mode[mode]
+            for key, own in by_mode["plain"].items():
+                if key[1] in own and key in lines:
+                    lines[key].setdefault(key[1], own[key[1]])
+            for (method, k), pts in sorted(by_mode["plain"].items(), key=lambda kv: -kv[0][1]):
+                if k == 16:  # the 16-bit adapter: a reference in every panel
+                    ax.axhline(_mean(pts[16]), color="black", linestyle="--", label=f"{method} 16-bit (reference)")
             for (method, k), pts in sorted(lines.items(), key=lambda kv: -kv[0][1]):
-                xs = sorted(pts)
-                ys = [_mean(pts[x]) for x in xs]
-                if k == 16:
-                    ax.axhline(ys[0], color="black", linestyle="--", label=f"{method} 16-bit (reference)")
-                else:
-                    ax.plot(xs, ys, marker="o", label=f"{method} trained at {k} bits")
+                if k != 16:
+                    xs = sorted(pts)
+                    ax.plot(xs, [_mean(pts[x]) for x in xs], marker="o", color=colour[(method, k)],
+                            label=f"{method} trained at {k} bits")
             ax.set_xlabel("restore bits l (base precision at inference)")
             ax.set_ylabel("test log loss (nats/token)" if m == "test_log_loss" else f"{m} (%)")
             ax.set_xscale("log", base=2)
             ax.set_xticks([2, 3, 4, 8, 16], labels=["2", "3", "4", "8", "16"])
-            ax.set_title(f"{Path(task).stem}: {'log loss' if m == 'test_log_loss' else m}")
+            ax.set_title(f"{Path(task).stem}, {mode}: {'log loss' if m == 'test_log_loss' else m}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
