@@ -176,7 +176,7 @@ def generate(
         else:
             from .restoring import restored
 
-            loaded, _ = restored(adapter, bits or 16, format, None, model, "source", force, 500, restore_mode,
+            loaded, _, _ = restored(adapter, bits or 16, format, None, model, "source", force, 500, restore_mode,
                                  restore_layers, restore_modules, 64, None)
     else:
         loaded = load_model(model)

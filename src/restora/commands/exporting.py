@@ -86,7 +86,7 @@ def export(
         export_peft(src, dest, model, force)
         print(f"wrote {dest}: PEFT LoRA folder on the 16-bit source (PLR16); serve: {_serve_hint(dest)}")
         return 0
-    loaded, info = restored(adapter, bits, format, group_size, model, "source", force, calib_samples, restore_mode,
+    loaded, info, _ = restored(adapter, bits, format, group_size, model, "source", force, calib_samples, restore_mode,
                             restore_layers, restore_modules, calib_rows, data_dir)
     record = {"source": loaded.source, "source_hash": loaded.source_hash, "adapter": str(src.resolve()),
               "restore": info.restore_spec.to_dict(), "restore_mode": restore_mode, "dtype": dtype,
