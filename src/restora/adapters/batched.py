@@ -213,28 +213,22 @@ class MultiLoRALinear(nn.Module):
         y = self.base_layer(xc)  # (B, T, out)
         if c["l_out"] is not None:
             y = (y * c["l_out"]).to(y.dtype)
-        if c["r"] > 0 and lora_dtype != dtype:
-            with torch.autocast(device, enabled=False):  # autocast would cast the fp32 matmuls back to bf16
-                y = y + self._lora_term(c, x3.to(lora_dtype)).to(y.dtype)
-        elif c["r"] > 0:
-            xl = xc
-            # Accumulate into the base's fresh output in place (no (B, T, out) temporary) unless autograd needs it.
-            inplace = y.dtype == lora_dtype and not y.requires_grad
-            if c["uniform"]:
-                y2 = y.reshape(-1, self.out_features)  # (B·T, out)
-                xa = xl.reshape(-1, self.in_features) @ c["At"]  # (B·T, r)
-                y2 = y2.addmm_(xa, c["Bt"]) if inplace else y2 + (xa @ c["Bt"]).to(y.dtype)
-                y = y2.view(y.shape)
-            else:
-                xa = torch.bmm(xl, c["At"])  # (B, T, r)
-                y = y.baddbmm_(xa, c["Bt"]) if inplace else y + torch.bmm(xa, c["Bt"]).to(y.dtype)
+        if c["r"] > 0:
+            with torch.autocast(device, enabled=False):  # operands are already in lora_dtype: autocast would recast
+                xl = xc if lora_dtype == dtype else x3.to(lora_dtype)
+                # Accumulate into the base's fresh output in place (no (B, T, out) temporary) unless autograd needs it.
+                y = self._add_lora_term(c, xl, y, inplace=y.dtype == lora_dtype and not y.requires_grad)
         return y.reshape(*x.shape[:-1], self.out_features)
 
-    def _lora_term(self, c: dict[str, Any], x3: torch.Tensor) -> torch.Tensor:
-        """s · B A x for every row with its own slot's weights: (B, T, in) -> (B, T, out)."""
-        if c["uniform"]:
-            return (x3.reshape(-1, self.in_features) @ c["At"] @ c["Bt"]).view(*x3.shape[:-1], self.out_features)
-        return torch.bmm(torch.bmm(x3, c["At"]), c["Bt"])  # (B, T, r) -> (B, T, out)
+    def _add_lora_term(self, c: dict[str, Any], x3: torch.Tensor, y: torch.Tensor, inplace: bool) -> torch.Tensor:
+        """y + s · B A x for every row with its own slot's weights, x3 (B, T, in) and y (B, T, out)."""
+        if c["uniform"]:  # every row on one adapter: plain 2-D matmuls
+            y2 = y.reshape(-1, self.out_features)  # (B·T, out)
+            xa = x3.reshape(-1, self.in_features) @ c["At"]  # (B·T, r)
+            y2 = y2.addmm_(xa, c["Bt"]) if inplace else y2 + (xa @ c["Bt"]).to(y.dtype)
+            return y2.view(y.shape)
+        xa = torch.bmm(x3, c["At"])  # (B, T, r)
+        return y.baddbmm_(xa, c["Bt"]) if inplace else y + torch.bmm(xa, c["Bt"]).to(y.dtype)
 
     # -- the adapter interface (AdapterModule) ------------------------------------------------
     def adapter_params(self) -> list[nn.Parameter]:
