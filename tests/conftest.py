@@ -69,3 +69,21 @@ def make_tiny_llama_dir(path, num_hidden_layers: int = 2):
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     return make_tiny_llama_dir(tmp_path_factory.mktemp("tiny"))
+
+
+def kill_at_checkpoint(cmd: list[str], env: dict[str, str], out: Path, step: int = 2, timeout: float = 300) -> int:
+    """Run a training command, SIGKILL it (its whole process group: torchrun and ranks) once OUT's
+    checkpoint has reached `step`; return the step the checkpoint was at when it died."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = Path(out) / "checkpoint" / "trainer.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= step):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return json.loads(state.read_text())["step"]

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from conftest import kill_at_checkpoint
 from safetensors.torch import load_file
 
 from restora.cli import main
@@ -46,8 +47,6 @@ def test_two_ranks_equal_one_process(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_kill_and_resume_under_torchrun(tiny_dir, tmp_path, monkeypatch):
-    import signal
-    import time
 
     monkeypatch.setenv("RESTORA_CACHE", str(tmp_path / "cache"))
     env = dict(os.environ)
@@ -56,15 +55,7 @@ def test_kill_and_resume_under_torchrun(tiny_dir, tmp_path, monkeypatch):
     assert _torchrun([*run, "--out", str(full)], env).returncode == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
            "-m", "restora.cli", *run, "--out", str(killed)]
-    proc = subprocess.Popen(cmd, env={**env, "OMP_NUM_THREADS": "1"}, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "trainer.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 2):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
-    assert 2 <= json.loads(state.read_text())["step"] < 8
+    assert 2 <= kill_at_checkpoint(cmd, {**env, "OMP_NUM_THREADS": "1"}, killed) < 8  # torchrun and both ranks
     p = _torchrun([*run, "--out", str(killed), "--resume"], env)
     assert p.returncode == 0, p.stderr[-2000:]
     a = load_file(str(full / "checkpoint" / "state.safetensors"))

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_checkpoint
 from safetensors.torch import load_file
 
 from restora.cli import main
@@ -127,14 +126,7 @@ def test_kill_and_resume_under_fsdp(tiny_dir, tmp_path, monkeypatch):
     run = ["train", str(tiny_dir), *ARGS, "--max-steps", "8"]
     assert main([*run, "--out", str(full)]) == 0  # reference: one process (2 FSDP ranks equal it, above)
     cmd, env = _torchrun(["-m", "restora.cli", *run, "--parallel", "fsdp", "--out", str(killed)])
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "trainer.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= 2):
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both ranks
-    proc.wait()
-    assert 2 <= json.loads(state.read_text())["step"] < 8
+    assert 2 <= kill_at_checkpoint(cmd, env, killed) < 8  # torchrun and both ranks killed
     p = _run(["-m", "restora.cli", *run, "--parallel", "fsdp", "--out", str(killed), "--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert [r["step"] for r in _losses(killed)][-1] == 8

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import kill_at_checkpoint
 
 from restora.cli import main
 
@@ -111,17 +109,7 @@ def test_resume_after_kill_matches_uninterrupted(tiny_dir, tmp_path):
 
     killed = tmp_path / "killed"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "restora.cli", *args, "--out", str(killed)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = killed / "checkpoint" / "trainer.json"
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        if state.is_file() and json.loads(state.read_text())["step"] >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    step_at_kill = json.loads(state.read_text())["step"]
+    step_at_kill = kill_at_checkpoint([sys.executable, "-m", "restora.cli", *args, "--out", str(killed)], env, killed)
     assert 2 <= step_at_kill < 6, "the run must be killed mid-training"
     assert main([*args, "--out", str(killed), "--resume"]) == 0
     from safetensors.torch import load_file
