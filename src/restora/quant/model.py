@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..mapped import releaser
 from .linear import QuantLinear, is_linear, linear_shape
 from .spec import QuantSpec
 
@@ -82,6 +83,9 @@ def quantize_model(
         if not calibration:
             raise ValueError("gptq needs calibration data: pass calibration rows (e.g. --calib-task sql)")
         return gptq_quantize_model(model, spec, calibration, progress=progress)
+    drop = releaser()  # a float source memory-mapped from its file: its pages leave RSS layer by layer
     for name in tqdm(names, desc=f"quantize {spec.label()}", disable=not progress, leave=False):
-        set_module(model, name, QuantLinear.from_linear(model.get_submodule(name), spec))
+        old = model.get_submodule(name)
+        set_module(model, name, QuantLinear.from_linear(old, spec))
+        drop(t for t in (getattr(old, "weight", None), getattr(old, "bias", None)) if isinstance(t, torch.Tensor))
     return model

@@ -1,0 +1,85 @@
+"""Recomputed training attention: bit-identical to eager, and no (T, T) map kept for the backward pass."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch import nn
+
+from restora.adapters import LoRAConfig, add_lora
+from restora.attention import RECOMPUTE, register, training_attention
+from restora.train import _set_attention, completion_loss
+
+B, T = 3, 13
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 256, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :5] = -100  # prompt
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0  # a right-padded row
+    labels[0, 9:] = -100
+    return ids, labels, mask
+
+
+def _model(impl: str) -> nn.Module:
+    model = tiny_llama()
+    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # B = 0 would leave lora_A without gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=g)
+    _set_attention(model, impl)
+    return model.train()
+
+
+def _step(impl: str, bf16: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[int, ...]]]:
+    model = _model(impl)
+    shapes: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        s, _ = completion_loss(model, *_batch())
+    s.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return s.detach(), grads, shapes
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_same_loss_and_gradients_as_eager(bf16):
+    loss, grads, _ = _step("eager", bf16)
+    loss_r, grads_r, _ = _step(register(), bf16)
+    assert torch.equal(loss, loss_r)
+    assert grads.keys() == grads_r.keys() and len(grads) == 2 * 7 * 2  # A and B of 7 layers x 2 blocks
+    for n, g in grads.items():
+        assert torch.equal(g, grads_r[n]), n
+
+
+def test_no_attention_map_saved_for_backward():
+    maps = lambda shapes: [s for s in shapes if len(s) == 4 and s[-2:] == (T, T) and s[1] > 1]  # (B, heads, T, T)
+    assert maps(_step("eager", True)[2])  # eager keeps them, so the check below can fail
+    assert not maps(_step(register(), True)[2])
+
+
+def test_no_grad_forward_matches_eager():
+    ids, _, mask = _batch()
+    with torch.no_grad():
+        want = _model("eager")(input_ids=ids, attention_mask=mask).logits
+        got = _model(register())(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(want, got)
+
+
+def test_training_attention_names():
+    assert training_attention(tiny_llama()) == RECOMPUTE
+
+    class Plain(nn.Module):  # its module (this test file) has no eager_attention_forward
+        pass
+
+    assert training_attention(Plain()) == "eager"
