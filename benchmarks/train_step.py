@@ -70,14 +70,17 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
         from restora.train import completion_loss
 
         if name.startswith("restora-bf16"):
-            model.to(torch.bfloat16)
+            from restora.mapped import to_dtype
+
+            to_dtype(model, torch.bfloat16)  # as `restora train`: the fp32 file's pages dropped as they convert
         else:
             spec = QuantSpec("nf4", 4, 64) if name.startswith("restora-nf4") else QuantSpec("rtn", 4, 64)
             quantize_model(model, spec, progress=False)
         add_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all"))
+        from restora.attention import training_attention
         from restora.train import _set_attention
 
-        _set_attention(model, "eager")  # what restora's trainer does on CPU
+        _set_attention(model, training_attention(model))  # what restora's trainer does on CPU
         if not name.endswith("-eager"):
             from restora.compiled import compiled_blocks
 

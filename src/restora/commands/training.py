@@ -134,7 +134,9 @@ def train(
         barrier(dist_info)
     m, tok = loaded.model, loaded.tokenizer
     if bf16 and choice.spec.is_float and init != "loftq":
-        m.to(torch.bfloat16)  # a 16-bit float base, as PEFT's bf16 runs; adapters stay fp32
+        from ..mapped import to_dtype
+
+        to_dtype(m, torch.bfloat16)  # a 16-bit float base, as PEFT's bf16 runs (the fp32 file's pages dropped as it goes)
     torch.manual_seed(seed)  # adapter init must not depend on how the base was built (cache or not)
     if adapter == "lora":
         lcfg = LoRAConfig(r=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
@@ -271,20 +273,11 @@ def eval(
     choice = _base_choice(format or "float", bits, group_size, task, calib_samples, seed)
     trained_on = None
     if adapter:
-        from ..restore import restore_base
+        from .restoring import restored
 
-        restoration = None
-        if restore_mode == "plain":
-            loaded, rinfo = restore_base(adapter, bits, format, group_size, model=model,
-                                         force=force, calib_task=task, calib_samples=calib_samples, seed=seed,
-                                         data_dir=data_dir)
-        else:
-            from ..restoration import RestorationMode, restore_with_mode
-
-            mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,),
-                                   min_gain=auto_min_gain)
-            loaded, rinfo, restoration = restore_with_mode(adapter, bits, mode, format, model=model, force=force,
-                                                           data_dir=data_dir, seed=seed)
+        loaded, rinfo, restoration = restored(adapter, bits, format, group_size, model, "source", force, calib_samples,
+                                              restore_mode, restore_layers, restore_modules, calib_rows, data_dir,
+                                              auto_min_gain, calib_task=task, seed=seed, quiet=True)
         trained_on = rinfo.train_spec.to_dict() if rinfo.train_spec else None
         choice = replace(choice, spec=rinfo.restore_spec)  # what restore built (auto may keep the k-bit base)
     else:
