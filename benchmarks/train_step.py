@@ -8,6 +8,8 @@ is per configuration, and prints one table with the ratios:
     restora nf4 base       same adapter over restora's NF4 (blockwise 64) base
     restora rtn4 base      same over uniform 4-bit (group 64)
     restora ... eager      the same without torch.compile (`--compile off`)
+    restora ... ckpt       the same with activation checkpointing of whole decoder blocks
+                           (`restora train --grad-checkpointing`)
     peft bf16              transformers + peft LoRA, bf16 model, HF loss (labels, prompt masked)
     peft + bnb nf4         transformers + bitsandbytes 4-bit (CPU) + peft LoRA
 
@@ -29,8 +31,8 @@ import subprocess
 import sys
 import time
 
-CONFIGS = ["restora-bf16", "restora-nf4", "restora-rtn4", "restora-bf16-eager", "restora-rtn4-eager", "peft-bf16",
-           "peft-bnb-nf4"]
+CONFIGS = ["restora-bf16", "restora-nf4", "restora-rtn4", "restora-bf16-eager", "restora-rtn4-eager", "restora-bf16-ckpt",
+           "restora-rtn4-ckpt", "peft-bf16", "peft-bnb-nf4"]
 
 
 def _rows(tok, n: int = 64):
@@ -80,7 +82,11 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
         from restora.attention import training_attention
         from restora.train import _set_attention
 
-        _set_attention(model, training_attention(model))  # what restora's trainer does on CPU
+        ckpt = name.endswith("-ckpt")
+        _set_attention(model, "eager" if ckpt else training_attention(model))  # what restora's trainer does on CPU
+        if ckpt:  # as restora train --grad-checkpointing
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
         if not name.endswith("-eager"):
             from restora.compiled import compiled_blocks
 

@@ -373,8 +373,9 @@ def train(
         step, best, history = state["step"], state["best_val_loss"], state["history"]
     attn_before = getattr(model.config, "_attn_implementation", None)
     if cfg.eager_attention and next(model.parameters()).device.type == "cpu":
-        # eager: measured faster than SDPA's CPU backward at SFT lengths; its (T, T) maps recomputed in the backward
-        _set_attention(model, training_attention(model))
+        # eager: measured faster than SDPA's CPU backward at SFT lengths; its (T, T) maps recomputed in the
+        # backward (restora.attention), unless whole blocks are recomputed anyway (grad_checkpointing)
+        _set_attention(model, "eager" if cfg.grad_checkpointing else training_attention(model))
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
