@@ -43,7 +43,7 @@ split = "test"
 limit = 60
 max_new_tokens = 48
 batch_size = 16
-restore_modes = ["plain", "bias-correct"]
+restore_modes = ["plain", "mean-match"]
 """
 
 
