@@ -161,7 +161,8 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> bool:
     panels = [(task, m) for task in tasks for m in ([metric] if metric else []) + ["test_log_loss"]]
     modes = _modes(cells)
     adapters = sorted({(c["method"], c["train_bits"]) for c in cells if c["train_bits"] != 16}, key=lambda a: (-a[1], a[0]))
-    colour = {a: plt.get_cmap("tab20")(i % 20) for i, a in enumerate(adapters)}  # one colour per adapter, every panel
+    cmap = plt.get_cmap("tab10" if len(adapters) <= 10 else "tab20")  # tab10: no look-alike neighbours
+    colour = {a: cmap(i % cmap.N) for i, a in enumerate(adapters)}  # one colour per adapter, every panel
     fig, axes = plt.subplots(len(panels), len(modes), figsize=(5.5 * len(modes), 4 * len(panels)), squeeze=False,
                              sharey="row")
     for r, (task, m) in enumerate(panels):
