@@ -150,3 +150,13 @@ def test_compiled_decode_steps_match_eager(tiny_dir):
     prompts = ["SELECT name FROM", "a", "Question: how many rows are in the table called heads?"]
     kw = dict(max_new_tokens=10, stop=("a",), batch_size=3, bf16=False)
     assert greedy_generate(model, tok, prompts, compile=True, **kw) == greedy_generate(model, tok, prompts, **kw)
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
+def test_packing_is_skipped_when_memory_is_short(monkeypatch):
+    import restora.packed as packed
+
+    model = tiny_llama()
+    monkeypatch.setattr(packed, "_available_bytes", lambda: 4 * 2 * 64 * 64)  # a quarter holds less than the weights
+    with packed_linears(model) as n:
+        assert n == 0 and type(model.model.layers[0].mlp.up_proj) is nn.Linear

@@ -9,7 +9,9 @@ for the duration of a `with`, and restores the original modules afterwards.
 
 Only base layers are packed: adapter factors (`lora_A`, `lora_B`, ...) stay as they are, and
 so do quantized layers, which bring their own kernels. The packed copy is bf16 and is
-extra memory while it lives (half the float weights' size if they are fp32, as large if bf16).
+extra memory while it lives (half the float weights' size if they are fp32, as large if bf16),
+so nothing is packed when that copy would take more than a quarter of the memory the system
+reports available (/proc/meminfo): a model chosen to fit a memory budget keeps fitting.
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ class PackedLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, bf16 packed"
 
 
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def _adapter_part(name: str) -> bool:
     return any(part.startswith(("lora_", "ia3_")) for part in name.split("."))
 
@@ -62,6 +75,10 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True) 
                 full = f"{name}.{child_name}" if name else child_name
                 if type(child) is nn.Linear and child.weight.is_floating_point() and not _adapter_part(full):
                     swapped.append((module, child_name, child))
+        need = 2 * sum(c.weight.numel() for c in {id(c): c for _, _, c in swapped}.values())  # bf16 bytes
+        free = _available_bytes()
+        if free is not None and need > free // 4:
+            swapped = []  # the packed copy would crowd the memory the model was sized for: decode unpacked
         packed: dict[int, PackedLinear] = {}  # a weight shared by two modules (tied head) is packed once
         for parent, child_name, child in swapped:
             key = id(child)
