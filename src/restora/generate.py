@@ -123,7 +123,9 @@ def _generate(
     results: list[str] = [""] * len(prompts)
     use_bf16 = bf16 and device.type == "cpu"
     decode = partial(_decode_lean, compile=compile) if lean and supports(model) else _decode_hf
-    with packed_linears(model, min(batch_size, len(prompts)), enabled=use_bf16 and can_pack(device)):
+    # (inductor only takes packed weights as frozen constants: the compiled steps run the plain layers)
+    pack = use_bf16 and can_pack(device) and not (compile and decode is not _decode_hf)
+    with packed_linears(model, min(batch_size, len(prompts)), enabled=pack):
         for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[a : a + batch_size]
             T = max(len(encoded[i]) for i in rows)
