@@ -10,9 +10,14 @@ from transformers import LlamaConfig
 from restora.adapters import LoRAConfig, add_lora
 from restora.optim8bit import AdamW8bit
 from restora.plan import (
-    ModelShape, _layer_activation_bytes, _optimizer_bytes, choose_plan, linear_bytes, parse_budget, plan,
-    plan_memory, serve_candidates,
+    ModelShape,
+    _layer_activation_bytes,
+    _optimizer_bytes,
+    linear_bytes,
+    parse_budget,
+    plan_memory,
 )
+from restora.plan_choice import choose_plan, plan, serve_candidates
 from restora.quant.linear import quantize_weight
 from restora.quant.model import quantize_model
 from restora.quant.spec import QuantSpec

@@ -4,7 +4,7 @@ Each function takes plain typed arguments (documented under "Args:"), does its w
 through the library API, prints a human summary and returns an exit code.
 """
 
-from ..plan import plan
+from ..plan_choice import plan
 from ..serve.command import serve
 from .checkpoints import generate, info, quantize
 from .experiments import demo, grid

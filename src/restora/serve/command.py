@@ -2,7 +2,7 @@
 
 Post LoRA Restoration (SEEDS 000) at serving time: adapters trained on a k-bit base are served
 on the highest-precision base l >= k that fits the server's memory with the adapters it keeps
-resident and the KV cache of a full batch. `--bits auto` asks restora.plan for that l
+resident and the KV cache of a full batch. `--bits auto` asks restora.plan_choice for that l
 (serve_candidates -> choose_plan); the choice and its itemised plan are printed at start and
 reported by GET /health.
 """
@@ -13,7 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from ..plan import MemoryPlan, choose_plan, format_bytes, parse_budget, plan_memory, serve_candidates
+from ..plan import MemoryPlan, format_bytes, parse_budget, plan_memory
+from ..plan_choice import choose_plan, serve_candidates
 from ..quant.spec import QuantSpec
 
 __all__ = ["serve", "build_server", "serve_plan"]
