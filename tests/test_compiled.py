@@ -67,9 +67,13 @@ def test_compiled_blocks_restores_eager_on_error():
     assert all(b._compiled_call_impl is None for b in decoder_blocks(model))
 
 
-def test_resolve_compile():
+def test_resolve_compile(monkeypatch):
     tiny = tiny_llama()
     assert resolve_compile("auto", tiny) is False  # unit-test sized: compiling costs more than it saves
     assert resolve_compile("on", tiny) is True and resolve_compile("off", tiny) is False
     with pytest.raises(ValueError, match="compile must be auto, on or off, got 'yes'"):
         resolve_compile("yes", tiny)  # type: ignore[arg-type]
+    import restora.compiled as compiled
+
+    monkeypatch.setattr(compiled, "AUTO_MIN_PARAMS", 0)  # every model "large enough"
+    assert resolve_compile("auto", tiny) is True and resolve_compile("auto", tiny, sharded=True) is False

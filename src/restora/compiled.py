@@ -41,12 +41,15 @@ def _can_compile(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def resolve_compile(mode: CompileMode, model: nn.Module) -> bool:
-    """Whether to compile: "on"/"off" as asked; "auto" for large-enough models on a device inductor supports."""
+def resolve_compile(mode: CompileMode, model: nn.Module, sharded: bool = False) -> bool:
+    """Whether to compile: "on"/"off" as asked; "auto" for large-enough models on a device inductor
+    supports, and not under FSDP sharding (`sharded`), which compiled blocks do not support."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"compile must be auto, on or off, got {mode!r}")
     if mode != "auto":
         return mode == "on"
+    if sharded:
+        return False
     device = next(model.parameters()).device
     n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     return n >= AUTO_MIN_PARAMS and _can_compile(device)

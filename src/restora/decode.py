@@ -112,7 +112,7 @@ class LeanDecoder:
             raise ValueError(f"{type(model).__name__}: not a Llama-family decoder the lean forward supports")
         cfg = model.config
         inner: Any = model.model
-        self.model, self.inner, self.head = model, inner, model.get_output_embeddings()
+        self.inner, self.head = inner, model.get_output_embeddings()
         self.blocks = list(inner.layers)
         self.heads = cfg.num_attention_heads
         self.kv_heads = getattr(cfg, "num_key_value_heads", None) or self.heads

@@ -122,9 +122,10 @@ def _generate(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
     results: list[str] = [""] * len(prompts)
     use_bf16 = bf16 and device.type == "cpu"
-    decode = partial(_decode_lean, compile=compile) if lean and supports(model) else _decode_hf
+    lean = lean and supports(model)
+    steps = partial(_LeanSteps, compile=compile) if lean else _ModelSteps
     # (inductor only takes packed weights as frozen constants: the compiled steps run the plain layers)
-    pack = use_bf16 and can_pack(device) and not (compile and decode is not _decode_hf)
+    pack = use_bf16 and can_pack(device) and not (compile and lean)
     with packed_linears(model, min(batch_size, len(prompts)), enabled=pack):
         for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[a : a + batch_size]
@@ -142,70 +143,71 @@ def _generate(
 
             adapters_of(list(range(len(rows))))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                out_tokens = decode(model, tokenizer, ids, mask, max_new_tokens, stop, adapters_of)
+                out_tokens = _greedy_rows(steps(model, ids, mask, max_new_tokens), tokenizer, max_new_tokens, stop,
+                                          adapters_of)
             for j, i in enumerate(rows):
                 results[i] = _cut_at_stop(tokenizer.decode(out_tokens[j], skip_special_tokens=True), stop)[0]
     return results
 
 
-Rows = Callable[[list[int]], None]  # (batch rows still decoding) -> set their adapters
+class _ModelSteps:
+    """Decoding through the model's own forward and transformers' KV cache (any causal LM)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int) -> None:
+        self.model, self.mask = model, mask
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
+        res = model(input_ids=ids, attention_mask=mask, position_ids=self.positions, use_cache=True, logits_to_keep=1)
+        self.cache, self.logits = res.past_key_values, res.logits[:, -1]  # (B, V) after the prompt
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.mask = self.mask[keep]
+        self.cache = _select_cache(self.cache, keep)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) at `positions` (B,); the next logits (B, V)."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
+        res = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions[:, None],
+                         past_key_values=self.cache, use_cache=True)
+        self.cache = res.past_key_values
+        return res.logits[:, -1]
 
 
-def _decode_lean(
-    model: nn.Module, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-    stop: Sequence[str], adapters_of: Rows, compile: bool = False,
+class _LeanSteps:
+    """Decoding through restora.decode's static-cache forward (Llama-family models)."""
+
+    def __init__(self, model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 compile: bool = False) -> None:
+        self.dec = LeanDecoder(model, ids.shape[0], ids.shape[1] + max_new_tokens, compile)
+        self.positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
+        self.logits = self.dec.forward(ids, self.positions, mask.bool())  # (B, V) after the prompt
+
+    def keep(self, keep: torch.Tensor) -> None:
+        self.dec.keep_rows(keep)
+
+    def step(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        real = torch.ones((len(tokens), 1), dtype=torch.bool, device=tokens.device)
+        return self.dec.forward(tokens[:, None], positions[:, None], real)
+
+
+def _greedy_rows(
+    steps: _ModelSteps | _LeanSteps, tokenizer: Any, max_new_tokens: int, stop: Sequence[str],
+    adapters_of: Callable[[list[int]], None],
 ) -> list[list[int]]:
-    """Greedy tokens of each row through restora.decode's static-cache forward."""
-    B, T = ids.shape
-    dec = LeanDecoder(model, B, T + max_new_tokens, compile)
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
-    next_tok = dec.forward(ids, pos, mask.bool()).argmax(-1)  # (B,)
-    last_pos = pos[:, -1]
-    alive = list(range(B))  # batch row -> row of `ids`
-    out_tokens: list[list[int]] = [[] for _ in range(B)]
-    for _ in range(max_new_tokens):
-        done = _finished(tokenizer, next_tok, alive, out_tokens, stop, max_new_tokens)
-        if done.all():
-            break
-        if done.any():
-            keep = (~done).nonzero().flatten().to(ids.device)
-            alive = [alive[j] for j in keep.tolist()]
-            next_tok, last_pos = next_tok[keep], last_pos[keep]
-            dec.keep_rows(keep)
-            adapters_of(alive)
-        last_pos = last_pos + 1
-        real = torch.ones((len(alive), 1), dtype=torch.bool, device=ids.device)
-        next_tok = dec.forward(next_tok[:, None], last_pos[:, None], real).argmax(-1)
-    return out_tokens
-
-
-def _decode_hf(
-    model: nn.Module, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
-    stop: Sequence[str], adapters_of: Rows,
-) -> list[list[int]]:
-    """Greedy tokens of each row through the model's own forward and transformers' KV cache."""
-    device = ids.device
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
-    res = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-    cache = res.past_key_values
-    next_tok = res.logits[:, -1].argmax(-1)  # (B,)
-    last_pos = pos[:, -1]
-    alive = list(range(ids.shape[0]))
+    """Greedy tokens of each row after the prompt pass in `steps`; finished rows leave the batch."""
+    next_tok = steps.logits.argmax(-1)  # (B,)
+    last_pos = steps.positions[:, -1]
+    alive = list(range(len(next_tok)))  # batch row -> prompt row
     out_tokens: list[list[int]] = [[] for _ in alive]
     for _ in range(max_new_tokens):
         done = _finished(tokenizer, next_tok, alive, out_tokens, stop, max_new_tokens)
         if done.all():
             break
         if done.any():
-            keep = (~done).nonzero().flatten().to(device)
+            keep = (~done).nonzero().flatten().to(next_tok.device)
             alive = [alive[j] for j in keep.tolist()]
-            next_tok, mask, last_pos = next_tok[keep], mask[keep], last_pos[keep]
-            cache = _select_cache(cache, keep)
-            adapters_of(alive)
-        mask = torch.cat([mask, mask.new_ones(len(alive), 1)], dim=1)
+            next_tok, last_pos = next_tok[keep], last_pos[keep]
+            steps.keep(keep)
+            adapters_of(alive)  # per-row adapters follow their rows
         last_pos = last_pos + 1
-        res = model(input_ids=next_tok[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                    past_key_values=cache, use_cache=True)
-        cache = res.past_key_values
-        next_tok = res.logits[:, -1].argmax(-1)
+        next_tok = steps.step(next_tok, last_pos).argmax(-1)
     return out_tokens

@@ -75,16 +75,13 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True) 
                 full = f"{name}.{child_name}" if name else child_name
                 if type(child) is nn.Linear and child.weight.is_floating_point() and not _adapter_part(full):
                     swapped.append((module, child_name, child))
-        need = 2 * sum(c.weight.numel() for c in {id(c): c for _, _, c in swapped}.values())  # bf16 bytes
+        unique = {id(child): child for _, _, child in swapped}  # a module under two parents is packed once
         free = _available_bytes()
-        if free is not None and need > free // 4:
-            swapped = []  # the packed copy would crowd the memory the model was sized for: decode unpacked
-        packed: dict[int, PackedLinear] = {}  # a weight shared by two modules (tied head) is packed once
+        if free is not None and 2 * sum(c.weight.numel() for c in unique.values()) > free // 4:
+            swapped = []  # the bf16 copy would crowd the memory the model was sized for: decode unpacked
+        packed = {key: PackedLinear(child, batch_hint) for key, child in unique.items()} if swapped else {}
         for parent, child_name, child in swapped:
-            key = id(child)
-            if key not in packed:
-                packed[key] = PackedLinear(child, batch_hint)
-            setattr(parent, child_name, packed[key])
+            setattr(parent, child_name, packed[id(child)])
     try:
         yield len(swapped)
     finally:

@@ -176,8 +176,10 @@ def generate(
         else:
             from .restoring import restored
 
-            loaded, _, _ = restored(adapter, bits or 16, format, None, model, "source", force, 500, restore_mode,
-                                 restore_layers, restore_modules, 64, None)
+            loaded, _, _ = restored(adapter, bits or 16, format, group_size=None, model=model, base="source",
+                                    force=force, calib_samples=500, restore_mode=restore_mode,
+                                    restore_layers=restore_layers, restore_modules=restore_modules, calib_rows=64,
+                                    data_dir=None)
     else:
         loaded = load_model(model)
         if adapter is not None:

@@ -163,7 +163,7 @@ def train(
     from ..distributed import device_for
 
     m.to(device_for(dist_info))  # this rank's GPU when CUDA is present (NCCL), else stays on the CPU
-    cfg.compile = resolve_compile(compile, m) and not (compile == "auto" and dist_info.fsdp)
+    cfg.compile = resolve_compile(compile, m, sharded=dist_info.fsdp)
     summary = run_train(m, enc_train, enc_val, cfg, out, tok.pad_token_id, save_best, resume=resume,
                         dist_info=dist_info)
     if not dist_info.is_main:
