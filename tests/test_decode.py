@@ -95,8 +95,8 @@ def test_lean_decoder_drops_rows():
     mask2 = torch.cat([mask[keep], torch.ones((2, 1), dtype=torch.long)], 1)
     torch.testing.assert_close(logits, _hf_last_logits(model, ids2, mask2), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="cache holds 12 positions, asked for 13"):
-        dec.forward(torch.ones((2, 5), dtype=torch.long), torch.zeros((2, 5), dtype=torch.long),
-                    torch.ones((2, 5), dtype=torch.bool))  # 8 filled + 5
+        dec.forward(torch.ones((2, 6), dtype=torch.long), torch.zeros((2, 6), dtype=torch.long),
+                    torch.ones((2, 6), dtype=torch.bool))  # 8 filled, 7 real after compaction, + 6
 
 
 def test_supports_only_what_it_reproduces():

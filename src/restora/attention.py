@@ -21,6 +21,11 @@ inside compiled decoder blocks (restora.compiled), where the softmax was recompu
 backward already. Attention weights are not returned (training never asks for them).
 
     model.set_attn_implementation(training_attention(model))   # restora.train does this on CPU
+
+Both training implementations (RECOMPUTE, and EAGER for when whole blocks are recomputed
+anyway) also take the padding-free forward of restora.unpadded: given `restora_rows` and
+`restora_mask`, the packed (1, heads, N', D) query/key/value are scattered to the padded
+layout, attended there, and the output gathered back to the packed tokens.
 """
 
 from __future__ import annotations
@@ -33,9 +38,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["RECOMPUTE", "recompute_attention", "register", "training_attention"]
+__all__ = ["EAGER", "RECOMPUTE", "TRAINING_IMPLS", "eager_attention", "recompute_attention", "register",
+           "training_attention"]
 
-RECOMPUTE = "restora_eager_recompute"  # the name under transformers' attention registries
+RECOMPUTE = "restora_eager_recompute"  # the names under transformers' attention registries
+EAGER = "restora_eager"
+TRAINING_IMPLS = (RECOMPUTE, EAGER)
 
 
 def _family_eager(module: nn.Module) -> Callable[..., tuple[torch.Tensor, Any]]:
@@ -51,34 +59,60 @@ def _core(eager: Callable[..., tuple[torch.Tensor, Any]], module: nn.Module, que
     return eager(module, query, key, value, attention_mask, **kwargs)[0]  # (B, T, heads, head_dim)
 
 
-def recompute_attention(
+def _attend(recompute: bool, module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attention_mask: torch.Tensor | None, kwargs: dict[str, Any]) -> torch.Tensor:
+    eager = _family_eager(module)
+    if not (recompute and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
+        return eager(module, query, key, value, attention_mask, **kwargs)[0]
+    return checkpoint(_core, eager, module, query, key, value, attention_mask, kwargs, use_reentrant=False)
+
+
+def _training_attention(
+    recompute: bool,
     module: nn.Module,
-    query: torch.Tensor,  # (B, heads, T, head_dim)
+    query: torch.Tensor,  # (B, heads, T, head_dim), or (1, heads, N, head_dim) packed
     key: torch.Tensor,  # (B, kv_heads, S, head_dim)
     value: torch.Tensor,  # (B, kv_heads, S, head_dim)
     attention_mask: torch.Tensor | None,  # (B, 1, T, S) additive, as for eager
     **kwargs: Any,  # scaling, dropout, ... exactly as the model passes them to eager attention
 ) -> tuple[torch.Tensor, None]:
+    rows, padded_mask = kwargs.pop("restora_rows", None), kwargs.pop("restora_mask", None)
+    if rows is None:
+        return _attend(recompute, module, query, key, value, attention_mask, kwargs), None
+    from .unpadded import pad_heads, unpad_heads
+
+    B, T = padded_mask.shape[0], padded_mask.shape[-1]
+    q, k, v = (pad_heads(x, rows, B, T) for x in (query, key, value))  # (B, heads, T, D) each
+    out = _attend(recompute, module, q, k, v, padded_mask, kwargs)  # (B, T, heads, D)
+    return unpad_heads(out, rows, query.shape[2]), None  # (1, N', heads, D)
+
+
+def recompute_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
     """Eager attention of `module`'s model family; under autograd, its maps are recomputed in backward."""
-    eager = _family_eager(module)
-    if not (torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)):
-        return eager(module, query, key, value, attention_mask, **kwargs)[0], None
-    out = checkpoint(_core, eager, module, query, key, value, attention_mask, kwargs, use_reentrant=False)
-    return out, None
+    return _training_attention(True, module, query, key, value, attention_mask, **kwargs)
 
 
-def register() -> str:
-    """Make RECOMPUTE a valid attention implementation (eager's masks); returns the name. Idempotent."""
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """The model family's eager attention (maps kept for the backward), padding-free aware."""
+    return _training_attention(False, module, query, key, value, attention_mask, **kwargs)
+
+
+def register(recompute: bool = True) -> str:
+    """Make RECOMPUTE (or EAGER) a valid attention implementation (eager's masks); returns the name. Idempotent."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    ALL_ATTENTION_FUNCTIONS.register(RECOMPUTE, recompute_attention)
-    ALL_MASK_ATTENTION_FUNCTIONS.register(RECOMPUTE, eager_mask)
-    return RECOMPUTE
+    name, fn = (RECOMPUTE, recompute_attention) if recompute else (EAGER, eager_attention)
+    ALL_ATTENTION_FUNCTIONS.register(name, fn)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask)
+    return name
 
 
-def training_attention(model: nn.Module) -> str:
-    """RECOMPUTE (registered) for model families with an `eager_attention_forward`, else plain "eager"."""
+def training_attention(model: nn.Module, recompute: bool = True) -> str:
+    """RECOMPUTE, or EAGER without recompute (registered), for model families with an
+    `eager_attention_forward`, else plain "eager"."""
     if getattr(sys.modules.get(type(model).__module__), "eager_attention_forward", None) is None:
         return "eager"  # e.g. Falcon, Bloom: attention code of their own, no attention registry
-    return register()
+    return register(recompute)

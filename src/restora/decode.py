@@ -18,6 +18,12 @@ The mask lets a query see every earlier non-padding key and always itself (a lef
 query then attends to itself instead of to nothing, which would be NaN). Rows are left
 padded and carry explicit positions, so each row decodes exactly as it would alone.
 
+A step may feed several tokens per row (speculative decoding verifies drafts this way,
+restora.lookahead): `forward(..., all_logits=True)` returns every fed position's logits, and
+`reject(kept)` marks the slots after each row's first `kept` fed tokens as holes, which the
+mask hides like padding. When holes fill the cache, `compact` moves each row's real keys
+together (they carry their RoPE positions, so moving them changes nothing).
+
 With `compile=True` the one-token steps run all blocks as one torch.compile'd graph with
 dynamic shapes (one compile serves every cache length and batch size); the prompt pass
 stays eager. It trims the remaining per-op overhead (SmolLM2-135M, 4-bit base, batch 1,
@@ -107,6 +113,8 @@ def _block(
 class LeanDecoder:
     """A static-cache forward over a Llama-family causal LM, for `batch` rows of up to `max_len` tokens."""
 
+    STEP_TOKENS = 16  # forwards of at most this many tokens per row run the compiled step (with compile=True)
+
     def __init__(self, model: nn.Module, batch: int, max_len: int, compile: bool = False) -> None:
         if not supports(model):
             raise ValueError(f"{type(model).__name__}: not a Llama-family decoder the lean forward supports")
@@ -130,6 +138,11 @@ class LeanDecoder:
         self.valid = torch.zeros((batch, max_len), dtype=torch.bool, device=device)  # key positions that are real
         self.length = 0  # cache positions filled so far (same for every row: rows are left padded)
 
+    @staticmethod
+    def compiled_part(model: nn.Module) -> nn.Module:
+        """The modules a compiled one-token step runs inside its graph (the decoder blocks)."""
+        return model.model.layers
+
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Drop finished rows: keep only batch rows `keep` of the cache (a copy of the filled part)."""
         n = self.length
@@ -140,6 +153,29 @@ class LeanDecoder:
                 store[i] = fresh
         self.valid = self.valid[keep]
 
+    def reject(self, kept: torch.Tensor) -> None:
+        """After a multi-token forward: row b keeps its first kept[b] fed tokens; later slots become holes."""
+        s, e = self._last
+        slot = torch.arange(s, e, device=self.valid.device)  # (T,)
+        self.valid[:, s:e] &= slot[None] < s + kept[:, None]
+
+    def compact(self) -> None:
+        """Move each row's real cache slots, in order, to the right end of [0, n), n = the most any row has."""
+        v = self.valid[:, : self.length]  # (B, L)
+        counts = v.sum(-1)  # (B,)
+        n = int(counts.max()) if counts.numel() else 0
+        rank = v.long().cumsum(-1) - 1  # (B, L): index of each real slot among its row's real slots
+        b_idx, src = v.nonzero(as_tuple=True)  # (R,), (R,)
+        dst = rank[b_idx, src] + (n - counts)[b_idx]  # (R,): right-aligned, left padding
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                moved = torch.zeros_like(t)
+                moved[b_idx, :, dst] = t[b_idx, :, src]  # (R, Hkv, D) slots
+                store[i] = moved
+        valid = torch.zeros_like(self.valid)
+        valid[b_idx, dst] = True
+        self.valid, self.length = valid, n
+
     def _blocks(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, s: int,
                 e: int) -> torch.Tensor:
         for i, block in enumerate(self.blocks):
@@ -148,14 +184,18 @@ class LeanDecoder:
         return h
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """Append tokens ids (B, T) at `positions` (B, T); `real` (B, T) marks non-padding. Returns last logits (B, V)."""
+    def forward(self, ids: torch.Tensor, positions: torch.Tensor, real: torch.Tensor,
+                all_logits: bool = False) -> torch.Tensor:
+        """Append tokens ids (B, T) at `positions` (B, T); `real` (B, T) marks non-padding.
+        Returns the last position's logits (B, V), or every position's (B, T, V) with `all_logits`."""
         B, T = ids.shape
+        if self.length + T > self.capacity and self.keys:
+            self.compact()  # holes left by rejected drafts
         s, e = self.length, self.length + T
         if e > self.capacity:
             raise ValueError(f"the lean decoder's cache holds {self.capacity} positions, asked for {e}")
         self.valid[:, s:e] = real
-        self.length = e
+        self.length, self._last = e, (s, e)
         # mask (B, 1, T, e): key j is visible to query i when it is real and not in the future; always to itself
         causal = torch.ones((T, e), dtype=torch.bool, device=ids.device).tril(diagonal=s)
         mask = (self.valid[:, None, :e] & causal)[:, None]
@@ -169,6 +209,6 @@ class LeanDecoder:
             shape = (B, self.kv_heads, self.capacity, self.head_dim)
             self.keys = [h.new_zeros(shape, dtype=dtype) for _ in self.blocks]
             self.values = [h.new_zeros(shape, dtype=dtype) for _ in self.blocks]
-        run = self.step if T == 1 and self.step is not None else self._blocks
+        run = self.step if T <= self.STEP_TOKENS and self.step is not None else self._blocks
         h = run(h, cos, sin, mask, s, e)
-        return self.head(_rms_norm(self.inner.norm, h[:, -1]))  # (B, V)
+        return self.head(_rms_norm(self.inner.norm, h if all_logits else h[:, -1]))  # (B, T, V) or (B, V)

@@ -30,6 +30,7 @@ def evaluate_task(
     generate: bool = True,
     use_chat_template: bool = False,
     progress: bool = True,
+    speculate: int = 0,
 ) -> dict[str, Any]:
     """Metrics (value, n, 95% CI) and mean completion log loss of `model` on task `rows`."""
     t = get_task(task)
@@ -41,7 +42,7 @@ def evaluate_task(
         prompts = [t.prompt(r, tokenizer, use_chat_template) for r in rows]
         preds = greedy_generate(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=t.stop, batch_size=batch_size,
-            add_special_tokens=not use_chat_template, progress=progress,
+            add_special_tokens=not use_chat_template, progress=progress, speculate=speculate,
         )
         scores = [t.score(p, r) for p, r in zip(preds, rows)]
         out["metrics"] = {k: v.as_dict() for k, v in summarize(scores).items()}

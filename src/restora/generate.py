@@ -6,6 +6,10 @@ decode exactly as they would alone. A row finishes at EOS, at a stop string (the
 is cut before it), or after `max_new_tokens`; finished rows are dropped from the batch
 (cache rows included) so late steps cost only what is still running.
 
+With `speculate=k` (Llama-family models, lean forward), each step also verifies up to k
+draft tokens from prompt lookup (restora.lookup) in the same forward: the output is still
+the greedy one, and rows that copy from their prompt take several tokens per step.
+
 The base may be float or quantized in any restora format, with or without adapters:
 decoding only calls the model. For a different adapter per row, pass `row_adapters`
 and a `set_rows` callback (restora.adapters' batched forward provides one).
@@ -13,6 +17,7 @@ and a `set_rows` callback (restora.adapters' batched forward provides one).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -22,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .decode import LeanDecoder, supports
+from .lookup import lookup_draft
 from .packed import can_pack, packed_linears
 
 __all__ = ["greedy_generate"]
@@ -60,24 +66,41 @@ def greedy_generate(
     progress: bool = False,
     lean: bool = True,
     compile: bool = False,
+    speculate: int = 0,
 ) -> list[str]:
     """Greedy completions of `prompts` (in order), each cut at its first stop string.
 
     `lean` decodes Llama-family models through restora.decode's static-cache forward (others, or
     lean=False, through the model's own forward). With bf16 on a CPU that has it, float base
-    layers run on pre-packed bf16 weights while decoding (restora.packed).
+    layers run on pre-packed bf16 weights while decoding (restora.packed). `speculate` = k > 0
+    verifies up to k prompt-lookup draft tokens per step (lean forward only).
     """
     if max_new_tokens <= 0:
         raise ValueError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if not 0 <= speculate <= LeanDecoder.STEP_TOKENS - 1:
+        raise ValueError(f"speculate must be between 0 and {LeanDecoder.STEP_TOKENS - 1} draft tokens, got {speculate}")
     if row_adapters is not None and (set_rows is None or len(row_adapters) != len(prompts)):
         raise ValueError("row_adapters needs one entry per prompt and a set_rows callback")
     was_training = model.training
     model.eval()  # decoding never uses dropout; the caller's mode is restored at the end
     try:
         return _generate(model, tokenizer, prompts, max_new_tokens, stop, batch_size, bf16, add_special_tokens,
-                         row_adapters, set_rows, progress, lean, compile)
+                         row_adapters, set_rows, progress, lean, compile, speculate)
     finally:
         model.train(was_training)
+
+
+def _take(tokenizer: Any, tokens: list[int], new: Sequence[int], stop: Sequence[str], max_new_tokens: int) -> bool:
+    """Append a row's new tokens in order until it finishes; True when it hit EOS, a stop string or the cap."""
+    for t in new:
+        if t == tokenizer.eos_token_id:
+            return True
+        tokens.append(t)
+        if stop and _cut_at_stop(tokenizer.decode(tokens[-16:]), stop)[1]:
+            return True
+        if len(tokens) >= max_new_tokens:
+            return True
+    return False
 
 
 def _finished(
@@ -85,19 +108,8 @@ def _finished(
     max_new_tokens: int,
 ) -> torch.Tensor:
     """Append each alive row's new token; (len(alive),) bool: the row hit EOS, a stop string or the token cap."""
-    eos = tokenizer.eos_token_id
-    done = torch.zeros(len(alive), dtype=torch.bool)
-    for j, r in enumerate(alive):
-        t = int(next_tok[j])
-        if t == eos:
-            done[j] = True
-            continue
-        out_tokens[r].append(t)
-        if stop and _cut_at_stop(tokenizer.decode(out_tokens[r][-16:]), stop)[1]:
-            done[j] = True
-        elif len(out_tokens[r]) >= max_new_tokens:
-            done[j] = True
-    return done
+    return torch.tensor([_take(tokenizer, out_tokens[r], [int(next_tok[j])], stop, max_new_tokens)
+                         for j, r in enumerate(alive)], dtype=torch.bool)
 
 
 def _generate(
@@ -114,6 +126,7 @@ def _generate(
     progress: bool,
     lean: bool,
     compile: bool,
+    speculate: int,
 ) -> list[str]:
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
@@ -123,10 +136,17 @@ def _generate(
     results: list[str] = [""] * len(prompts)
     use_bf16 = bf16 and device.type == "cpu"
     lean = lean and supports(model)
+    if speculate and not lean:
+        warnings.warn(f"speculate={speculate} needs the lean forward of a Llama-family model; decoding without drafts",
+                      stacklevel=3)
+        speculate = 0
+    room = max_new_tokens + speculate  # cache positions past the prompt: drafts of the last step included
     steps = partial(_LeanSteps, compile=compile) if lean else _ModelSteps
-    # (inductor only takes packed weights as frozen constants: the compiled steps run the plain layers)
-    pack = use_bf16 and can_pack(device) and not (compile and lean)
-    with packed_linears(model, min(batch_size, len(prompts)), enabled=pack):
+    # inductor only takes packed weights as frozen constants: compiled steps run the blocks' plain layers,
+    # and only what runs outside them (the LM head) is packed
+    pack = use_bf16 and can_pack(device)
+    skip = LeanDecoder.compiled_part(model) if compile and lean else None
+    with packed_linears(model, min(batch_size, len(prompts)), enabled=pack, skip=skip):
         for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[a : a + batch_size]
             T = max(len(encoded[i]) for i in rows)
@@ -143,8 +163,12 @@ def _generate(
 
             adapters_of(list(range(len(rows))))
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_bf16):
-                out_tokens = _greedy_rows(steps(model, ids, mask, max_new_tokens), tokenizer, max_new_tokens, stop,
-                                          adapters_of)
+                if speculate:
+                    out_tokens = _speculative_rows(steps(model, ids, mask, room), [encoded[i] for i in rows], tokenizer,
+                                                   max_new_tokens, stop, adapters_of, speculate)
+                else:
+                    out_tokens = _greedy_rows(steps(model, ids, mask, room), tokenizer, max_new_tokens, stop,
+                                              adapters_of)
             for j, i in enumerate(rows):
                 results[i] = _cut_at_stop(tokenizer.decode(out_tokens[j], skip_special_tokens=True), stop)[0]
     return results
@@ -188,6 +212,13 @@ class _LeanSteps:
         real = torch.ones((len(tokens), 1), dtype=torch.bool, device=tokens.device)
         return self.dec.forward(tokens[:, None], positions[:, None], real)
 
+    def verify(self, tokens: torch.Tensor, positions: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """Feed tokens (B, W) at positions (B, W), `real` marking fed slots; the logits of every slot (B, W, V)."""
+        return self.dec.forward(tokens, positions, real, all_logits=True)
+
+    def reject(self, kept: torch.Tensor) -> None:
+        self.dec.reject(kept)
+
 
 def _greedy_rows(
     steps: _ModelSteps | _LeanSteps, tokenizer: Any, max_new_tokens: int, stop: Sequence[str],
@@ -210,4 +241,50 @@ def _greedy_rows(
             adapters_of(alive)  # per-row adapters follow their rows
         last_pos = last_pos + 1
         next_tok = steps.step(next_tok, last_pos).argmax(-1)
+    return out_tokens
+
+
+def _speculative_rows(
+    steps: _LeanSteps, prompts: list[list[int]], tokenizer: Any, max_new_tokens: int, stop: Sequence[str],
+    adapters_of: Callable[[list[int]], None], k: int,
+) -> list[list[int]]:
+    """As _greedy_rows, verifying up to k prompt-lookup drafts per row in each step (restora.lookup)."""
+    decided = [[int(t)] for t in steps.logits.argmax(-1)]  # per batch row: tokens chosen, not yet taken
+    last_pos = steps.positions[:, -1]  # (B,) position of each row's last token in the cache
+    alive = list(range(len(decided)))  # batch row -> prompt row
+    out_tokens: list[list[int]] = [[] for _ in alive]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    while True:
+        done = torch.tensor([_take(tokenizer, out_tokens[r], decided[j], stop, max_new_tokens)
+                             for j, r in enumerate(alive)], dtype=torch.bool)
+        if done.all():
+            break
+        if done.any():
+            keep = (~done).nonzero().flatten()
+            alive, decided = [alive[j] for j in keep.tolist()], [decided[j] for j in keep.tolist()]
+            keep = keep.to(last_pos.device)
+            last_pos = last_pos[keep]
+            steps.keep(keep)
+            adapters_of(alive)
+        # the last chosen token (not yet in the cache), then drafts no longer than the row's remaining budget
+        drafts = [lookup_draft(prompts[r] + out_tokens[r], min(k, max_new_tokens - len(out_tokens[r]) - 1))
+                  for r in alive]
+        width = 1 + max(len(d) for d in drafts)
+        feed = torch.full((len(alive), width), pad, dtype=torch.long)
+        real = torch.zeros((len(alive), width), dtype=torch.bool)
+        for j, d in enumerate(drafts):
+            feed[j, : 1 + len(d)] = torch.tensor([decided[j][-1], *d])
+            real[j, : 1 + len(d)] = True
+        positions = last_pos[:, None] + 1 + torch.arange(width, device=last_pos.device)  # (B, W)
+        pred = steps.verify(feed.to(last_pos.device), positions, real.to(last_pos.device)).argmax(-1).tolist()  # (B, W)
+        kept = []
+        for j, d in enumerate(drafts):
+            a = 0
+            while a < len(d) and d[a] == pred[j][a]:  # draft i+1 is kept while it is the model's choice after i
+                a += 1
+            decided[j] = [*d[:a], pred[j][a]]
+            kept.append(1 + a)  # the fed token and its a accepted drafts stay in the cache
+        kept_t = torch.tensor(kept, device=last_pos.device)
+        steps.reject(kept_t)
+        last_pos = last_pos + kept_t
     return out_tokens

@@ -66,14 +66,20 @@ def _adapter_part(name: str) -> bool:
 
 
 @contextmanager
-def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True) -> Iterator[int]:
-    """Swap every float base nn.Linear for a PackedLinear during the `with`; yields how many were swapped."""
+def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
+                   skip: nn.Module | None = None) -> Iterator[int]:
+    """Swap every float base nn.Linear for a PackedLinear during the `with`; yields how many were swapped.
+
+    Linears inside `skip` stay as they are (e.g. the decoder blocks a compiled decode step runs: inductor
+    takes packed weights only as frozen constants)."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     if enabled:
+        kept = {id(m) for m in skip.modules()} if skip is not None else set()
         for name, module in list(model.named_modules()):
             for child_name, child in list(module.named_children()):
                 full = f"{name}.{child_name}" if name else child_name
-                if type(child) is nn.Linear and child.weight.is_floating_point() and not _adapter_part(full):
+                if (type(child) is nn.Linear and child.weight.is_floating_point() and not _adapter_part(full)
+                        and id(child) not in kept):
                     swapped.append((module, child_name, child))
         unique = {id(child): child for _, _, child in swapped}  # a module under two parents is packed once
         free = _available_bytes()

@@ -53,6 +53,8 @@ from .distributed import (
     barrier,
     init_distributed,
 )
+from .head_loss import frozen_head, frozen_head_ce
+from .unpadded import can_unpad, unpad
 
 __all__ = ["Example", "TrainConfig", "completion_loss", "evaluate_loss", "train"]
 
@@ -168,11 +170,23 @@ def completion_loss(
 ) -> tuple[torch.Tensor, int]:
     """Summed CE over label positions (and their count), logits only at those positions."""
     backbone, head = _backbone_and_head(model)
-    hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
-    target = labels[:, 1:]  # token t+1 is predicted at position t
-    sel = target != -100  # (B, T-1)
-    h = hidden[:, :-1][sel]  # (N, H)
-    y = target[sel]  # (N,)
+    if can_unpad(model):  # padding-free: the projections see only real tokens (restora.unpadded)
+        u = unpad(ids, labels, mask, backbone.get_input_embeddings().weight.dtype)
+        hidden = backbone(input_ids=u.ids, position_ids=u.positions, use_cache=False, restora_rows=u.rows,
+                          restora_mask=u.mask).last_hidden_state[0]  # (N_real, H)
+        sel = u.targets != -100
+        h, y = hidden[sel], u.targets[sel]  # (N, H), (N,) in the padded forward's (row-major) order
+    else:
+        hidden = backbone(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state  # (B, T, H)
+        target = labels[:, 1:]  # token t+1 is predicted at position t
+        sel = target != -100  # (B, T-1)
+        h = hidden[:, :-1][sel]  # (N, H)
+        y = target[sel]  # (N,)
+    extra = -h.shape[0] % 64  # ignored rows: the head's matmuls take fewer distinct (kernel-cached) shapes
+    if extra:
+        h, y = F.pad(h, (0, 0, 0, extra)), F.pad(y, (0, extra), value=-100)
+    if frozen_head(head):  # the usual case: dL/dh computed with the loss, no logits kept or recomputed
+        return frozen_head_ce(head, h, y, LOGIT_CHUNK), int(y.numel()) - extra
     total = hidden.new_zeros((), dtype=torch.float32)
     for a in range(0, h.shape[0], LOGIT_CHUNK):
         hc, yc = h[a : a + LOGIT_CHUNK], y[a : a + LOGIT_CHUNK]
@@ -180,7 +194,7 @@ def completion_loss(
             total = total + checkpoint(_chunk_ce, head, hc, yc, use_reentrant=False)
         else:
             total = total + _chunk_ce(head, hc, yc)
-    return total, int(y.numel())
+    return total, int(y.numel()) - extra
 
 
 @torch.no_grad()
@@ -375,7 +389,7 @@ def train(
     if cfg.eager_attention and next(model.parameters()).device.type == "cpu":
         # eager: measured faster than SDPA's CPU backward at SFT lengths; its (T, T) maps recomputed in the
         # backward (restora.attention), unless whole blocks are recomputed anyway (grad_checkpointing)
-        _set_attention(model, "eager" if cfg.grad_checkpointing else training_attention(model))
+        _set_attention(model, training_attention(model, recompute=not cfg.grad_checkpointing))
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):

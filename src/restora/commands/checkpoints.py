@@ -147,6 +147,7 @@ def generate(
     restore_mode: RestoreModeName = "plain",
     restore_layers: str | None = None,
     restore_modules: str | None = None,
+    speculate: int = 0,
 ) -> int:
     """Greedy completion of PROMPT by MODEL, optionally with an adapter on a chosen base.
 
@@ -162,6 +163,7 @@ def generate(
         restore_mode: with --adapter and --bits: plain PLR, partial, bias-correct, partial+bias, mean-match, loftq or auto.
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
+        speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
     """
     from ..generate import greedy_generate
 
@@ -191,6 +193,7 @@ def generate(
     text = prompt
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    out = greedy_generate(loaded.model, tok, [text], max_new_tokens=max_new_tokens, bf16=False, add_special_tokens=not chat)
+    out = greedy_generate(loaded.model, tok, [text], max_new_tokens=max_new_tokens, bf16=False, add_special_tokens=not chat,
+                          speculate=speculate)
     print(out[0])
     return 0

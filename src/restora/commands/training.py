@@ -233,6 +233,7 @@ def eval(
     auto_min_gain: float = 0.0,
     materialize: bool = True,
     data_dir: str | None = None,
+    speculate: int = 0,
 ) -> int:
     """Evaluate MODEL (+ an adapter) on a task split, with the base at FORMAT/BITS (PLR: any l, not only k).
 
@@ -261,6 +262,7 @@ def eval(
         auto_min_gain: auto: restore only if that beats keeping the k-bit base by this fraction of its validation loss.
         materialize: dequantize each layer once to bf16 for fast evaluation (same numbers under bf16 compute).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
+        speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
     """
     from ..bases import build_base
     from ..data import task_split
@@ -288,7 +290,7 @@ def eval(
         dequantize_model(loaded.model, torch.bfloat16)
     rows = task_split(task, split, seed, data_dir, limit=limit or None)
     res = evaluate_task(loaded.model, loaded.tokenizer, task, rows, max_new_tokens, batch_size,
-                        generate=generate, use_chat_template=chat)
+                        generate=generate, use_chat_template=chat, speculate=speculate)
     if adapter and restoration is not None:
         res["restoration"] = restoration
     res.update({"split": split, "adapter": adapter, "eval_base": choice.spec.to_dict(), "train_base": trained_on,

@@ -1,0 +1,72 @@
+"""Cross-entropy through a frozen LM head, its input gradient computed in the forward pass.
+
+The completion loss projects the N label positions' hidden states h (N, H) to the
+vocabulary with the head W (V, H) and sums the cross-entropy. With the head frozen (LoRA
+never trains it), the only gradient the backward needs is the one for h:
+
+    logits = h W^T                                   (N, V), chunk by chunk
+    loss   = sum_i  logsumexp(logits_i) - logits_i[y_i]
+    dL/dh  = (softmax(logits) - onehot(y)) W          (N, H)
+
+so each chunk's dL/dh is computed right after its loss, and only dL/dh (N x H, tiny) is
+kept for the backward. This is the fused linear cross-entropy of Liger Kernel (Hsu et al.
+2024, "Liger Kernel: Efficient Triton Kernels for LLM Training"). Against keeping nothing
+and recomputing a chunk's logits in the backward (activation checkpointing), it saves one
+(N x H x V) matmul per step and never holds more than one chunk's (chunk, V) logits.
+
+The arithmetic is the one autograd would do for `F.cross_entropy(head(h).float(), y)`
+under bf16 autocast: logits in the compute dtype, softmax in fp32, the gradient cast back
+to the compute dtype for the matmul with W. `frozen_head_ce` applies to a plain
+`nn.Linear` head whose parameters need no gradient; restora.train falls back to the
+checkpointed chunks otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["frozen_head", "frozen_head_ce"]
+
+
+def frozen_head(head: nn.Module) -> bool:
+    """A plain linear head with nothing to train: the fused loss applies."""
+    return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
+
+
+class _FrozenHeadCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
+                chunk: int) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        need_grad = ctx.needs_input_grad[0]
+        grad = torch.empty_like(h) if need_grad else None  # (N, H)
+        for a in range(0, h.shape[0], chunk):
+            hc, yc = h[a : a + chunk], y[a : a + chunk]  # (c, H), (c,)
+            logits = F.linear(hc, weight, bias)  # (c, V) in the compute dtype (autocast applies here)
+            logits32 = logits.float()
+            lse = torch.logsumexp(logits32, dim=-1)  # (c,)
+            counted = yc != -100
+            picked = logits32.gather(1, yc.clamp(min=0)[:, None])[:, 0]  # (c,)
+            total = total + ((lse - picked) * counted).sum()
+            if need_grad:
+                g = torch.exp(logits32 - lse[:, None])  # softmax, (c, V)
+                g[torch.arange(len(yc), device=g.device), yc.clamp(min=0)] -= 1.0
+                g *= counted[:, None]
+                g = g.to(logits.dtype)  # as autograd casts the fp32 gradient back to the logits' dtype
+                grad[a : a + chunk] = (g @ weight).to(h.dtype)  # (c, H); autocast casts W as it did for the logits
+        ctx.save_for_backward(grad)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None, None]:
+        (grad,) = ctx.saved_tensors
+        return (None if grad is None else grad * grad_out.to(grad.dtype)), None, None, None, None
+
+
+def frozen_head_ce(head: nn.Linear, h: torch.Tensor, y: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """Summed cross-entropy of head(h) (N, V) against y (N,), -100 ignored; its backward reaches h only."""
+    return _FrozenHeadCE.apply(h, head.weight, head.bias, y, chunk)
