@@ -64,3 +64,20 @@ def test_which_heads_are_frozen():
     assert frozen_head(head)
     assert not frozen_head(nn.Linear(4, 4))  # trainable weight: autograd must see the logits
     assert not frozen_head(nn.Sequential(nn.Linear(4, 4).requires_grad_(False)))  # not a plain linear
+
+
+def test_compiled_elementwise_part_matches(monkeypatch):
+    """Large chunks run the element-wise part compiled: same loss and gradient."""
+    pytest.importorskip("torch._inductor")
+    import restora.head_loss as hl
+
+    head, h, y = _case()
+    want_loss, want_grad = _reference(head, h, y)
+    monkeypatch.setattr(hl, "COMPILE_MIN", 1)
+    monkeypatch.setattr(hl, "_compiled", None)
+    x = h.clone().requires_grad_(True)
+    loss = frozen_head_ce(head, x, y, 32)
+    loss.backward()
+    assert hl._compiled is not None and hl._compiled is not hl._ce_and_grad
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad, want_grad, rtol=1e-4, atol=1e-5)

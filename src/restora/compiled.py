@@ -28,14 +28,15 @@ from torch import nn
 
 from .quant.model import decoder_blocks
 
-__all__ = ["CompileMode", "compiled_blocks", "resolve_compile", "AUTO_MIN_PARAMS"]
+__all__ = ["CompileMode", "can_compile", "compiled_blocks", "resolve_compile", "AUTO_MIN_PARAMS"]
 
 CompileMode = Literal["auto", "on", "off"]
 # "auto" compiles models at least this large: below it (unit-test models) the compile costs more than it saves.
 AUTO_MIN_PARAMS = 50_000_000
 
 
-def _can_compile(device: torch.device) -> bool:
+def can_compile(device: torch.device) -> bool:
+    """Inductor can build kernels for `device` here (on CPU: a C++ compiler is installed)."""
     if device.type == "cpu":  # inductor's CPU backend builds C++ with the system compiler
         return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
     return device.type == "cuda"
@@ -52,7 +53,7 @@ def resolve_compile(mode: CompileMode, model: nn.Module, sharded: bool = False) 
         return False
     device = next(model.parameters()).device
     n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    return n >= AUTO_MIN_PARAMS and _can_compile(device)
+    return n >= AUTO_MIN_PARAMS and can_compile(device)
 
 
 @contextmanager

@@ -16,7 +16,10 @@ and recomputing a chunk's logits in the backward (activation checkpointing), it 
 
 The arithmetic is the one autograd would do for `F.cross_entropy(head(h).float(), y)`
 under bf16 autocast: logits in the compute dtype, softmax in fp32, the gradient cast back
-to the compute dtype for the matmul with W. `frozen_head_ce` applies to a plain
+to the compute dtype for the matmul with W. The element-wise part (log-sum-exp, softmax,
+minus one-hot, cast) runs over (chunk, V) values, 15M for 300 SmolLM2 label positions; done
+op by op it makes seven passes over them (~100 ms per step on this repo's CPU), so chunks
+that large go through one torch.compile'd function that fuses it into two or three. `frozen_head_ce` applies to a plain
 `nn.Linear` head whose parameters need no gradient; restora.train falls back to the
 checkpointed chunks otherwise.
 """
@@ -37,6 +40,39 @@ def frozen_head(head: nn.Module) -> bool:
     return type(head) is nn.Linear and not any(p.requires_grad for p in head.parameters())
 
 
+COMPILE_MIN = 4_000_000  # (chunk x V) values from which the element-wise part is compiled (if a compiler exists)
+
+
+def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Summed CE of logits (c, V) against y (c,), -100 ignored; and d(loss)/d(logits) in the logits' dtype."""
+    x = logits.float()
+    lse = torch.logsumexp(x, dim=-1)  # (c,)
+    counted = y != -100
+    target = y.clamp(min=0)
+    loss = ((lse - x.gather(1, target[:, None])[:, 0]) * counted).sum()
+    if not need_grad:
+        return loss, None
+    p = torch.exp(x - lse[:, None])  # softmax, (c, V)
+    hit = torch.arange(x.shape[1], device=x.device)[None] == target[:, None]  # one-hot, (c, V)
+    g = torch.where(hit, p - 1.0, p) * counted[:, None]
+    return loss, g.to(logits.dtype)  # as autograd casts the fp32 gradient back to the logits' dtype
+
+
+_compiled: Any = None
+
+
+def _elementwise(size: int, device: torch.device) -> Any:
+    """_ce_and_grad, compiled for chunks of at least COMPILE_MIN values when inductor can build here."""
+    global _compiled
+    if size < COMPILE_MIN:
+        return _ce_and_grad
+    if _compiled is None:
+        from .compiled import can_compile
+
+        _compiled = torch.compile(_ce_and_grad, dynamic=True) if can_compile(device) else _ce_and_grad
+    return _compiled
+
+
 class _FrozenHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
@@ -47,16 +83,9 @@ class _FrozenHeadCE(torch.autograd.Function):
         for a in range(0, h.shape[0], chunk):
             hc, yc = h[a : a + chunk], y[a : a + chunk]  # (c, H), (c,)
             logits = F.linear(hc, weight, bias)  # (c, V) in the compute dtype (autocast applies here)
-            logits32 = logits.float()
-            lse = torch.logsumexp(logits32, dim=-1)  # (c,)
-            counted = yc != -100
-            picked = logits32.gather(1, yc.clamp(min=0)[:, None])[:, 0]  # (c,)
-            total = total + ((lse - picked) * counted).sum()
-            if need_grad:
-                g = torch.exp(logits32 - lse[:, None])  # softmax, (c, V)
-                g[torch.arange(len(yc), device=g.device), yc.clamp(min=0)] -= 1.0
-                g *= counted[:, None]
-                g = g.to(logits.dtype)  # as autograd casts the fp32 gradient back to the logits' dtype
+            loss, g = _elementwise(logits.numel(), logits.device)(logits, yc, need_grad)
+            total = total + loss
+            if g is not None:
                 grad[a : a + chunk] = (g @ weight).to(h.dtype)  # (c, H); autocast casts W as it did for the logits
         ctx.save_for_backward(grad)
         return total

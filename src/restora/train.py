@@ -256,7 +256,10 @@ def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim
         except ImportError as e:
             raise RuntimeError("optimizer paged_adamw8bit needs bitsandbytes (and CUDA): pip install bitsandbytes") from e
         return bnb.optim.PagedAdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the fused (one kernel per step) AdamW: 4.6 against 22 ms per step for SmolLM2's all-linear r16 adapter on CPU;
+    # plain tensors only (FSDP's DTensor parameters take the multi-tensor one)
+    fused = all(type(p.data) is torch.Tensor and p.device.type in ("cpu", "cuda") for p in params)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
 def _itself(t: torch.Tensor) -> torch.Tensor:
