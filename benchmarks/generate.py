@@ -30,7 +30,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=48)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--no-compile", action="store_true", help="skip the compiled row (its first run compiles)")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled rows (their first run compiles)")
+    ap.add_argument("--lookup", type=int, default=4, help="draft tokens per step of the speculative rows (0: none)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from restora.data import get_task, task_split
@@ -46,13 +47,24 @@ def main() -> None:
     q = load_model("smollm2-135m").model.eval()
     quantize_model(q, QuantSpec("rtn", 4, 64), progress=False)
 
-    def run_hf(batch: list[str]) -> int:
+    def run_hf(batch: list[str], **kw) -> int:
         tok.padding_side = "left"
         enc = tok(batch, return_tensors="pt", padding=True)
         with torch.no_grad():
             out = m.generate(**enc, max_new_tokens=a.new_tokens, min_new_tokens=a.new_tokens, do_sample=False,
-                             pad_token_id=tok.pad_token_id)
+                             pad_token_id=tok.pad_token_id, **kw)
         return (out.shape[1] - enc["input_ids"].shape[1]) * len(batch)
+
+    from restora.decode import LeanDecoder
+
+    forwards: list[int] = []  # rows fed per lean forward after the prompt pass, for tokens/step
+    lean_forward = LeanDecoder.forward
+
+    def counting_forward(self, ids, *args, **kwargs):
+        forwards.append(ids.shape[0])
+        return lean_forward(self, ids, *args, **kwargs)
+
+    LeanDecoder.forward = counting_forward
 
     def run_ours(model, batch: list[str], **kw) -> int:
         counted: list[int] = []
@@ -69,8 +81,12 @@ def main() -> None:
                     counted.append(len(ids))
                 return tok.decode(ids, **kwargs)
 
+        forwards.clear()
         greedy_generate(model, _Counting(), batch, max_new_tokens=a.new_tokens, batch_size=len(batch), stop=(), **kw)
+        per_step[0] = sum(counted) / max(1, sum(forwards[1:])) if forwards else 1.0  # the first forward is the prompt
         return sum(counted)
+
+    per_step = [1.0]
 
     decoders = [
         ("hf generate (bf16)", lambda b: run_hf(b)),
@@ -80,17 +96,30 @@ def main() -> None:
     ]
     if not a.no_compile:
         decoders.append(("restora (rtn 4-bit, compiled)", lambda b: run_ours(q, b, compile=True)))
-    print(f"| decoder | batch | new tokens/s | vs HF |  ({a.threads} threads, {a.new_tokens} new tokens)")
-    print("|---|---|---|---|")
+    if a.lookup:
+        k = a.lookup
+        decoders += [(f"hf generate (bf16, lookup {k})", lambda b: run_hf(b, prompt_lookup_num_tokens=k)),
+                     (f"restora (bf16, lookup {k})", lambda b: run_ours(m, b, speculate=k)),
+                     (f"restora (rtn 4-bit, lookup {k})", lambda b: run_ours(q, b, speculate=k))]
+        if not a.no_compile:
+            decoders.append((f"restora (rtn 4-bit, compiled, lookup {k})", lambda b: run_ours(q, b, compile=True,
+                                                                                             speculate=k)))
+    print(f"| decoder | batch | new tokens/s | vs HF | tokens/step |  ({a.threads} threads, {a.new_tokens} new tokens)")
+    print("|---|---|---|---|---|")
     for b in a.batches:
         batch = prompts[:b]
         rates = {}
         for name, fn in decoders:
+            if name.startswith("hf generate (bf16, lookup") and b > 1:
+                continue  # transformers' prompt lookup decodes one row at a time
             fn(batch)  # warm-up (and the one-time compile)
+            per_step[0] = 1.0
             t0 = time.perf_counter()
             n = fn(batch)
             rates[name] = n / (time.perf_counter() - t0)
-            print(f"| {name} | {b} | {rates[name]:.0f} | {rates[name] / rates['hf generate (bf16)']:.2f}x |", flush=True)
+            step = f"{per_step[0]:.2f}" if name.startswith("restora") and "hf forward" not in name else ""
+            print(f"| {name} | {b} | {rates[name]:.0f} | {rates[name] / rates['hf generate (bf16)']:.2f}x | {step} |",
+                  flush=True)
 
 
 if __name__ == "__main__":
