@@ -29,8 +29,8 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -54,7 +54,7 @@ from .distributed import (
     init_distributed,
 )
 from .head_loss import frozen_head, frozen_head_ce
-from .unpadded import can_unpad, unpad
+from .unpadded import can_unpad, unpad, unpaddable_family
 
 __all__ = ["Example", "TrainConfig", "completion_loss", "evaluate_loss", "train"]
 
@@ -216,6 +216,30 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    with _padding_free(model, device):
+        total, count = _loss_over(rows, pad_id, micro_batch_size, bf16, info, loss_of, device)
+    model.train(was_training)
+    total, count = all_reduce_sum([total, float(count)], info)
+    return total / max(count, 1)
+
+
+@contextmanager
+def _padding_free(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """On CPU, score padding-free (restora.unpadded) as training does, so a later evaluation of an adapter
+    repeats its training-time validation loss; the model's attention implementation is restored after."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    swap = device.type == "cpu" and not can_unpad(model) and unpaddable_family(model)
+    if swap:
+        _set_attention(model, training_attention(model, recompute=False))
+    try:
+        yield
+    finally:
+        if swap and impl is not None:
+            _set_attention(model, impl)
+
+
+def _loss_over(rows: Sequence[Example], pad_id: int, micro_batch_size: int, bf16: bool, info: DistInfo,
+               loss_of: LossFn, device: torch.device) -> tuple[float, int]:
     total, count = 0.0, 0
     mine = info.shard(range(len(rows)))
     order = sorted(mine, key=lambda i: len(rows[i]["input_ids"]))  # less padding
@@ -230,9 +254,7 @@ def evaluate_loss(
         if b is not None:
             total += float(s)
             count += n
-    model.train(was_training)
-    total, count = all_reduce_sum([total, float(count)], info)
-    return total / max(count, 1)
+    return total, count
 
 
 def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["UNPAD_MODEL_TYPES", "Unpadded", "can_unpad", "pad_heads", "unpad", "unpad_heads"]
+__all__ = ["UNPAD_MODEL_TYPES", "Unpadded", "can_unpad", "pad_heads", "unpad", "unpad_heads", "unpaddable_family"]
 
 UNPAD_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 BUCKET = 64  # packed lengths are rounded up to a multiple of this
@@ -54,16 +54,19 @@ class Unpadded:
     targets: torch.Tensor  # (N',) the next token's label at each token, -100 where none
 
 
+def unpaddable_family(model: nn.Module) -> bool:
+    """A supported model family with full attention (whatever attention implementation it runs now)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "model_type", None) not in UNPAD_MODEL_TYPES:
+        return False
+    return not (getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True))
+
+
 def can_unpad(model: nn.Module) -> bool:
     """Whether `model`'s forward can run unpadded (a supported family, full attention, restora's attention)."""
     from .attention import TRAINING_IMPLS
 
-    cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "model_type", None) not in UNPAD_MODEL_TYPES:
-        return False
-    if getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True):
-        return False
-    return getattr(cfg, "_attn_implementation", None) in TRAINING_IMPLS
+    return unpaddable_family(model) and getattr(model.config, "_attn_implementation", None) in TRAINING_IMPLS
 
 
 def unpad(ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, dtype: torch.dtype, bucket: int = BUCKET) -> Unpadded:
