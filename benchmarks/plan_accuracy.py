@@ -53,6 +53,13 @@ SETTINGS: list[dict] = [
     {"name": "train rtn4 mb8", "mode": "train", "format": "rtn", "bits": 4, "batch": 8, "seq": 256, "ckpt": False},
     {"name": "train rtn4 mb8 ckpt", "mode": "train", "format": "rtn", "bits": 4, "batch": 8, "seq": 256, "ckpt": True},
     {"name": "train float mb4", "mode": "train", "format": "float", "bits": 16, "batch": 4, "seq": 256, "ckpt": False},
+    # what `restora train` runs for this model: compiled blocks, restora's training attention (padding-free), no dropout
+    {"name": "train float mb8 compiled", "mode": "train", "format": "float", "bits": 16, "batch": 8, "seq": 256,
+     "ckpt": False, "compiled": True, "dropout": 0.0},
+    {"name": "train rtn4 mb8 compiled", "mode": "train", "format": "rtn", "bits": 4, "batch": 8, "seq": 256,
+     "ckpt": False, "compiled": True, "dropout": 0.0},
+    {"name": "train rtn4 mb8 ckpt compiled", "mode": "train", "format": "rtn", "bits": 4, "batch": 8, "seq": 256,
+     "ckpt": True, "compiled": True, "dropout": 0.0},
 ]
 RANK, TARGETS, DROPOUT = 16, "all", 0.05
 
@@ -100,7 +107,8 @@ def measure(setting: dict) -> dict:
     spec = QuantSpec(format=setting["format"], bits=setting["bits"], group_size=64)
     loaded = build_base(MODEL, BaseChoice(spec))
     model = loaded.model
-    add_lora(model, LoRAConfig(r=RANK, target_modules=TARGETS, dropout=DROPOUT if setting["mode"] == "train" else 0.0))
+    dropout = setting.get("dropout", DROPOUT) if setting["mode"] == "train" else 0.0
+    add_lora(model, LoRAConfig(r=RANK, target_modules=TARGETS, dropout=dropout))
     B, T = setting["batch"], setting["seq"]
     V = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
@@ -128,9 +136,18 @@ def measure(setting: dict) -> dict:
     else:
         from restora.train import completion_loss
 
+        if setting.get("compiled"):  # as restora.train on CPU: its training attention, then compiled blocks
+            from restora.attention import training_attention
+            from restora.compiled import compiled_blocks
+            from restora.train import _set_attention
+
+            _set_attention(model, training_attention(model, recompute=not setting["ckpt"]))
         if setting["ckpt"]:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
+        if setting.get("compiled"):
+            compiling = compiled_blocks(model)
+            compiling.__enter__()  # for the rest of this process
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=2e-4)
@@ -163,7 +180,8 @@ def estimate(setting: dict) -> object:
                   seq_len=setting["seq"], rank=RANK, targets=TARGETS)
     if setting["mode"] == "serve":
         return plan_memory(config, "serve", adapters=1, prompt_len=setting["prompt"], **common)
-    return plan_memory(config, "train", grad_checkpointing=setting["ckpt"], dropout=DROPOUT, **common)
+    return plan_memory(config, "train", grad_checkpointing=setting["ckpt"], dropout=setting.get("dropout", DROPOUT),
+                       compiled=setting.get("compiled", False), **common)
 
 
 def _subprocess(arg: str, mmap_threshold: int) -> dict:

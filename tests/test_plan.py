@@ -191,3 +191,19 @@ def test_kv_cache_item_equals_a_real_cache() -> None:
     real = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values))
     p = plan_memory(model.config, "serve", format="rtn", bits=4, group_size=32, batch_size=3, seq_len=40)
     assert {i.name: i.bytes for i in p.items}["KV cache"] == real
+
+
+def test_compiled_training_plan():
+    """Compiled blocks save each distinct input once: 18,280 B per token and layer for SmolLM2's shape (all-linear
+    LoRA r16, bf16), the count saved-tensor hooks gave on compiled SmolLM2 blocks; plus compile state and a 4-bit
+    base's dequantized weights."""
+    from restora.plan import COMPILE_BYTES, ModelShape, _compiled_layer_activation_bytes, plan_memory
+
+    shape = ModelShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True)
+    assert _compiled_layer_activation_bytes(shape, "lora", 16, "all", 2, 2, 0.0) == 18280
+    kw = dict(format="rtn", bits=4, batch_size=8, seq_len=256, dropout=0.0)
+    eager, compiled = plan_memory(shape, "train", **kw), plan_memory(shape, "train", compiled=True, **kw)
+    items = {i.name: i.bytes for i in compiled.items}
+    assert items["compiler"] == COMPILE_BYTES and "compiler" not in {i.name for i in eager.items}
+    acts = {i.name: i.bytes for i in eager.items}["activations"]
+    assert items["activations"] < acts and compiled.settings["compiled"] is True

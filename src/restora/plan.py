@@ -22,11 +22,12 @@ The estimate is of live memory: it assumes freed tensors go back to the OS. glib
 past the plan (by ~40% after two steps on SmolLM2); setting MALLOC_MMAP_THRESHOLD_=131072, or
 `mallopt(M_MMAP_THRESHOLD, 128 KiB)` at start-up, makes the process match it.
 
-The activation counts are those of eager, padded training. Compiled blocks (restora.compiled,
-the default of `restora train` for 50M+ parameter models), the padding-free forward
-(restora.unpadded) and the frozen-head loss (restora.head_loss) keep fewer, so the plan
-over-estimates today's trainer (SmolLM2 bf16, micro-batch 8 x 217: 3.4 GiB planned, 1.73
-GiB measured). Choosing among plans (the precision ladder, the budget, `restora plan`) is in
+The activation counts are those of eager, padded training unless `compiled=True`, which
+counts what compiled blocks (restora.compiled, the default of `restora train` for 50M+
+parameter models) save: each distinct block input once, the fused loss's bf16 logits and
+gradient, a 4-bit base's dequantized weights, and torch.compile's own state (measured). Rows
+are planned full length, so restora.unpadded's padding-free forward changes nothing there.
+Choosing among plans (the precision ladder, the budget, `restora plan`) is in
 restora.plan_choice.
 """
 
@@ -43,6 +44,12 @@ __all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "
 FRAMEWORK_BYTES = 336 * 2**20
 LOGIT_CHUNK = 1024  # restora.train.LOGIT_CHUNK: label positions projected to the vocabulary at once
 LOGIT_BYTES = 12  # bytes per (label, vocab) entry live while one chunk's CE is differentiated
+# compiled: the head's bf16 logits and bf16 gradient (restora.head_loss fuses the fp32 softmax in between)
+COMPILED_LOGIT_BYTES = 4
+# torch.compile's in-process state while training compiled blocks (dynamo, inductor, the compiled kernels):
+# the gap between measured peak and the plan without it, SmolLM2 float and RTN4 with checkpointing
+# (benchmarks/plan_accuracy.py, "compiled" rows)
+COMPILE_BYTES = 260 * 2**20
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # restora.optim8bit: smaller tensors keep fp32 moments
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -237,6 +244,26 @@ def _layer_activation_bytes(shape: ModelShape, adapter: str, rank: int, targets:
     return n
 
 
+def _compiled_layer_activation_bytes(shape: ModelShape, adapter: str, rank: int, targets: str, act: int, res: int,
+                                     dropout: float) -> int:
+    """Bytes a compiled block (restora.compiled) saves per token: each distinct input once.
+
+    Counted with saved_tensors_hooks on SmolLM2 (all-linear LoRA r16, bf16): the two residual
+    inputs of the norms, the two normed inputs (shared by q/k/v and by gate/up), the o_proj
+    input, q, k, v and the attention output, gate, up and the down input, each LoRA A output,
+    two 1/rms values: 18,280 bytes per token and layer, as this formula gives."""
+    if adapter != "lora":
+        return _layer_activation_bytes(shape, adapter, rank, targets, act, res, dropout)
+    H, I, d = shape.hidden, shape.intermediate, shape.head_dim
+    n = 2 * H * res + 2 * 4  # residual inputs of the two norms, their 1/rms
+    n += (2 * H + shape.heads * d) * act  # normed attention and MLP inputs, o_proj input
+    n += (2 * shape.heads + 2 * shape.kv_heads) * d * act  # q, attention output, k, v
+    n += (3 if shape.gated_mlp else 2) * I * act  # gate and up outputs, down input
+    for _, _, i in shape.targets(targets):
+        n += rank * act + (4 * i if dropout > 0 else 0)  # A x; CPU dropout keeps an fp32 noise mask
+    return n
+
+
 def plan_memory(
     config: Any,
     mode: Mode = "serve",
@@ -257,6 +284,7 @@ def plan_memory(
     dropout: float = 0.05,
     prompt_len: int | None = None,
     framework_bytes: int = FRAMEWORK_BYTES,
+    compiled: bool = False,
 ) -> MemoryPlan:
     """Itemised peak memory of training (base at k = `bits`) or serving (base at l = `bits`).
 
@@ -265,6 +293,8 @@ def plan_memory(
     adapters, a KV cache of `batch_size` x `seq_len` tokens, prefill of `prompt_len`
     (default seq_len) tokens. float_dtype: storage of embeddings, norms, LM head (and all
     weights of a float base). bf16: compute under bf16 autocast, as restora does on CPU.
+    compiled: train with compiled blocks (`restora train --compile`), which save each
+    distinct input once and fuse the loss's element-wise work.
     """
     if mode not in ("train", "serve"):
         raise ValueError(f"mode must be train or serve, got {mode!r}")
@@ -312,7 +342,8 @@ def plan_memory(
         items.append(Item("gradients", 4 * n_params, "adapter only, fp32"))
         items.append(Item("optimizer states", _optimizer_bytes(sizes, optimizer), optimizer))
         N = batch_size * seq_len
-        per_layer = _layer_activation_bytes(shape, adapter, rank, targets, act, fb, dropout)
+        layer_bytes = _compiled_layer_activation_bytes if compiled else _layer_activation_bytes
+        per_layer = layer_bytes(shape, adapter, rank, targets, act, fb, dropout)
         if grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
             saved = N * (L * H * fb + per_layer)
             note = f"{batch_size} x {seq_len} tokens: layer inputs + one recomputed layer"
@@ -325,14 +356,21 @@ def plan_memory(
         if format == "float" and bf16 and fb != 2:  # frozen float layers under autocast save their bf16 weight
             saved += 2 * shape.linear_params()
             note += " + bf16 weight copies"
+        elif compiled and format != "float" and not grad_checkpointing:  # compiled blocks keep dequantized weights
+            saved += 2 * shape.linear_params()
+            note += " + dequantized bf16 weights"
+        if compiled:
+            items.append(Item("compiler", COMPILE_BYTES, "torch.compile state in the process (measured)"))
         items.append(Item("activations", saved, note, transient=True))
         n_logit = min(batch_size * (seq_len - 1), LOGIT_CHUNK)
-        items.append(Item("loss chunk", n_logit * V * LOGIT_BYTES + head_cast,
-                          f"{n_logit} label positions x {V} vocab x {LOGIT_BYTES} B, LM head cast", transient=True))
+        per_logit = COMPILED_LOGIT_BYTES if compiled else LOGIT_BYTES
+        items.append(Item("loss chunk", n_logit * V * per_logit + head_cast,
+                          f"{n_logit} label positions x {V} vocab x {per_logit} B, LM head cast", transient=True))
     settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, batch_size=batch_size, seq_len=seq_len,
                     rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
                     grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
-                    bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes)
+                    bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes,
+                    compiled=compiled)
     if mode == "serve":
         desc = f"{label} base, {adapters} x {what}, batch {batch_size} x {seq_len}"
     else:

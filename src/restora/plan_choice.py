@@ -63,6 +63,20 @@ def _best_train_setting(config: Any, format: str, bits: int, batch_size: int, gr
     return None
 
 
+def _compiles(mode: str, config: Any) -> bool:
+    """restora.compiled.resolve_compile's decision, from the config alone (no weights)."""
+    if mode != "auto":
+        return mode == "on"
+    import torch
+
+    from .compiled import AUTO_MIN_PARAMS, can_compile
+    from .plan import ModelShape
+
+    shape = ModelShape.from_config(config)
+    n = shape.linear_params() + shape.vocab * shape.hidden  # the blocks' linear layers + the embedding
+    return n >= AUTO_MIN_PARAMS and can_compile(torch.device("cpu"))
+
+
 def plan(
     model: str,
     budget: str = "8GiB",
@@ -78,6 +92,8 @@ def plan(
     adapters: int = 1,
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
     grad_checkpointing: bool = False,
+    compile: Literal["auto", "on", "off"] = "auto",
+    dropout: float = 0.0,
 ) -> int:
     """Plan memory for training at k bits or serving at l bits (PLR) within BUDGET, from the config alone.
 
@@ -96,6 +112,9 @@ def plan(
         adapters: serve: adapters held at once.
         optimizer: train: adamw (fp32 moments) or adamw8bit.
         grad_checkpointing: train: recompute decoder activations in the backward pass.
+        compile: train: plan compiled blocks (as `restora train --compile`); auto = on for models of 50M+
+            parameters when a C++ compiler is installed, as restora train decides.
+        dropout: train: LoRA dropout (restora train's default is 0; dropout keeps a noise mask per adapter input).
     """
     from transformers import AutoConfig
 
@@ -115,7 +134,7 @@ def plan(
         print(f"\nPLR choice: restore to {chosen.label.split(' base')[0]} (l = {chosen.bits})\n")
         print(chosen.table(limit))
         return 0
-    kw.update(optimizer=optimizer)
+    kw.update(optimizer=optimizer, compiled=_compiles(compile, config), dropout=dropout)
     asked = train_candidates(config, fmt, batch_size=batch_size, grad_checkpointing=grad_checkpointing, **kw)
     print(f"  {'base k':<14} {'as asked':>10}  {'fits with':<30} {'largest rank':>12}")
     best: list[MemoryPlan] = []
