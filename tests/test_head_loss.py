@@ -81,3 +81,22 @@ def test_compiled_elementwise_part_matches(monkeypatch):
     assert hl._compiled is not None and hl._compiled is not hl._ce_and_grad
     torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(x.grad, want_grad, rtol=1e-4, atol=1e-5)
+
+
+def test_a_failing_compile_falls_back_to_the_same_arithmetic(monkeypatch):
+    import restora.head_loss as hl
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    head, h, y = _case()
+    want_loss, want_grad = _reference(head, h, y)
+    monkeypatch.setattr(hl, "COMPILE_MIN", 1)
+    monkeypatch.setattr(hl, "_compiled", broken)
+    x = h.clone().requires_grad_(True)
+    with pytest.warns(UserWarning, match="torch.compile of the loss failed"):
+        loss = frozen_head_ce(head, x, y, 32)
+    loss.backward()
+    assert hl._compiled is hl._ce_and_grad  # later chunks run uncompiled without retrying
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(x.grad, want_grad, rtol=1e-4, atol=1e-5)

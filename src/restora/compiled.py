@@ -39,7 +39,11 @@ def can_compile(device: torch.device) -> bool:
     """Inductor can build kernels for `device` here (on CPU: a C++ compiler is installed)."""
     if device.type == "cpu":  # inductor's CPU backend builds C++ with the system compiler
         return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
-    return device.type == "cuda"
+    if device.type == "cuda":  # inductor's GPU backend generates triton kernels
+        import importlib.util
+
+        return importlib.util.find_spec("triton") is not None
+    return False
 
 
 def resolve_compile(mode: CompileMode, model: nn.Module, sharded: bool = False) -> bool:

@@ -26,6 +26,7 @@ checkpointed chunks otherwise.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -73,6 +74,22 @@ def _elementwise(size: int, device: torch.device) -> Any:
     return _compiled
 
 
+def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """_ce_and_grad, compiled where that pays; a compile that fails (e.g. no triton on a GPU) falls back to
+    the same function uncompiled, with one warning."""
+    global _compiled
+    fn = _elementwise(logits.numel(), logits.device)
+    if fn is _ce_and_grad:
+        return fn(logits, y, need_grad)
+    try:
+        return fn(logits, y, need_grad)
+    except Exception as e:  # the compiled and eager functions are the same arithmetic: only speed is lost
+        warnings.warn(f"restora.head_loss: torch.compile of the loss failed ({type(e).__name__}: {e}); running it "
+                      "uncompiled", stacklevel=2)
+        _compiled = _ce_and_grad
+        return _ce_and_grad(logits, y, need_grad)
+
+
 class _FrozenHeadCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor,
@@ -83,7 +100,7 @@ class _FrozenHeadCE(torch.autograd.Function):
         for a in range(0, h.shape[0], chunk):
             hc, yc = h[a : a + chunk], y[a : a + chunk]  # (c, H), (c,)
             logits = F.linear(hc, weight, bias)  # (c, V) in the compute dtype (autocast applies here)
-            loss, g = _elementwise(logits.numel(), logits.device)(logits, yc, need_grad)
+            loss, g = _ce_chunk(logits, yc, need_grad)
             total = total + loss
             if g is not None:
                 grad[a : a + chunk] = (g @ weight).to(h.dtype)  # (c, H); autocast casts W as it did for the logits
