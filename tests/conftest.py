@@ -38,6 +38,32 @@ def tiny_llama(seed: int = 0, **overrides):
     return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
 
 
+def with_trained_lora(model):
+    """All-linear LoRA r4 with a nonzero B (B = 0 would leave lora_A without gradient); the model in train mode."""
+    from restora.adapters import LoRAConfig, add_lora
+
+    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02, generator=g)
+    return model.train()
+
+
+def right_padded_batch(B: int, T: int, prompt: int, lengths: dict[int, int]):
+    """Random ids (B, T) with `prompt` masked label positions; rows in `lengths` end early (right padding)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 256, (B, T), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    mask = torch.ones_like(ids)
+    for row, n in lengths.items():
+        mask[row, n:] = 0
+    labels[mask == 0] = -100
+    return ids, labels, mask
+
+
 @pytest.fixture
 def tiny_model():
     return tiny_llama()

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import right_padded_batch, tiny_llama, with_trained_lora
 from torch import nn
 
-from restora.adapters import LoRAConfig, add_lora
 from restora.attention import RECOMPUTE, register, training_attention
 from restora.train import _set_attention, completion_loss
 
@@ -15,26 +14,13 @@ B, T = 3, 13
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 256, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, :5] = -100  # prompt
-    mask = torch.ones_like(ids)
-    mask[0, 9:] = 0  # a right-padded row
-    labels[0, 9:] = -100
-    return ids, labels, mask
+    return right_padded_batch(B, T, prompt=5, lengths={0: 9})
 
 
 def _model(impl: str) -> nn.Module:
-    model = tiny_llama()
-    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # B = 0 would leave lora_A without gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02, generator=g)
+    model = with_trained_lora(tiny_llama())
     _set_attention(model, impl)
-    return model.train()
+    return model
 
 
 def _step(impl: str, bf16: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[tuple[int, ...]]]:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_llama
+from conftest import right_padded_batch, tiny_llama, with_trained_lora
 from torch import nn
 
 from restora import train as restora_train
-from restora.adapters import LoRAConfig, add_lora
 from restora.attention import register
 from restora.train import _set_attention, completion_loss, evaluate_loss
 from restora.unpadded import BUCKET, can_unpad, pad_heads, unpad, unpad_heads
@@ -17,15 +16,7 @@ B, T = 3, 13
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(3)
-    ids = torch.randint(1, 256, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, :4] = -100  # prompt
-    mask = torch.ones_like(ids)
-    mask[0, 9:] = 0  # right-padded rows of different lengths
-    mask[2, 6:] = 0
-    labels[mask == 0] = -100
-    return ids, labels, mask
+    return right_padded_batch(B, T, prompt=4, lengths={0: 9, 2: 6})
 
 
 def _family(name: str) -> nn.Module:
@@ -41,16 +32,6 @@ def _family(name: str) -> nn.Module:
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def _lora(model: nn.Module) -> nn.Module:
-    add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # B = 0 would leave lora_A without gradient
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.02, generator=g)
-    return model.train()
-
-
 def _loss_and_grads(model: nn.Module, unpadded: bool, bf16: bool, monkeypatch) -> tuple[torch.Tensor, int, dict]:
     model.zero_grad(set_to_none=True)
     monkeypatch.setattr(restora_train, "can_unpad", can_unpad if unpadded else (lambda m: False))
@@ -63,7 +44,7 @@ def _loss_and_grads(model: nn.Module, unpadded: bool, bf16: bool, monkeypatch) -
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 @pytest.mark.parametrize("recompute", [True, False])
 def test_unpadded_equals_padded_fp32(family, recompute, monkeypatch):
-    model = _lora(_family(family))
+    model = with_trained_lora(_family(family))
     _set_attention(model, register(recompute))
     assert can_unpad(model)
     loss, n, grads = _loss_and_grads(model, False, False, monkeypatch)
@@ -77,7 +58,7 @@ def test_unpadded_equals_padded_fp32(family, recompute, monkeypatch):
 
 def test_unpadded_bf16_within_rounding(monkeypatch):
     """Under bf16 autocast the row count of each matmul changes, so results move at rounding level only."""
-    model = _lora(tiny_llama())
+    model = with_trained_lora(tiny_llama())
     _set_attention(model, register())
     loss, _, grads = _loss_and_grads(model, False, True, monkeypatch)
     loss_u, _, grads_u = _loss_and_grads(model, True, True, monkeypatch)
@@ -89,7 +70,7 @@ def test_unpadded_bf16_within_rounding(monkeypatch):
 
 def test_padding_does_not_change_a_row(monkeypatch):
     """A row's loss is the same alone and inside a batch with longer rows (it sees no padding)."""
-    model = _lora(tiny_llama())
+    model = with_trained_lora(tiny_llama())
     _set_attention(model, register())
     ids, labels, mask = _batch()
     with torch.no_grad():
@@ -147,7 +128,7 @@ def test_who_runs_unpadded():
 
 
 def test_evaluate_loss_unpadded_matches_padded(monkeypatch):
-    model = _lora(tiny_llama())
+    model = with_trained_lora(tiny_llama())
     _set_attention(model, register())
     g = torch.Generator().manual_seed(5)
     rows = []
