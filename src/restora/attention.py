@@ -38,6 +38,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .unpadded import pad_heads, unpad_heads
+
 __all__ = ["EAGER", "RECOMPUTE", "TRAINING_IMPLS", "eager_attention", "recompute_attention", "register",
            "training_attention"]
 
@@ -79,8 +81,6 @@ def _training_attention(
     rows, padded_mask = kwargs.pop("restora_rows", None), kwargs.pop("restora_mask", None)
     if rows is None:
         return _attend(recompute, module, query, key, value, attention_mask, kwargs), None
-    from .unpadded import pad_heads, unpad_heads
-
     B, T = padded_mask.shape[0], padded_mask.shape[-1]
     q, k, v = (pad_heads(x, rows, B, T) for x in (query, key, value))  # (B, heads, T, D) each
     out = _attend(recompute, module, q, k, v, padded_mask, kwargs)  # (B, T, heads, D)

@@ -28,7 +28,7 @@ from torch import nn
 
 from .quant.model import decoder_blocks
 
-__all__ = ["CompileMode", "can_compile", "compiled_blocks", "resolve_compile", "AUTO_MIN_PARAMS"]
+__all__ = ["CompileMode", "auto_compiles", "can_compile", "compiled_blocks", "resolve_compile", "AUTO_MIN_PARAMS"]
 
 CompileMode = Literal["auto", "on", "off"]
 # "auto" compiles models at least this large: below it (unit-test models) the compile costs more than it saves.
@@ -55,9 +55,13 @@ def resolve_compile(mode: CompileMode, model: nn.Module, sharded: bool = False) 
         return mode == "on"
     if sharded:
         return False
-    device = next(model.parameters()).device
     n = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
-    return n >= AUTO_MIN_PARAMS and can_compile(device)
+    return auto_compiles(n, next(model.parameters()).device)
+
+
+def auto_compiles(n_params: int, device: torch.device) -> bool:
+    """compile "auto" for a model of `n_params` on `device`: large enough, and inductor can build there."""
+    return n_params >= AUTO_MIN_PARAMS and can_compile(device)
 
 
 @contextmanager

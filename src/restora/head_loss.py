@@ -59,31 +59,24 @@ def _ce_and_grad(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tupl
     return loss, g.to(logits.dtype)  # as autograd casts the fp32 gradient back to the logits' dtype
 
 
-_compiled: Any = None
-
-
-def _elementwise(size: int, device: torch.device) -> Any:
-    """_ce_and_grad, compiled for chunks of at least COMPILE_MIN values when inductor can build here."""
-    global _compiled
-    if size < COMPILE_MIN:
-        return _ce_and_grad
-    if _compiled is None:
-        from .compiled import can_compile
-
-        _compiled = torch.compile(_ce_and_grad, dynamic=True) if can_compile(device) else _ce_and_grad
-    return _compiled
+_compiled: Any = None  # _ce_and_grad compiled, built on first use
 
 
 def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """_ce_and_grad, compiled where that pays; a compile that fails (e.g. no triton on a GPU) falls back to
-    the same function uncompiled, with one warning."""
+    """_ce_and_grad, compiled for chunks of at least COMPILE_MIN values where inductor can build. A compile
+    that fails (e.g. no triton on a GPU) falls back to the same function uncompiled, with one warning."""
     global _compiled
-    fn = _elementwise(logits.numel(), logits.device)
-    if fn is _ce_and_grad:
-        return fn(logits, y, need_grad)
+    if logits.numel() < COMPILE_MIN:
+        return _ce_and_grad(logits, y, need_grad)
+    if _compiled is None:
+        from .compiled import can_compile
+
+        _compiled = torch.compile(_ce_and_grad, dynamic=True) if can_compile(logits.device) else _ce_and_grad
     try:
-        return fn(logits, y, need_grad)
+        return _compiled(logits, y, need_grad)
     except Exception as e:  # the compiled and eager functions are the same arithmetic: only speed is lost
+        if _compiled is _ce_and_grad:
+            raise
         warnings.warn(f"restora.head_loss: torch.compile of the loss failed ({type(e).__name__}: {e}); running it "
                       "uncompiled", stacklevel=2)
         _compiled = _ce_and_grad

@@ -69,12 +69,11 @@ def _compiles(mode: str, config: Any) -> bool:
         return mode == "on"
     import torch
 
-    from .compiled import AUTO_MIN_PARAMS, can_compile
+    from .compiled import auto_compiles
     from .plan import ModelShape
 
     shape = ModelShape.from_config(config)
-    n = shape.linear_params() + shape.vocab * shape.hidden  # the blocks' linear layers + the embedding
-    return n >= AUTO_MIN_PARAMS and can_compile(torch.device("cpu"))
+    return auto_compiles(shape.linear_params() + shape.vocab * shape.hidden, torch.device("cpu"))
 
 
 def plan(
