@@ -10,7 +10,7 @@ from torch import nn
 from restora.adapters import LoRAConfig, add_lora
 from restora.decode import LeanDecoder, supports
 from restora.generate import greedy_generate
-from restora.packed import PackedLinear, can_pack, packed_linears
+from restora.packed import PackedLinear, can_pack, forget_packed, packed_linears
 from restora.quant import QuantSpec, quantize_model
 
 
@@ -138,6 +138,33 @@ def test_packed_linears_swap_and_restore():
         torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
     assert dict(model.named_modules()).keys() == before.keys()
     assert all(m is before[k] for k, m in model.named_modules())  # the very same modules are back
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
+def test_packed_copies_are_reused_until_the_weight_changes():
+    model = tiny_llama()
+    lin = model.model.layers[0].mlp.up_proj
+    x = torch.randn(2, 64)
+
+    def packed_up() -> PackedLinear:
+        with packed_linears(model) as n:
+            assert n == 2 * 7 + 1  # two blocks of seven layers, and the head
+            return model.model.layers[0].mlp.up_proj
+
+    first = packed_up()
+    with packed_linears(model, batch_hint=4):
+        assert model.model.layers[0].mlp.up_proj is first  # same weights: the cached copy, whatever the hint
+    with torch.no_grad():
+        lin.weight.mul_(2)  # changed in place: the version counter moves
+    second = packed_up()
+    assert second is not first
+    want = torch.nn.functional.linear(x.bfloat16(), lin.weight.bfloat16()).float()
+    torch.testing.assert_close(second(x).float(), want, atol=2e-2, rtol=2e-2)
+    lin.weight = nn.Parameter(torch.zeros_like(lin.weight))  # a new tensor: repacked too
+    third = packed_up()
+    assert third is not second and torch.count_nonzero(third(x)) == 0
+    assert forget_packed(model) == 2 * 7 + 1
+    assert packed_up() is not third
 
 
 def test_compiled_decode_steps_match_eager(tiny_dir):
