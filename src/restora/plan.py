@@ -325,7 +325,9 @@ def plan_memory(
     ]
     sizes = _adapter_params(shape, adapter, rank, targets)
     what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
-    head_cast = V * H * 2 if bf16 and fb != 2 else 0  # autocast's bf16 copy of the float LM head weight
+    head_cast = V * H * 2 if bf16 and fb != 2 else 0  # the bf16 copy of a float LM head, kept once made
+    if head_cast:  # training keeps the loss's cast (restora.head_loss); serving casts at each step
+        items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the float head under bf16 autocast"))
     if mode == "serve":
         P = seq_len if prompt_len is None else prompt_len
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
@@ -333,8 +335,8 @@ def plan_memory(
         kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * 2 * fb
         items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
                           f"{shape.head_dim} x (K, V) x {fb} B"))
-        prefill = batch_size * P * V * act + head_cast + batch_size * P * (3 * shape.intermediate + 4 * H) * 4
-        items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {P} prompt tokens, LM head cast, "
+        prefill = batch_size * P * V * act + batch_size * P * (3 * shape.intermediate + 4 * H) * 4
+        items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {P} prompt tokens, "
                           "one layer's work", transient=True))
     else:
         n_params = sum(sizes)
@@ -364,8 +366,8 @@ def plan_memory(
         items.append(Item("activations", saved, note, transient=True))
         n_logit = min(batch_size * (seq_len - 1), LOGIT_CHUNK)
         per_logit = COMPILED_LOGIT_BYTES if compiled else LOGIT_BYTES
-        items.append(Item("loss chunk", n_logit * V * per_logit + head_cast,
-                          f"{n_logit} label positions x {V} vocab x {per_logit} B, LM head cast", transient=True))
+        items.append(Item("loss chunk", n_logit * V * per_logit,
+                          f"{n_logit} label positions x {V} vocab x {per_logit} B", transient=True))
     settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, batch_size=batch_size, seq_len=seq_len,
                     rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
                     grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
