@@ -27,19 +27,20 @@ A float head under a lower-precision autocast (a quantized base keeps its embedd
 tied head in fp32) would be cast to the compute dtype by autocast at both of a chunk's
 matmuls, every step: for SmolLM2's 49152 x 576 head that was 2 x 56 ms of a ~1 s step
 (profile, 4-bit base, 2 threads). The head is frozen, so its cast is made once and kept
-with the head (a weak cache, made again when the weight tensor or its version changes):
+with the head (restora.derived: made again when the weight tensor or its version changes):
 the same bf16 values autocast would make, held for the run instead of for each loss.
 """
 
 from __future__ import annotations
 
 import warnings
-import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .derived import Derived
 
 __all__ = ["frozen_head", "frozen_head_ce"]
 
@@ -91,9 +92,7 @@ def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[t
         return _ce_and_grad(logits, y, need_grad)
 
 
-# head -> ((weight address, version, dtype), the weight it was cast from, the cast). Holding the source keeps
-# its address from being reused by another tensor while the entry lives.
-_CASTS: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor]]" = weakref.WeakKeyDictionary()
+_CASTS: Derived[torch.Tensor] = Derived()  # each float head's weight in the compute dtype
 
 
 def _compute_weight(head: nn.Linear, device: torch.device) -> torch.Tensor:
@@ -104,13 +103,7 @@ def _compute_weight(head: nn.Linear, device: torch.device) -> torch.Tensor:
     dtype = torch.get_autocast_dtype(device.type)
     if w.dtype == dtype or not w.is_floating_point():
         return w
-    key = (w.data_ptr(), w._version, dtype)
-    hit = _CASTS.get(head)
-    if hit is not None and hit[0] == key:
-        return hit[2]
-    cast = w.detach().to(dtype)
-    _CASTS[head] = (key, w.detach(), cast)
-    return cast
+    return _CASTS.get(head, (w,), lambda: w.detach().to(dtype), extra=dtype)
 
 
 class _FrozenHeadCE(torch.autograd.Function):

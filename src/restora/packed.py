@@ -7,11 +7,13 @@ that reorder costs more than the product itself (measured on this repo's CPU, 2 
 layer once per token, so `packed_linears` swaps each float base layer for a packed copy
 for the duration of a `with`, and restores the original modules afterwards.
 
-The packed copies are kept with their layers (a weak cache: they go when the layer goes) and
-reused by the next `with`, as long as the weight is the same tensor, unchanged: packing
+The packed copies are kept with their layers (restora.derived: they go when the layer goes) and
+reused by the next `with`, as long as the weight and bias are the same tensors, unchanged: packing
 SmolLM2's tied 49152 x 576 head alone takes ~110 ms (measured, 2 threads), a third of a
 48-token generation. A weight changed in place (optimizer step, `copy_`, load_state_dict)
-bumps its version counter and one given a new tensor has a new storage; either repacks.
+moves its version counter and one given a new tensor has a new storage; either repacks. A copy
+packed for another batch hint is reused: the hint barely moves the kernel's speed (SmolLM2's
+layers at 1 and 8 rows, packed for 1 or for 8: within 15%, measured).
 `forget_packed(model)` drops a model's copies.
 
 Only base layers are packed: adapter factors (`lora_A`, `lora_B`, ...) stay as they are, and
@@ -23,12 +25,13 @@ reports available (/proc/meminfo): a model chosen to fit a memory budget keeps f
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from .derived import Derived
 
 __all__ = ["PackedLinear", "can_pack", "forget_packed", "packed_linears"]
 
@@ -58,39 +61,12 @@ class PackedLinear(nn.Module):
         return f"{self.in_features} -> {self.out_features}, bf16 packed"
 
 
-# nn.Linear -> (the weight and bias it was packed from, their versions then, the packed copy). The entry
-# holds the source tensors, so their storage (and address) cannot be reused by another tensor while cached. A copy
-# packed for another batch hint is reused: the hint barely moves the kernel's speed (SmolLM2's layers at
-# 1 and 8 rows, packed for 1 or for 8: within 15%, measured), while repacking costs ~110 ms.
-_CACHE: "weakref.WeakKeyDictionary[nn.Linear, tuple[tuple, PackedLinear]]" = weakref.WeakKeyDictionary()
-
-
-def _state(linear: nn.Linear) -> tuple:
-    return tuple(None if t is None else (t.detach(), t.data_ptr(), t.shape, t.dtype, t._version)
-                 for t in (linear.weight, linear.bias))
-
-
-def _same(a: tuple, b: tuple) -> bool:
-    return all((x is None and y is None) or (x is not None and y is not None and x[1:] == y[1:]) for x, y in zip(a, b))
-
-
-def _cached(linear: nn.Linear) -> PackedLinear | None:
-    entry = _CACHE.get(linear)
-    return entry[1] if entry is not None and _same(entry[0], _state(linear)) else None
-
-
-def _pack(linear: nn.Linear, batch_hint: int) -> PackedLinear:
-    packed = PackedLinear(linear, batch_hint)
-    _CACHE[linear] = (_state(linear), packed)
-    return packed
+_PACKED: Derived[PackedLinear] = Derived()  # each layer's packed copy, kept while its weight and bias are unchanged
 
 
 def forget_packed(model: nn.Module) -> int:
-    """Drop the cached packed copies of `model`'s layers (frees their memory); returns how many."""
-    dropped = [m for m in model.modules() if m in _CACHE]
-    for m in dropped:
-        del _CACHE[m]
-    return len(dropped)
+    """Drop the kept packed copies of `model`'s layers (frees their memory); returns how many."""
+    return _PACKED.forget(model.modules())
 
 
 def _available_bytes() -> int | None:
@@ -125,14 +101,16 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
                         and id(child) not in kept):
                     swapped.append((module, child_name, child))
         unique = {id(child): child for _, _, child in swapped}  # a module under two parents is packed once
-        packed = {key: p for key, child in unique.items() if (p := _cached(child)) is not None}
+        packed = {key: p for key, child in unique.items()
+                  if (p := _PACKED.find(child, (child.weight, child.bias))) is not None}
         fresh = [c for key, c in unique.items() if key not in packed]
         free = _available_bytes()
         if fresh and free is not None and 2 * sum(c.weight.numel() for c in fresh) > free // 4:
             # a new bf16 copy would crowd the memory the model was sized for: those layers decode unpacked
             swapped = [(parent, name, child) for parent, name, child in swapped if id(child) in packed]
         else:
-            packed.update({id(c): _pack(c, batch_hint) for c in fresh})
+            packed.update({id(c): _PACKED.get(c, (c.weight, c.bias), lambda c=c: PackedLinear(c, batch_hint))
+                           for c in fresh})
         for parent, child_name, child in swapped:
             setattr(parent, child_name, packed[id(child)])
     try:
