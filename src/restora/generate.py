@@ -220,6 +220,19 @@ class _LeanSteps:
         self.dec.reject(kept)
 
 
+def _drop_finished(done: torch.Tensor, alive: list[int], last_pos: torch.Tensor, steps: _ModelSteps | _LeanSteps,
+                   adapters_of: Callable[[list[int]], None], rows: Any) -> tuple[list[int], torch.Tensor, Any]:
+    """Finished rows leave the batch: `alive` (batch row -> prompt row), `last_pos`, the decoder's cache, the
+    per-row adapters and `rows` (a tensor or a list indexed by batch row) keep the others, in order."""
+    keep = (~done).nonzero().flatten().to(last_pos.device)
+    idx = keep.tolist()
+    steps.keep(keep)
+    alive = [alive[j] for j in idx]
+    adapters_of(alive)  # per-row adapters follow their rows
+    rows = rows[keep.to(rows.device)] if isinstance(rows, torch.Tensor) else [rows[j] for j in idx]
+    return alive, last_pos[keep], rows
+
+
 def _greedy_rows(
     steps: _ModelSteps | _LeanSteps, tokenizer: Any, max_new_tokens: int, stop: Sequence[str],
     adapters_of: Callable[[list[int]], None],
@@ -234,11 +247,7 @@ def _greedy_rows(
         if done.all():
             break
         if done.any():
-            keep = (~done).nonzero().flatten().to(next_tok.device)
-            alive = [alive[j] for j in keep.tolist()]
-            next_tok, last_pos = next_tok[keep], last_pos[keep]
-            steps.keep(keep)
-            adapters_of(alive)  # per-row adapters follow their rows
+            alive, last_pos, next_tok = _drop_finished(done, alive, last_pos, steps, adapters_of, next_tok)
         last_pos = last_pos + 1
         next_tok = steps.step(next_tok, last_pos).argmax(-1)
     return out_tokens
@@ -260,12 +269,7 @@ def _speculative_rows(
         if done.all():
             break
         if done.any():
-            keep = (~done).nonzero().flatten()
-            alive, decided = [alive[j] for j in keep.tolist()], [decided[j] for j in keep.tolist()]
-            keep = keep.to(last_pos.device)
-            last_pos = last_pos[keep]
-            steps.keep(keep)
-            adapters_of(alive)
+            alive, last_pos, decided = _drop_finished(done, alive, last_pos, steps, adapters_of, decided)
         # the last chosen token (not yet in the cache), then drafts no longer than the row's remaining budget
         drafts = [lookup_draft(prompts[r] + out_tokens[r], min(k, max_new_tokens - len(out_tokens[r]) - 1))
                   for r in alive]

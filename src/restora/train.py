@@ -216,7 +216,7 @@ def evaluate_loss(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with _padding_free(model, device):
+    with _attention(model, _scoring_attention(model, device)):
         total, count = _loss_over(rows, pad_id, micro_batch_size, bf16, info, loss_of, device)
     model.train(was_training)
     total, count = all_reduce_sum([total, float(count)], info)
@@ -224,18 +224,23 @@ def evaluate_loss(
 
 
 @contextmanager
-def _padding_free(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """On CPU, score padding-free (restora.unpadded) as training does, so a later evaluation of an adapter
-    repeats its training-time validation loss; the model's attention implementation is restored after."""
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    swap = device.type == "cpu" and not can_unpad(model) and unpaddable_family(model)
-    if swap:
-        _set_attention(model, training_attention(model, recompute=False))
+def _attention(model: nn.Module, impl: str | None) -> Iterator[None]:
+    """Run with the model's attention implementation set to `impl` (None: as it is); restored after."""
+    before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl is not None:
+        _set_attention(model, impl)
     try:
         yield
     finally:
-        if swap and impl is not None:
-            _set_attention(model, impl)
+        if impl is not None and before is not None:
+            _set_attention(model, before)
+
+
+def _scoring_attention(model: nn.Module, device: torch.device) -> str | None:
+    """On CPU, score padding-free (restora.unpadded) as training does, so a later evaluation of an adapter
+    repeats its training-time validation loss: the attention that allows it, where the model lacks it."""
+    swap = device.type == "cpu" and not can_unpad(model) and unpaddable_family(model)
+    return training_attention(model, recompute=False) if swap else None
 
 
 def _loss_over(rows: Sequence[Example], pad_id: int, micro_batch_size: int, bf16: bool, info: DistInfo,
@@ -410,16 +415,15 @@ def train(
             raise FileNotFoundError(f"{ckpt}/trainer.json is missing: nothing to resume")
         state = _load_checkpoint(ckpt, named, opt, cfg, piece)
         step, best, history = state["step"], state["best_val_loss"], state["history"]
-    attn_before = getattr(model.config, "_attn_implementation", None)
-    if cfg.eager_attention and next(model.parameters()).device.type == "cpu":
-        # eager: measured faster than SDPA's CPU backward at SFT lengths; its (T, T) maps recomputed in the
-        # backward (restora.attention), unless whole blocks are recomputed anyway (grad_checkpointing)
-        _set_attention(model, training_attention(model, recompute=not cfg.grad_checkpointing))
+    # eager attention on CPU: measured faster than SDPA's CPU backward at SFT lengths; its (T, T) maps recomputed
+    # in the backward (restora.attention), unless whole blocks are recomputed anyway (grad_checkpointing)
+    eager = cfg.eager_attention and next(model.parameters()).device.type == "cpu"
+    attention = training_attention(model, recompute=not cfg.grad_checkpointing) if eager else None
     if cfg.grad_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
-    compiling = ExitStack()
+    scoped = ExitStack()  # what train() changes on the model for its duration, undone in reverse order
     model.train()
     metrics_log = (out / "metrics.jsonl").open("a") if info.is_main else None
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (progress and info.is_main))
@@ -427,7 +431,8 @@ def train(
     device = next(model.parameters()).device  # device-agnostic: batches follow the model (CPU here, CUDA for users)
     use_bf16 = cfg.bf16
     try:
-        compiling.enter_context(compiled_blocks(model, cfg.compile))
+        scoped.enter_context(_attention(model, attention))  # closed last: restored after the compile is undone
+        scoped.enter_context(compiled_blocks(model, cfg.compile))
         while step < total_steps:
             epoch, k = divmod(step, steps_per_epoch)
             g = torch.Generator().manual_seed(cfg.seed * 100003 + epoch)
@@ -484,12 +489,10 @@ def train(
                     state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key()}
                     _save_checkpoint(ckpt, tensors, state)
     finally:
-        compiling.close()
+        scoped.close()
         bar.close()
         if metrics_log is not None:
             metrics_log.close()
-        if attn_before is not None and cfg.eager_attention:
-            _set_attention(model, attn_before)
     barrier(info)
     best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history else epochs
     return {
