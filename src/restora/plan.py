@@ -264,6 +264,21 @@ def _compiled_layer_activation_bytes(shape: ModelShape, adapter: str, rank: int,
     return n
 
 
+def _cached_value_bytes(float_bytes: int, act_bytes: int) -> int:
+    """Bytes per cached V entry in the server's transformers cache. K leaves RoPE in the float dtype (fp32 cos/sin
+    promote it); V is stored as v_proj made it from transformers 5.24 on (bf16 under autocast), in the float dtype
+    before (measured with 5.23 and 5.24: tests/test_plan.py checks the installed one against a real cache)."""
+    try:
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__).release < (5, 24):
+            return float_bytes
+    except (ImportError, ValueError):
+        pass
+    return act_bytes
+
+
 def plan_memory(
     config: Any,
     mode: Mode = "serve",
@@ -331,10 +346,10 @@ def plan_memory(
     if mode == "serve":
         P = seq_len if prompt_len is None else prompt_len
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
-        # K and V are cached in the float dtype (measured: fp32 under restora's bf16-autocast decoding)
-        kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * 2 * fb
+        vb = _cached_value_bytes(fb, act)
+        kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + vb)
         items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
-                          f"{shape.head_dim} x (K, V) x {fb} B"))
+                          f"{shape.head_dim} x (K at {fb} B + V at {vb} B)"))
         prefill = batch_size * P * V * act + batch_size * P * (3 * shape.intermediate + 4 * H) * 4
         items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {P} prompt tokens, "
                           "one layer's work", transient=True))
