@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from restora.quant import QuantSpec, quantize_weight
-from restora.quant.packing import pack_codes, unpack_codes
+from restora.quant.packing import interleave, pack_codes, unpack_codes
 
 SPECS = [
     QuantSpec("nf4", 4),
@@ -29,6 +29,25 @@ def test_pack_unpack_roundtrip(bits):
     packed = pack_codes(codes, bits)
     assert packed.shape == (7, 96 * bits // 8) and packed.dtype == torch.uint8
     assert torch.equal(unpack_codes(packed, bits, 96), codes)
+
+
+@pytest.mark.parametrize("per", [2, 4, 8])
+def test_interleave_is_stack_on_any_byte_order(per, monkeypatch):
+    import sys
+
+    parts = [torch.randint(0, 256, (3, 5, 16), dtype=torch.uint8) for _ in range(per)]
+    want = torch.stack(parts, dim=-1).flatten(-2)  # out[..., i*per + j] = parts[j][..., i]
+    assert torch.equal(interleave(parts), want)
+    monkeypatch.setattr(sys, "byteorder", "big")  # the fallback: torch.stack itself
+    assert torch.equal(interleave(parts), want)
+
+
+def test_compiled_unpack_equals_eager():
+    pytest.importorskip("torch._inductor")
+    codes = torch.randint(0, 16, (10, 128), dtype=torch.uint8)
+    packed = pack_codes(codes, 4)
+    unpack = torch.compile(lambda p: unpack_codes(p, 4, 128), dynamic=True)
+    assert torch.equal(unpack(packed), codes) and torch.equal(unpack(packed[2:9]), codes[2:9])
 
 
 def test_pack_layout_is_dense_little_endian():

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from .base import QuantizedWeight
+from .packing import interleave
 
 __all__ = ["NF4_CODE", "FP4_CODE", "dynamic_map", "quantize_blockwise", "NF4Weight"]
 
@@ -189,7 +190,7 @@ class NF4Weight(QuantizedWeight):
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
         stop = self.out_features if stop is None else stop
         packed = self.codes[start:stop]  # (rows, in/2)
-        idx = torch.stack((packed >> 4, packed & 0xF), dim=-1).long()  # (rows, in/2, 2)
+        idx = interleave([packed >> 4, packed & 0xF]).long()  # (rows, in): high nibble first, as bitsandbytes
         vals = self.code.to(packed.device)[idx].view(stop - start, -1, self.blocksize)  # (rows, blocks/row, bs)
         per_row = self.in_features // self.blocksize
         absmax = self.block_absmax()[start * per_row : stop * per_row].view(stop - start, per_row, 1)

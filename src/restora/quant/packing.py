@@ -14,9 +14,32 @@ Unpacking reverses the steps. Everything is plain torch, so it runs on any devic
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
+
 import torch
 
-__all__ = ["pack_codes", "unpack_codes", "packed_numel"]
+__all__ = ["interleave", "pack_codes", "unpack_codes", "packed_numel"]
+
+_WIDE = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def interleave(parts: Sequence[torch.Tensor]) -> torch.Tensor:
+    """uint8 tensors (..., m), one per slot of a byte, -> (..., m * len(parts)): out[..., i*p + j] = parts[j][..., i].
+
+    On little-endian machines the p slots become the bytes of one wider integer, whose bytes are
+    then viewed as uint8: two passes that vectorize. torch.stack gives the same values, but
+    torch.compile lowers it to a separate copy (an extern aten.cat) per call: dequantizing
+    SmolLM2's 106M 4-bit weights compiled took 54 ms with it against 36 ms this way (2 threads).
+    """
+    per = len(parts)
+    if sys.byteorder != "little" or per not in _WIDE:
+        return torch.stack(list(parts), dim=-1).flatten(-2)
+    wide = _WIDE[per]
+    word = parts[0].to(wide)
+    for j in range(1, per):
+        word = word | (parts[j].to(wide) << (8 * j))
+    return word.view(torch.uint8)
 
 
 def packed_numel(n: int, bits: int) -> int:
@@ -63,8 +86,7 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     if 8 % bits == 0:
         per = 8 // bits
         mask = (1 << bits) - 1
-        parts = [(packed >> (bits * j)) & mask for j in range(per)]
-        return torch.stack(parts, dim=-1).reshape(*lead, n)  # (..., bytes, per) -> (..., n)
+        return interleave([(packed >> (bits * j)) & mask for j in range(per)])  # (..., bytes * per) = (..., n)
     b = packed.to(torch.int64).reshape(*lead, n // 8, bits)  # (..., n/8, k)
     byte_shifts = torch.arange(bits, device=packed.device, dtype=torch.int64) * 8
     word = (b << byte_shifts).sum(dim=-1, keepdim=True)  # (..., n/8, 1)
