@@ -330,3 +330,28 @@ def test_queue_overflow_then_sigterm_drains(setup):
             _call(port, "GET", "/health", timeout=2)
     finally:
         _stop(proc)
+
+
+def test_engine_packs_only_the_head_while_it_runs():
+    """Under bf16 on a CPU that has it, the engine decodes with a packed bf16 copy of the LM head (no per-step cast
+    of a float head) and leaves the decoder's layers alone; the head is restored when the engine stops."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from restora.packed import PackedLinear, can_pack
+    from restora.serve.engine import Engine, EngineConfig
+
+    from conftest import tiny_llama
+
+    model = tiny_llama(tie_word_embeddings=False)
+    tok = SimpleNamespace(eos_token_id=0, pad_token_id=0)
+    head = model.lm_head
+    engine = Engine(model, tok, None, EngineConfig(bf16=True))  # type: ignore[arg-type]  # no adapters needed here
+    with engine._packed_head() as n:
+        if can_pack(torch.device("cpu")):
+            assert n == 1 and isinstance(model.lm_head, PackedLinear)
+        assert type(model.model.layers[0].mlp.up_proj) is nn.Linear
+    assert model.lm_head is head
+    with Engine(model, tok, None, EngineConfig(bf16=False))._packed_head() as n:  # type: ignore[arg-type]
+        assert n == 0 and model.lm_head is head

@@ -33,12 +33,14 @@ import threading
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from ..packed import can_pack, packed_linears
 from .adapters_root import ResidentAdapters
 
 __all__ = ["SamplingParams", "EngineConfig", "Request", "Engine", "QueueFullError", "EngineStoppedError"]
@@ -219,6 +221,18 @@ class Engine:
     # -- the engine thread ----------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        with self._packed_head():
+            self._serve()
+
+    def _packed_head(self) -> AbstractContextManager[int]:
+        """The LM head as a packed bf16 copy while the engine runs (restora.packed), on a CPU with bf16 under
+        autocast: otherwise every step casts a float head anew (57 MB for SmolLM2's tied fp32 head; the planner's
+        "LM head bf16 copy" item). The decoder's layers stay as they are: packing them would copy the base."""
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        on = self.config.bf16 and decoder is not None and can_pack(self.device)
+        return packed_linears(self.model, enabled=on, skip=decoder)
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not (self._pending or self._commands or self.rows or self._stopping):
