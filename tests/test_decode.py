@@ -167,6 +167,62 @@ def test_packed_copies_are_reused_until_the_weight_changes():
     assert packed_up() is not third
 
 
+@pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
+def test_packed_linear_op_uses_the_live_copy_of_unchanged_weights(monkeypatch):
+    """restora::packed_linear (what compiled graphs call) computes with the copy packed from exactly the
+    weight and bias it is given; outside the `with`, or after the weight changed, it computes unpacked."""
+    import restora.packed as packed
+
+    calls = []
+    pack_call = packed._Pack.__call__
+    monkeypatch.setattr(packed._Pack, "__call__", lambda self, x: calls.append(1) or pack_call(self, x))
+    torch.manual_seed(0)
+    lin = nn.Linear(64, 32)
+    root = nn.Sequential(lin)
+    x = torch.randn(3, 64).bfloat16()
+    op = torch.ops.restora.packed_linear
+
+    def want() -> torch.Tensor:
+        return torch.nn.functional.linear(x, lin.weight.bfloat16(), lin.bias.bfloat16()).float()
+
+    torch.testing.assert_close(op(x, lin.weight, lin.bias).float(), want(), atol=2e-2, rtol=2e-2)
+    assert not calls  # nothing packed: the plain product
+    with packed_linears(root):
+        with packed_linears(root):  # nested: the inner exit leaves the outer's copy live
+            pass
+        torch.testing.assert_close(op(x, lin.weight, lin.bias).float(), want(), atol=2e-2, rtol=2e-2)
+        assert len(calls) == 1
+        with torch.no_grad():
+            lin.weight.mul_(-1)  # changed in place: the packed copy is stale, the op must not use it
+        torch.testing.assert_close(op(x, lin.weight, lin.bias).float(), want(), atol=2e-2, rtol=2e-2)
+        assert len(calls) == 1
+    assert not packed._LIVE
+
+
+@pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
+def test_compiled_steps_run_the_packed_layers(monkeypatch):
+    """With bf16, the compiled step's graph reaches every block layer's packed copy (not a plain bf16 product),
+    and its logits match the eager lean forward's to bf16 rounding."""
+    pytest.importorskip("torch._inductor")
+    import restora.packed as packed
+
+    calls = []
+    pack_call = packed._Pack.__call__
+    monkeypatch.setattr(packed._Pack, "__call__", lambda self, x: calls.append(1) or pack_call(self, x))
+    model = tiny_llama()
+    ids, mask = _left_padded([5, 3])
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits, counts = [], []
+    with packed_linears(model, batch_hint=2) as n, torch.autocast("cpu", dtype=torch.bfloat16):
+        for compile in (False, True):
+            dec = LeanDecoder(model, 2, 16, compile=compile)
+            calls.clear()
+            logits.append(dec.forward(ids, positions, mask.bool()).float())  # 5 tokens a row: a compiled step
+            counts.append(len(calls))
+    assert counts == [n, n] and n == 2 * 7 + 1  # every block layer and the head, eager and compiled alike
+    torch.testing.assert_close(logits[1], logits[0], atol=5e-2, rtol=5e-2)
+
+
 def test_compiled_decode_steps_match_eager(tiny_dir):
     """compile=True runs one-token steps through one torch.compile'd graph of all blocks: same tokens."""
     pytest.importorskip("torch._inductor")
@@ -180,7 +236,7 @@ def test_compiled_decode_steps_match_eager(tiny_dir):
     assert greedy_generate(model, tok, prompts, compile=True, **kw) == want
     # multi-token steps (speculative drafts) run through the same compiled graph (dynamic in the tokens per row)
     assert greedy_generate(model, tok, prompts, compile=True, speculate=3, **kw) == want
-    # bf16 on CPU: the compiled steps run the plain layers (inductor cannot take runtime-packed weights)
+    # bf16 on CPU: the compiled steps run the packed layers (test_compiled_steps_run_the_packed_layers)
     kw["bf16"] = True
     out = greedy_generate(model, tok, prompts, compile=True, **kw)
     assert len(out) == 3 and all(isinstance(o, str) for o in out)

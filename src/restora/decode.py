@@ -139,11 +139,6 @@ class LeanDecoder:
         self.length = 0  # cache positions filled so far (same for every row: rows are left padded)
         self._last = (0, 0)  # cache positions [s, e) the last forward wrote (what reject() trims)
 
-    @staticmethod
-    def compiled_part(model: nn.Module) -> nn.Module:
-        """The modules a compiled one-token step runs inside its graph (the decoder blocks)."""
-        return model.model.layers
-
     def keep_rows(self, keep: torch.Tensor) -> None:
         """Drop finished rows: keep only batch rows `keep` of the cache (a copy of the filled part)."""
         n = self.length

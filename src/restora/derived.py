@@ -25,12 +25,13 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import nn
 
-__all__ = ["Derived"]
+__all__ = ["Derived", "fingerprint"]
 
 T = TypeVar("T")
 
 
-def _fingerprint(sources: Sequence[torch.Tensor | None]) -> tuple:
+def fingerprint(sources: Sequence[torch.Tensor | None]) -> tuple:
+    """What identifies these tensors' current values: address, shape, dtype and version counter of each."""
     return tuple(None if t is None else (t.data_ptr(), tuple(t.shape), t.dtype, t._version) for t in sources)
 
 
@@ -43,7 +44,7 @@ class Derived(Generic[T]):
     def find(self, owner: nn.Module, sources: Sequence[torch.Tensor | None], extra: Any = None) -> T | None:
         """The kept copy if it was derived from exactly these, unchanged, tensors (and `extra`)."""
         entry = self._entries.get(owner)
-        if entry is None or entry[1] != extra or entry[0] != _fingerprint(sources):
+        if entry is None or entry[1] != extra or entry[0] != fingerprint(sources):
             return None
         return entry[3]
 
@@ -55,7 +56,7 @@ class Derived(Generic[T]):
             return hit
         value = make()
         held = tuple(None if t is None else t.detach() for t in sources)
-        self._entries[owner] = (_fingerprint(sources), extra, held, value)
+        self._entries[owner] = (fingerprint(sources), extra, held, value)
         return value
 
     def forget(self, owners: Iterable[nn.Module]) -> int:

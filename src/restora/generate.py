@@ -142,11 +142,8 @@ def _generate(
         speculate = 0
     room = max_new_tokens + speculate  # cache positions past the prompt: drafts of the last step included
     steps = partial(_LeanSteps, compile=compile) if lean else _ModelSteps
-    # inductor only takes packed weights as frozen constants: compiled steps run the blocks' plain layers,
-    # and only what runs outside them (the LM head) is packed
-    pack = use_bf16 and can_pack(device)
-    skip = LeanDecoder.compiled_part(model) if compile and lean else None
-    with packed_linears(model, min(batch_size, len(prompts)), enabled=pack, skip=skip):
+    pack = use_bf16 and can_pack(device)  # compiled steps reach the packed copies through restora::packed_linear
+    with packed_linears(model, min(batch_size, len(prompts)), enabled=pack):
         for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[a : a + batch_size]
             T = max(len(encoded[i]) for i in rows)

@@ -16,6 +16,14 @@ packed for another batch hint is reused: the hint barely moves the kernel's spee
 layers at 1, 5 and 8 rows, packed for 1 or for 8: within 17%, measured).
 `forget_packed(model)` drops a model's copies.
 
+Compiled decoding steps (restora.decode, compile=True) run the packed copies too. Inductor cannot take
+oneDNN's opaque packed tensor as a graph input, so inside a compiled graph a PackedLinear calls the op
+`restora::packed_linear(x, weight, bias)` with the layer's own tensors, and the op uses the copy packed
+from exactly those tensors, unchanged, while a `with` holds it (otherwise it computes the plain product).
+SmolLM2-135M in bf16, 8 rows, 48 new tokens (2 threads): 154-174 tokens/s eager, 256-266 with compiled
+steps after a compile of 74 s (36 s with inductor's on-disk cache warm); before, compiled steps ran the
+plain bf16 layers and oneDNN reordered every weight at every call.
+
 Only base layers are packed: adapter factors (`lora_A`, `lora_B`, ...) stay as they are, and
 so do quantized layers, which bring their own kernels. The packed copy is bf16 and is
 extra memory while it lives (half the float weights' size if they are fp32, as large if bf16),
@@ -29,9 +37,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .derived import Derived
+from .derived import Derived, fingerprint
 
 __all__ = ["PackedLinear", "can_pack", "forget_packed", "packed_linears"]
 
@@ -44,18 +53,56 @@ def can_pack(device: torch.device) -> bool:
     return bool(check()) if check is not None else False
 
 
+class _Pack:
+    """One layer's weight packed once into oneDNN's blocked bf16 layout, and its bias in bf16."""
+
+    __slots__ = ("packed", "bias")
+
+    def __init__(self, linear: nn.Linear, batch_hint: int) -> None:
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(torch.bfloat16), batch_hint)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+
+
+# Inside a torch.compile'd graph the packed copy cannot be an input (oneDNN's opaque layout has no fake
+# tensor), so compiled code calls this op with the layer's own weight and bias, and the op finds the copy
+# packed from exactly those tensors, unchanged (their fingerprint), among the layers packed right now.
+torch.library.define("restora::packed_linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
+_LIVE: dict[tuple, list] = {}  # fingerprint of (weight, bias) -> [pack, how many `with`s hold it]
+
+
+@torch.library.impl("restora::packed_linear", "CPU")
+def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    live = _LIVE.get(fingerprint((weight, bias)))
+    if live is None:  # not packed at the moment, or changed since: the same product, unpacked
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+    return live[0](x)
+
+
+@torch.library.register_fake("restora::packed_linear")
+def _packed_linear_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 class PackedLinear(nn.Module):
-    """y = x @ W^T + b in bf16 with W packed once into oneDNN's layout (inference only)."""
+    """y = x @ W^T + b in bf16 with W packed once into oneDNN's layout (inference only).
+
+    It holds the layer's own weight and bias (not copies): eager calls use the packed copy directly,
+    compiled graphs reach it through `restora::packed_linear`, keyed on those tensors."""
 
     def __init__(self, linear: nn.Linear, batch_hint: int = 1) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        w = linear.weight.detach().to(torch.bfloat16)
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(w, batch_hint)
-        self.bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.pack = _Pack(linear, batch_hint)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), self.packed, self.bias, "none", [], "")
+        x = x.to(torch.bfloat16)
+        if torch.compiler.is_compiling():
+            return torch.ops.restora.packed_linear(x, self.weight, self.bias)
+        return self.pack(x)
 
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, bf16 packed"
@@ -89,8 +136,8 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
                    skip: nn.Module | None = None) -> Iterator[int]:
     """Swap every float base nn.Linear for a PackedLinear during the `with`; yields how many were swapped.
 
-    Linears inside `skip` stay as they are (e.g. the decoder blocks a compiled decode step runs: inductor
-    takes packed weights only as frozen constants)."""
+    Linears inside `skip` stay as they are (e.g. the decoder blocks of a server that budgets no second copy
+    of a float base's weights)."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
     if enabled:
         kept = {id(m) for m in skip.modules()} if skip is not None else set()
@@ -113,8 +160,17 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
                            for c in fresh})
         for parent, child_name, child in swapped:
             setattr(parent, child_name, packed[id(child)])
+    # what restora::packed_linear finds while the with lasts (nested withs over a layer share its entry)
+    live = {id(c): (fingerprint((c.weight, c.bias)), packed[id(c)].pack) for _, _, c in swapped}.values()
+    for key, pack in live:
+        _LIVE.setdefault(key, [pack, 0])[1] += 1
     try:
         yield len(swapped)
     finally:
+        for key, _ in live:
+            entry = _LIVE[key]
+            entry[1] -= 1
+            if not entry[1]:
+                del _LIVE[key]
         for parent, child_name, child in swapped:
             setattr(parent, child_name, child)
