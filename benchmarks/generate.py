@@ -11,8 +11,10 @@ compute on CPU:
                                     oneDNN (restora.packed) -- what `restora eval/generate` do
     restora (bf16, hf forward)      the same loop through transformers' forward (lean=False)
     restora (rtn 4-bit)             greedy_generate over a 4-bit RTN base (fused int4 kernel)
-    restora (rtn 4-bit, compiled)   the same with compile=True (one-token steps as one graph);
+    restora (rtn 4-bit, compiled)   the same with compile=True (decoding steps as one graph);
                                     its one-time compile happens in the warm-up run
+    restora (bf16, compiled)        compile=True on the bf16 model: the graph calls the packed layers
+                                    through restora::packed_linear (`restora eval --compile`)
 
     python benchmarks/generate.py [--new-tokens 48] [--threads 2] [--batches 1 8]
 """
@@ -95,15 +97,17 @@ def main() -> None:
         ("restora (rtn 4-bit)", lambda b: run_ours(q, b)),
     ]
     if not a.no_compile:
-        decoders.append(("restora (rtn 4-bit, compiled)", lambda b: run_ours(q, b, compile=True)))
+        decoders += [("restora (bf16, compiled)", lambda b: run_ours(m, b, compile=True)),
+                     ("restora (rtn 4-bit, compiled)", lambda b: run_ours(q, b, compile=True))]
     if a.lookup:
         k = a.lookup
         decoders += [(f"hf generate (bf16, lookup {k})", lambda b: run_hf(b, prompt_lookup_num_tokens=k)),
                      (f"restora (bf16, lookup {k})", lambda b: run_ours(m, b, speculate=k)),
                      (f"restora (rtn 4-bit, lookup {k})", lambda b: run_ours(q, b, speculate=k))]
         if not a.no_compile:
-            decoders.append((f"restora (rtn 4-bit, compiled, lookup {k})", lambda b: run_ours(q, b, compile=True,
-                                                                                             speculate=k)))
+            decoders += [(f"restora (bf16, compiled, lookup {k})", lambda b: run_ours(m, b, compile=True, speculate=k)),
+                         (f"restora (rtn 4-bit, compiled, lookup {k})", lambda b: run_ours(q, b, compile=True,
+                                                                                            speculate=k))]
     print(f"| decoder | batch | new tokens/s | vs HF | tokens/step |  ({a.threads} threads, {a.new_tokens} new tokens)")
     print("|---|---|---|---|---|")
     for b in a.batches:

@@ -48,6 +48,13 @@ def test_train_eval_restore_merge(tiny_dir, tmp_path):
         assert res[bits]["eval_base"]["bits"] == bits and res[bits]["train_base"]["bits"] == 3
         assert {"exact_match", "execution_match"} <= set(res[bits]["metrics"])
     assert res[3]["log_loss"] != res[16]["log_loss"]  # the base really changed
+    # --compile: decoding steps through one compiled graph; the same scoring, recorded in results.json
+    out = tmp_path / "eval16c.json"
+    assert main(["eval", str(tiny_dir), "--adapter", str(ad), "--split", "validation", "--limit", "8", "--format", "float",
+                 "--bits", "16", "--max-new-tokens", "4", "--compile", "--out", str(out)]) == 0
+    compiled = json.loads(out.read_text())
+    assert compiled["compiled_decoding"] and not res[16]["compiled_decoding"]
+    assert compiled["log_loss"] == res[16]["log_loss"] and set(compiled["metrics"]) == set(res[16]["metrics"])
     # --bits without --format: the format restore picks (rtn at 4 here), never silently 16 bits
     out = tmp_path / "eval4.json"
     assert main(["eval", str(tiny_dir), "--adapter", str(ad), "--split", "validation", "--limit", "4",

@@ -31,18 +31,20 @@ def evaluate_task(
     use_chat_template: bool = False,
     progress: bool = True,
     speculate: int = 0,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Metrics (value, n, 95% CI) and mean completion log loss of `model` on task `rows`."""
     t = get_task(task)
     t0 = time.perf_counter()
     encoded = encode_rows(t, tokenizer, rows, max_len, use_chat_template)
     loss = evaluate_loss(model, encoded, tokenizer.pad_token_id, batch_size)
-    out: dict[str, Any] = {"task": t.name, "n": len(rows), "log_loss": loss}
+    out: dict[str, Any] = {"task": t.name, "n": len(rows), "log_loss": loss, "compiled_decoding": compile and generate}
     if generate:
         prompts = [t.prompt(r, tokenizer, use_chat_template) for r in rows]
         preds = greedy_generate(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=t.stop, batch_size=batch_size,
             add_special_tokens=not use_chat_template, progress=progress, speculate=speculate,
+            compile=compile,
         )
         scores = [t.score(p, r) for p, r in zip(preds, rows)]
         out["metrics"] = {k: v.as_dict() for k, v in summarize(scores).items()}
