@@ -21,7 +21,9 @@ Config (TOML):
     name = "gptq"  format = "gptq"  bits = [4, 3]  init = "default"
     train = { epochs = 3, targets = "all" }   # optional: this method's overrides of [train]
     [train]                               # restora train settings (rank, alpha, targets, epochs, lr, ...)
-    [eval]                                # split, limit, max_new_tokens, batch_size, generate
+    [eval]                                # split, limit, max_new_tokens, batch_size, generate, compile
+                                          # (compile: decoding steps as one compiled graph, compiled once
+                                          # per process and reused by every cell of the same model)
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ _TRAIN = {
     "compile", "max_samples", "val_samples", "max_len", "chat", "calib_samples",
 }
 _EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize", "restore_modes",
-         "auto_min_gain"}
+         "auto_min_gain", "compile"}
 
 
 @dataclass(frozen=True)
@@ -242,7 +244,8 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     rows = task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=e.get("limit"))
     res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, int(e.get("max_new_tokens", 96)),
                         int(e.get("batch_size", 8)), generate=bool(e.get("generate", True)),
-                        use_chat_template=bool(_train_settings(unit, cfg).get("chat", False)), progress=False)
+                        use_chat_template=bool(_train_settings(unit, cfg).get("chat", False)), progress=False,
+                        compile=bool(e.get("compile", False)))
     trained = json.loads((adapter / "restora.json").read_text())
     gt = adapter / "grid_train.json"
     train_info = json.loads(gt.read_text()) if gt.is_file() else {}
@@ -256,6 +259,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
         "best_epoch": (trained.get("metrics") or {}).get("best_epoch"),
         "train_seconds": train_info.get("train_seconds"), "eval_seconds": time.perf_counter() - t0,
         "peak_rss_bytes": _peak_rss_bytes(), "examples": res.get("examples", [])[:2],
+        "compiled_decoding": res["compiled_decoding"],
     }
 
 
