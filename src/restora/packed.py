@@ -33,6 +33,7 @@ reports available (/proc/meminfo): a model chosen to fit a memory budget keeps f
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -71,6 +72,7 @@ class _Pack:
 # packed from exactly those tensors, unchanged (their fingerprint), among the layers packed right now.
 torch.library.define("restora::packed_linear", "(Tensor x, Tensor weight, Tensor? bias) -> Tensor")
 _LIVE: dict[tuple, list] = {}  # fingerprint of (weight, bias) -> [pack, how many `with`s hold it]
+_LIVE_LOCK = threading.Lock()  # a server thread and a caller may hold `with`s over the same layers
 
 
 @torch.library.impl("restora::packed_linear", "CPU")
@@ -162,15 +164,17 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
             setattr(parent, child_name, packed[id(child)])
     # what restora::packed_linear finds while the with lasts (nested withs over a layer share its entry)
     live = {id(c): (fingerprint((c.weight, c.bias)), packed[id(c)].pack) for _, _, c in swapped}.values()
-    for key, pack in live:
-        _LIVE.setdefault(key, [pack, 0])[1] += 1
+    with _LIVE_LOCK:
+        for key, pack in live:
+            _LIVE.setdefault(key, [pack, 0])[1] += 1
     try:
         yield len(swapped)
     finally:
-        for key, _ in live:
-            entry = _LIVE[key]
-            entry[1] -= 1
-            if not entry[1]:
-                del _LIVE[key]
+        with _LIVE_LOCK:
+            for key, _ in live:
+                entry = _LIVE[key]
+                entry[1] -= 1
+                if not entry[1]:
+                    del _LIVE[key]
         for parent, child_name, child in swapped:
             setattr(parent, child_name, child)
