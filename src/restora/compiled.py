@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Literal
 
 import torch
@@ -64,14 +64,24 @@ def auto_compiles(n_params: int, device: torch.device) -> bool:
     return n_params >= AUTO_MIN_PARAMS and can_compile(device)
 
 
+# Graphs dynamo may keep per block forward (its default is 8). One training run makes about three
+# (first block's input without grad, the others with grad, no-grad validation), and every block
+# class in a process shares the count: a grid trains several bases in one process, and its later
+# units went past 8 and trained eagerly (the demo's GPTQ 4-bit unit: 214 against 306 tokens/s
+# for the 3-bit unit after it, session 5's logs).
+RECOMPILE_LIMIT = 64
+
+
 @contextmanager
 def compiled_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     """Compile every decoder block in place for the `with` body; yields how many were compiled."""
     blocks = list(decoder_blocks(model)) if enabled else []
     for block in blocks:
         block.compile(dynamic=True)
+    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     try:
-        yield len(blocks)
+        with torch._dynamo.config.patch(recompile_limit=limit) if blocks else nullcontext():
+            yield len(blocks)
     finally:
         for block in blocks:
             block._compiled_call_impl = None  # back to the eager forward
