@@ -67,6 +67,28 @@ def test_compiled_blocks_restores_eager_on_error():
     assert all(b._compiled_call_impl is None for b in decoder_blocks(model))
 
 
+def test_compiled_blocks_keep_compiling_past_dynamos_default_limit():
+    """A grid trains several bases in one process, and each adds graphs to the one block forward's cache
+    (first block, later blocks, no-grad validation: 3 or 4 per base). Past dynamo's default of 8 graphs the blocks ran
+    eagerly; inside compiled_blocks every new variant is still compiled."""
+    pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()  # no graphs left from earlier tests: this one makes more than 8 of its own
+    counters.clear()
+    ids = torch.randint(0, 200, (2, 6))
+    for spec in (None, QuantSpec("rtn", 4, 32), QuantSpec("nf4", 4, 32)):
+        model = tiny_llama()
+        if spec is not None:
+            quantize_model(model, spec, progress=False)
+        add_lora(model, LoRAConfig(r=2, alpha=4, target_modules="attn"))
+        with compiled_blocks(model):
+            model(ids).logits.sum().backward()  # block 0's input needs no grad, block 1's does: two graphs
+            with torch.no_grad():
+                model(ids)  # a third
+    assert counters["stats"]["unique_graphs"] > 8  # dynamo's default would have stopped at 8
+
+
 def test_resolve_compile(monkeypatch):
     tiny = tiny_llama()
     assert resolve_compile("auto", tiny) is False  # unit-test sized: compiling costs more than it saves
