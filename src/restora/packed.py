@@ -20,9 +20,9 @@ Compiled decoding steps (restora.decode, compile=True) run the packed copies too
 oneDNN's opaque packed tensor as a graph input, so inside a compiled graph a PackedLinear calls the op
 `restora::packed_linear(x, weight, bias)` with the layer's own tensors, and the op uses the copy packed
 from exactly those tensors, unchanged, while a `with` holds it (otherwise it computes the plain product).
-SmolLM2-135M in bf16, 8 rows, 48 new tokens (2 threads): 154-174 tokens/s eager, 256-266 with compiled
-steps after a compile of 74 s (36 s with inductor's on-disk cache warm); before, compiled steps ran the
-plain bf16 layers and oneDNN reordered every weight at every call.
+SmolLM2-135M in bf16, 8 rows, 48 new tokens, 2 threads, eager and compiled calls alternating in one
+process: eager 224-230 tokens/s, compiled 259-265 (the previous compiled steps, which ran the plain bf16
+layers that oneDNN re-packs at every call: 215-226), after a compile of 38-74 s per shape variant.
 
 Only base layers are packed: adapter factors (`lora_A`, `lora_B`, ...) stay as they are, and
 so do quantized layers, which bring their own kernels. The packed copy is bf16 and is

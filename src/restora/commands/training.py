@@ -264,9 +264,10 @@ def eval(
         materialize: dequantize each layer once to bf16 for fast evaluation (same numbers under bf16 compute).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
         speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
-        compile: run decoding steps as one torch.compile'd graph (SmolLM2, batch 8: ~1.6x the tokens/s, after
-            a one-time compile of ~1 min per shape: batch 1 or more, 1 or more tokens per step); worth it on
-            long evaluations. bf16 results can differ from eager decoding by rounding.
+        compile: run decoding steps as one torch.compile'd graph (SmolLM2, bf16, 2 threads: ~1.15x the tokens/s
+            at batch 8 and ~1.1x at batch 1, after a one-time compile of 40-75 s per shape: batch 1 or more,
+            1 or more tokens per step); worth it on long evaluations. bf16 results can differ from eager
+            decoding by rounding.
     """
     from ..bases import build_base
     from ..data import task_split
