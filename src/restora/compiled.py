@@ -67,8 +67,9 @@ def auto_compiles(n_params: int, device: torch.device) -> bool:
 # Graphs dynamo may keep per block forward (its default is 8). One training run makes about three
 # (first block's input without grad, the others with grad, no-grad validation), and every block
 # class in a process shares the count: a grid trains several bases in one process, and its later
-# units went past 8 and trained eagerly (the demo's GPTQ 4-bit unit: 214 against 306 tokens/s
-# for the 3-bit unit after it, session 5's logs).
+# units went past 8 and trained partly eagerly, so their adapters were not the ones a standalone
+# `restora train` makes (the demo's 3-bit unit: validation loss 0.61866 in the grid, 0.62374 alone
+# and, with this limit, in the grid).
 RECOMPILE_LIMIT = 64
 
 

@@ -140,7 +140,7 @@ def _generate(
         warnings.warn(f"speculate={speculate} needs the lean forward of a Llama-family model; decoding without drafts",
                       stacklevel=3)
         speculate = 0
-    room = max_new_tokens + speculate * int(__import__("os").environ.get("ROOMX", "1"))  # cache positions past the prompt: drafts of the last step included
+    room = max_new_tokens + speculate  # cache positions past the prompt: drafts of the last step included
     steps = partial(_LeanSteps, compile=compile) if lean else _ModelSteps
     pack = use_bf16 and can_pack(device)  # compiled steps reach the packed copies through restora::packed_linear
     with packed_linears(model, min(batch_size, len(prompts)), enabled=pack):
