@@ -200,16 +200,23 @@ def test_packed_linear_op_uses_the_live_copy_of_unchanged_weights(monkeypatch):
 
 
 @pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
-def test_compiled_steps_run_the_packed_layers(monkeypatch):
+@pytest.mark.parametrize("kind", ["llama", "qwen2+lora"])
+def test_compiled_steps_run_the_packed_layers(monkeypatch, kind):
     """With bf16, the compiled step's graph reaches every block layer's packed copy (not a plain bf16 product),
-    and its logits match the eager lean forward's to bf16 rounding."""
+    and its logits match the eager lean forward's to bf16 rounding; also with biases (Qwen2) and with
+    LoRA adapters around the packed base layers."""
     pytest.importorskip("torch._inductor")
     import restora.packed as packed
 
     calls = []
     pack_call = packed._Pack.__call__
     monkeypatch.setattr(packed._Pack, "__call__", lambda self, x: calls.append(1) or pack_call(self, x))
-    model = tiny_llama()
+    model = _tiny(kind.split("+")[0])
+    if kind.endswith("+lora"):
+        add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.02)  # a non-zero adapter term
     ids, mask = _left_padded([5, 3])
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     logits, counts = [], []
