@@ -249,6 +249,27 @@ def test_compiled_decode_steps_match_eager(tiny_dir):
     assert len(out) == 3 and all(isinstance(o, str) for o in out)
 
 
+def test_compiled_decoding_has_room_for_more_variants(tiny_dir, monkeypatch):
+    """Compiled decoding runs with dynamo's recompile limit raised (restora.compiled.room_for_variants): batch 1
+    or more and 1 or more tokens a step are variants of one function, shared by every model in the process."""
+    pytest.importorskip("torch._inductor")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from restora.compiled import RECOMPILE_LIMIT
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    seen = []
+    forward = LeanDecoder.forward
+    monkeypatch.setattr(LeanDecoder, "forward",
+                        lambda self, *a, **k: seen.append(torch._dynamo.config.recompile_limit) or forward(self, *a, **k))
+    default = torch._dynamo.config.recompile_limit
+    greedy_generate(model, tok, ["SELECT name FROM"], max_new_tokens=3, bf16=False)
+    greedy_generate(model, tok, ["SELECT name FROM"], max_new_tokens=3, bf16=False, compile=True)
+    assert seen[:3] == [default] * 3 and set(seen[3:]) == {max(RECOMPILE_LIMIT, default)} and len(seen) == 6
+    assert torch._dynamo.config.recompile_limit == default  # restored after the call
+
+
 @pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
 def test_packing_is_skipped_when_memory_is_short(monkeypatch):
     import restora.packed as packed

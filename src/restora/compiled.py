@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from typing import Literal
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from .quant.model import decoder_blocks
 
-__all__ = ["CompileMode", "auto_compiles", "can_compile", "compiled_blocks", "resolve_compile", "AUTO_MIN_PARAMS"]
+__all__ = ["CompileMode", "auto_compiles", "can_compile", "compiled_blocks", "resolve_compile", "room_for_variants",
+           "AUTO_MIN_PARAMS"]
 
 CompileMode = Literal["auto", "on", "off"]
 # "auto" compiles models at least this large: below it (unit-test models) the compile costs more than it saves.
@@ -64,13 +65,21 @@ def auto_compiles(n_params: int, device: torch.device) -> bool:
     return n_params >= AUTO_MIN_PARAMS and can_compile(device)
 
 
-# Graphs dynamo may keep per block forward (its default is 8). One training run makes about three
-# (first block's input without grad, the others with grad, no-grad validation), and every block
-# class in a process shares the count: a grid trains several bases in one process, and its later
+# Graphs dynamo may keep per compiled function (its default is 8). One training run makes about
+# three per block forward (first block's input without grad, the others with grad, no-grad
+# validation), a decoding run up to four (batch 1 or more, 1 or more tokens a step), and every
+# model in a process shares the count: a grid trains several bases in one process, and its later
 # units went past 8 and trained partly eagerly, so their adapters were not the ones a standalone
 # `restora train` makes (the demo's 3-bit unit: validation loss 0.61866 in the grid, 0.62374 alone
 # and, with this limit, in the grid).
 RECOMPILE_LIMIT = 64
+
+
+def room_for_variants(enabled: bool = True) -> AbstractContextManager[Any]:
+    """For the `with`: dynamo keeps compiling new variants up to RECOMPILE_LIMIT instead of running eagerly."""
+    if not enabled:
+        return nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit))
 
 
 @contextmanager
@@ -79,9 +88,8 @@ def compiled_blocks(model: nn.Module, enabled: bool = True) -> Iterator[int]:
     blocks = list(decoder_blocks(model)) if enabled else []
     for block in blocks:
         block.compile(dynamic=True)
-    limit = max(RECOMPILE_LIMIT, torch._dynamo.config.recompile_limit)
     try:
-        with torch._dynamo.config.patch(recompile_limit=limit) if blocks else nullcontext():
+        with room_for_variants(bool(blocks)):
             yield len(blocks)
     finally:
         for block in blocks:

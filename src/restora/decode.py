@@ -128,7 +128,8 @@ class LeanDecoder:
         self.act = ACT2FN[cfg.hidden_act]
         self.shape = (self.heads, self.kv_heads, self.head_dim)
         self.gqa = self.kv_heads != self.heads  # a bool: under dynamic shapes ints would turn symbolic
-        self.step: Callable | None = torch.compile(self._blocks, dynamic=True) if compile else None  # one-token steps
+        # steps of up to STEP_TOKENS tokens a row
+        self.step: Callable | None = torch.compile(self._blocks, dynamic=True) if compile else None
         self.scaling = [getattr(b.self_attn, "scaling", self.head_dim**-0.5) for b in self.blocks]
         device = next(model.parameters()).device
         self.capacity = max_len

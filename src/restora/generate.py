@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .compiled import room_for_variants
 from .decode import LeanDecoder, supports
 from .lookup import lookup_draft
 from .packed import can_pack, packed_linears
@@ -143,7 +144,7 @@ def _generate(
     room = max_new_tokens + speculate  # cache positions past the prompt: drafts of the last step included
     steps = partial(_LeanSteps, compile=compile) if lean else _ModelSteps
     pack = use_bf16 and can_pack(device)  # compiled steps reach the packed copies through restora::packed_linear
-    with packed_linears(model, min(batch_size, len(prompts)), enabled=pack):
+    with packed_linears(model, min(batch_size, len(prompts)), enabled=pack), room_for_variants(compile and lean):
         for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[a : a + batch_size]
             T = max(len(encoded[i]) for i in rows)

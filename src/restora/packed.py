@@ -75,6 +75,16 @@ _LIVE: dict[tuple, list] = {}  # fingerprint of (weight, bias) -> [pack, how man
 _LIVE_LOCK = threading.Lock()  # a server thread and a caller may hold `with`s over the same layers
 
 
+def _hold(layers: list[PackedLinear], by: int) -> None:
+    """What restora::packed_linear finds while a `with` lasts (nested withs over a layer share its entry)."""
+    with _LIVE_LOCK:
+        for layer in layers:
+            entry = _LIVE.setdefault(layer.key, [layer.pack, 0])
+            entry[1] += by
+            if not entry[1]:
+                del _LIVE[layer.key]
+
+
 @torch.library.impl("restora::packed_linear", "CPU")
 def _packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     live = _LIVE.get(fingerprint((weight, bias)))
@@ -99,6 +109,7 @@ class PackedLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.pack = _Pack(linear, batch_hint)
+        self.key = fingerprint((linear.weight, linear.bias))  # what restora::packed_linear finds the copy by
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(torch.bfloat16)
@@ -141,6 +152,7 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
     Linears inside `skip` stay as they are (e.g. the decoder blocks of a server that budgets no second copy
     of a float base's weights)."""
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    packed: dict[int, PackedLinear] = {}
     if enabled:
         kept = {id(m) for m in skip.modules()} if skip is not None else set()
         for name, module in list(model.named_modules()):
@@ -162,19 +174,11 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
                            for c in fresh})
         for parent, child_name, child in swapped:
             setattr(parent, child_name, packed[id(child)])
-    # what restora::packed_linear finds while the with lasts (nested withs over a layer share its entry)
-    live = {id(c): (fingerprint((c.weight, c.bias)), packed[id(c)].pack) for _, _, c in swapped}.values()
-    with _LIVE_LOCK:
-        for key, pack in live:
-            _LIVE.setdefault(key, [pack, 0])[1] += 1
+    live = [packed[key] for key in {id(child) for _, _, child in swapped}]
+    _hold(live, 1)
     try:
         yield len(swapped)
     finally:
-        with _LIVE_LOCK:
-            for key, _ in live:
-                entry = _LIVE[key]
-                entry[1] -= 1
-                if not entry[1]:
-                    del _LIVE[key]
+        _hold(live, -1)
         for parent, child_name, child in swapped:
             setattr(parent, child_name, child)
