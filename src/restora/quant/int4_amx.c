@@ -1,0 +1,167 @@
+/* y = x @ W^T for 4-bit uniform weights on Intel AMX (bf16 tiles), built and loaded by int4_kernel.py.
+
+   W (N, K) is stored as codes q in [0, 15] with a scale s and zero z per output row and group of G inputs:
+   w = (q - z) * s.  Per group the tile unit computes c = sum_k q[n][k] x[m][k] exactly (q is exact in bf16,
+   products are exact in fp32, sums are fp32), then y[m][n] += s * (c - z * sum_k x[m][k]) in fp32.  The
+   dequantized weight never exists: codes go from memory to a 1 KB tile buffer in L1 as bf16 integers.
+
+   Packed codes (one layer): for output tile t (outputs 16t..16t+15) and input quad p (inputs 4p..4p+3), 32
+   bytes; byte 2j+e holds q[16t+j][4p+e] in its low nibble and q[16t+j][4p+2+e] in its high nibble.  Widened
+   to 32 words, the low nibbles are one row of an AMX B tile (16 outputs x the input pair 4p, 4p+1, in the
+   VNNI pair layout) and the high nibbles the next row (inputs 4p+2, 4p+3).
+   Scales and zeros: (N/16, K/G, 2, 16) fp16, the tile's 16 scales then its 16 zeros for each group.
+
+   Requirements (checked by the caller): N % 16 == 0, G % 32 == 0, K % G == 0, x and y bf16, contiguous. */
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+#define ROWS 16    /* rows of x per A tile */
+#define UNIT 4     /* output tiles computed together (C tiles tmm0-3) */
+/* the tile intrinsics are asm without memory clobbers: order the C-side stores and loads around them */
+#define BARRIER() __asm__ volatile("" ::: "memory")
+
+/* Linux only lets a process use AMX tile data after asking for it once; 0 on success. */
+int int4_amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* tmm0-3: C of up to UNIT output tiles (R x 16 fp32); tmm4: A (R x 32 bf16); tmm5-7: B (16 pairs x 16 outputs) */
+static void configure(int R) {
+    tile_config c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int i = 0; i < 5; i++) { c.rows[i] = (uint8_t)R; c.colsb[i] = 64; }
+    for (int i = 5; i < 8; i++) { c.rows[i] = 16; c.colsb[i] = 64; }
+    _tile_loadconfig(&c);
+}
+
+/* 8 quads (32 inputs) of one output tile -> 16 B-tile rows of bf16 codes */
+static inline void widen(const uint8_t *codes, uint16_t *b, __m512i table) {
+    const __m512i low = _mm512_set1_epi16(0x0F);
+    for (int i = 0; i < 8; i++) {
+        __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + i * 32)));
+        _mm512_store_si512(b + (2 * i) * 32, _mm512_permutexvar_epi16(_mm512_and_si512(w, low), table));
+        _mm512_store_si512(b + (2 * i + 1) * 32, _mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table));
+    }
+}
+
+/* out (R x 16) += s * (c - z * xsum) for one output tile and group g */
+static inline void scale_into(float *out, const float *c, const uint16_t *sz, const float *xsum, int groups, int g,
+                              int R) {
+    __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sz));
+    __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sz + 16)));
+    for (int r = 0; r < R; r++) {
+        __m512 a = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[r * groups + g]), _mm512_load_ps(c + r * 16));
+        _mm512_store_ps(out + r * 16, _mm512_fmadd_ps(s, a, _mm512_load_ps(out + r * 16)));
+    }
+}
+
+/* B rows for output tile i of the unit at 32-input chunk `chunk`: widened now (decode) or from `wide` (prompts) */
+#define B_ROWS(i) (wide ? wide + ((size_t)(i) * chunks + chunk) * 512 \
+                        : (widen(codes[i] + (size_t)chunk * 8 * 32, buf[(i) % 3], table), buf[(i) % 3]))
+#define STEP(i, tb) do { const uint16_t *b_ = B_ROWS(i); BARRIER(); _tile_loadd(tb, b_, 64); \
+                         _tile_dpbf16ps(i, 4, tb); } while (0)
+#define FLUSH(i) do { _tile_stored(i, cbuf, 64); BARRIER(); \
+                      scale_into(out + (i) * ROWS * 16, cbuf, sz[i] + g * 32, xsum, groups, g, R); _tile_zero(i); } while (0)
+
+/* NT (1..UNIT) output tiles for R (<= ROWS) rows of x */
+static void unit(const uint16_t *x, const uint8_t *const *codes, const uint16_t *const *sz, const uint16_t *wide,
+                 const float *xsum, uint16_t *y, int R, int K, int G, int N, int t, int NT, __m512i table) {
+    const int groups = K / G, per_group = G / 32, chunks = K / 32;
+    uint16_t buf[3][16 * 32] __attribute__((aligned(64)));
+    float cbuf[ROWS * 16] __attribute__((aligned(64)));
+    float out[UNIT * ROWS * 16] __attribute__((aligned(64)));
+    memset(out, 0, sizeof out);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int g = 0; g < groups; g++) {
+        for (int chunk = g * per_group; chunk < (g + 1) * per_group; chunk++) {
+            _tile_loadd(4, x + (size_t)chunk * 32, K * 2);
+            STEP(0, 5);
+            if (NT > 1) STEP(1, 6);
+            if (NT > 2) STEP(2, 7);
+            if (NT > 3) STEP(3, 5);
+        }
+        FLUSH(0);
+        if (NT > 1) FLUSH(1);
+        if (NT > 2) FLUSH(2);
+        if (NT > 3) FLUSH(3);
+    }
+    for (int i = 0; i < NT; i++)
+        for (int r = 0; r < R; r++) {
+            __m256bh o = _mm512_cvtneps_pbh(_mm512_load_ps(out + i * ROWS * 16 + r * 16));
+            _mm256_storeu_si256((__m256i *)(y + (size_t)r * N + (size_t)(t + i) * 16), (__m256i)o);
+        }
+}
+
+/* x (M, K) bf16, packed codes and scales/zeros as above, y (M, N) bf16; xsum: scratch of M * K/G floats.
+   Returns 0, or -1 when a prompt-sized call could not allocate its widened-codes buffer. */
+int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_zeros, uint16_t *y, float *xsum,
+                  int M, int N, int K, int G, int threads) {
+    const int groups = K / G, chunks = K / 32, ntiles = N / 16, units = (ntiles + UNIT - 1) / UNIT;
+    for (int m = 0; m < M; m++)
+        for (int g = 0; g < groups; g++) {
+            float a = 0.f;
+            for (int k = g * G; k < (g + 1) * G; k++) {
+                uint32_t bits = (uint32_t)x[(size_t)m * K + k] << 16;
+                float f;
+                memcpy(&f, &bits, 4);
+                a += f;
+            }
+            xsum[m * groups + g] = a;
+        }
+    uint16_t levels[32];  /* bf16 of 0..15: a code's value, looked up by vpermw */
+    for (int i = 0; i < 32; i++) {
+        float f = (float)(i & 15);
+        uint32_t bits;
+        memcpy(&bits, &f, 4);
+        levels[i] = (uint16_t)(bits >> 16);
+    }
+    const __m512i table = _mm512_loadu_si512(levels);
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int configured = -1;
+        /* more than one A tile of rows: widen each unit's codes once, reuse them for every row block */
+        uint16_t *wide = M > ROWS ? aligned_alloc(64, (size_t)UNIT * chunks * 512 * sizeof(uint16_t)) : NULL;
+        if (M > ROWS && wide == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for schedule(static)
+        for (int u = 0; u < units; u++) {
+            if (M > ROWS && wide == NULL) continue;
+            const int t = u * UNIT, NT = ntiles - t < UNIT ? ntiles - t : UNIT;
+            const uint8_t *codes[UNIT];
+            const uint16_t *sz[UNIT];
+            for (int i = 0; i < NT; i++) {
+                codes[i] = packed + (size_t)(t + i) * (K / 4) * 32;
+                sz[i] = scales_zeros + (size_t)(t + i) * groups * 32;
+            }
+            if (wide)
+                for (int i = 0; i < NT; i++)
+                    for (int chunk = 0; chunk < chunks; chunk++)
+                        widen(codes[i] + (size_t)chunk * 8 * 32, wide + ((size_t)i * chunks + chunk) * 512, table);
+            BARRIER();
+            for (int m0 = 0; m0 < M; m0 += ROWS) {
+                const int R = M - m0 < ROWS ? M - m0 : ROWS;
+                if (R != configured) { configure(R); configured = R; }
+                unit(x + (size_t)m0 * K, codes, sz, wide, xsum + (size_t)m0 * groups, y + (size_t)m0 * N, R, K, G, N,
+                     t, NT, table);
+            }
+        }
+        if (configured >= 0) _tile_release();
+        free(wide);
+    }
+    return failed ? -1 : 0;
+}

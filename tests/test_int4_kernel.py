@@ -1,0 +1,163 @@
+"""restora's AMX int4 kernel (restora.quant.int4_kernel): layout, exactness against the dequantized weight,
+the paths UniformWeight takes, compiled graphs, and what happens where the kernel cannot be built."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from restora.quant import QuantSpec
+from restora.quant import int4_kernel as ik
+from restora.quant.linear import quantize_weight
+from restora.quant.packing import unpack_codes
+from restora.quant.uniform import UniformWeight
+
+needs_amx = pytest.mark.skipif(not ik.available(), reason="no AMX-BF16 CPU, compiler or OS permission here")
+
+
+def _layer(out_f: int, in_f: int, group: int, seed: int = 0) -> UniformWeight:
+    g = torch.Generator().manual_seed(seed)
+    q = quantize_weight(torch.randn(out_f, in_f, generator=g) * 0.05, QuantSpec("rtn", 4, group_size=group))
+    assert isinstance(q, UniformWeight)
+    return q
+
+
+def _reference(x: torch.Tensor, q: UniformWeight) -> torch.Tensor:
+    """x @ W^T in fp64 from the fp32 dequantized weight: what the kernel computes before its bf16 output."""
+    return (x.double() @ q.dequantize(torch.float32).double().T)
+
+
+def test_pack_layout_holds_every_code_where_the_kernel_reads_it():
+    q = _layer(48, 128, 64)
+    codes = unpack_codes(q.qweight, 4, 128).long()  # (48, 128)
+    packed, sz = ik.pack(codes, q.scales, q.zeros, 64)
+    b = packed.view(3, 32, 16, 2).long()  # tile, quad, output j, e
+    for t, p, j, e in [(0, 0, 0, 0), (1, 5, 7, 1), (2, 31, 15, 0), (2, 31, 15, 1)]:
+        n, k = 16 * t + j, 4 * p + e
+        assert int(b[t, p, j, e] & 15) == int(codes[n, k])
+        assert int(b[t, p, j, e] >> 4) == int(codes[n, k + 2])
+    assert sz.shape == (3, 2, 2, 16) and sz.dtype == torch.float16
+    assert torch.equal(sz[1, 1, 0], q.scales[16:32, 1]) and torch.equal(sz[1, 1, 1], q.zeros[16:32, 1].half())
+
+
+def test_pack_rejects_shapes_the_kernel_cannot_tile():
+    q = _layer(40, 128, 64)
+    with pytest.raises(ValueError, match=r"out % 16 == 0 and group % 32 == 0, got \(40, 128\) group 64"):
+        ik.pack(unpack_codes(q.qweight, 4, 128), q.scales, q.zeros, 64)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 40, 100])
+@pytest.mark.parametrize("out_f,in_f,group", [(16, 64, 32), (80, 576, 64), (192, 256, 128), (64, 1536, 64)])
+def test_kernel_matches_the_dequantized_weight(rows: int, out_f: int, in_f: int, group: int):
+    q = _layer(out_f, in_f, group, seed=rows)
+    x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    packed, sz = ik.pack(unpack_codes(q.qweight, 4, in_f), q.scales, q.zeros, group)
+    y = ik.int4_amx_mm(x, packed, sz, out_f, group)
+    ref = _reference(x, q)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, out_f)
+    # exact products, fp32 sums, one rounding to bf16 at the end: within a bf16 step of the fp64 answer
+    assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max() + 1e-6
+
+
+@needs_amx
+def test_two_rows_and_prompts_take_the_amx_kernel_one_row_torchs(monkeypatch: pytest.MonkeyPatch):
+    q = _layer(96, 128, 64)
+    calls: list[int] = []
+    real = ik.int4_amx_mm
+
+    def counting(x, *args):
+        calls.append(x.shape[0])
+        return real(x, *args)
+
+    monkeypatch.setattr(ik, "int4_amx_mm", counting)
+    with torch.no_grad():
+        for shape in [(2, 128), (1, 3, 128), (4, 200, 128)]:
+            x = torch.randn(*shape).to(torch.bfloat16)
+            y = q(x)
+            assert y.shape == (*shape[:-1], 96)
+            ref = _reference(x.reshape(-1, 128), q).reshape(y.shape)
+            assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+        assert calls == [2, 3, 800]
+        q(torch.randn(1, 1, 128).to(torch.bfloat16))  # one row: torch's GEMV kernel, where this torch has one
+        assert calls == [2, 3, 800]
+
+
+def test_without_amx_small_batches_use_torchs_kernel_and_prompts_dequantize(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(ik, "available", lambda: False)
+    q = _layer(96, 128, 64)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        fast = q(x)
+        slow = x @ q.dequantize(torch.bfloat16).T
+    if getattr(q, "_int4pack", None) is None:
+        pytest.skip("this torch build has no CPU int4 kernel")
+    assert getattr(q, "_amx", None) is None
+    # same weights, different summation order: within bf16 rounding of the outputs
+    assert torch.allclose(fast.float(), slow.float(), atol=2e-2 * slow.abs().max().item())
+    big = torch.randn(200, 128).to(torch.bfloat16)  # long prompts take the dequantize + GEMM path
+    with torch.no_grad():
+        assert torch.equal(q(big), big @ q.dequantize(torch.bfloat16).T)
+
+
+@needs_amx
+def test_new_codes_rebuild_the_kernel_layout():
+    q, other = _layer(32, 64, 32, seed=0), _layer(32, 64, 32, seed=1)
+    x = torch.randn(4, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        before = q(x)
+        q.load_state_dict(other.state_dict())
+        after = q(x)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, other(x))
+
+
+@needs_amx
+def test_compiled_graph_calls_the_kernel():
+    q = _layer(64, 128, 64)
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        eager = q(x)
+        compiled = torch.compile(lambda t: q(t) * 2, fullgraph=True, dynamic=True)(x)
+    assert torch.equal(compiled, eager * 2)
+
+
+def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("RESTORA_NATIVE", "0")
+    ik._library.cache_clear()
+    try:
+        assert ik._library() is None
+    finally:
+        monkeypatch.delenv("RESTORA_NATIVE")
+        ik._library.cache_clear()
+
+
+def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    if not set(ik.CPU_FLAGS) <= ik._cpu_flags():
+        pytest.skip("no AMX CPU: the build is never attempted")
+    broken = tmp_path / "broken.c"
+    broken.write_text("this is not C\n")
+    monkeypatch.setattr(ik, "SOURCE", broken)
+    monkeypatch.setenv("RESTORA_CACHE", str(tmp_path / "cache"))
+    ik._library.cache_clear()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert ik._library() is None
+        assert any("AMX int4 kernel did not build" in str(w.message) for w in caught)
+        assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-written library left behind
+    finally:
+        monkeypatch.undo()
+        ik._library.cache_clear()
+
+
+def test_the_library_is_built_once_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path):
+    if not set(ik.CPU_FLAGS) <= ik._cpu_flags():
+        pytest.skip("no AMX CPU: the build is never attempted")
+    monkeypatch.setenv("RESTORA_CACHE", str(tmp_path))
+    compiler = next(c for c in ("cc", "gcc", "clang") if __import__("shutil").which(c))
+    first = ik._build(compiler)
+    stamp = first.stat().st_mtime_ns
+    assert ik._build(compiler) == first and first.stat().st_mtime_ns == stamp
