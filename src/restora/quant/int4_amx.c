@@ -4,6 +4,9 @@
    w = (q - z) * s.  Per group the tile unit computes c = sum_k q[n][k] x[m][k] exactly (q is exact in bf16,
    products are exact in fp32, sums are fp32), then y[m][n] += s * (c - z * sum_k x[m][k]) in fp32.  The
    dequantized weight never exists: codes go from memory to a 1 KB tile buffer in L1 as bf16 integers.
+   That is for up to EXACT_ROWS rows (decoding steps, speculative verification).  Longer inputs (prompts,
+   training) spend most of their time in that per-group work, so for them each output tile's weights are
+   dequantized once per call to bf16, w = bf16((q - z) * s), and the tile unit accumulates over all of K.
 
    Packed codes (one layer): for output tile t (outputs 16t..16t+15) and input quad p (inputs 4p..4p+3), 32
    bytes; byte 2j+e holds q[16t+j][4p+e] in its low nibble and q[16t+j][4p+2+e] in its high nibble.  Widened
@@ -24,6 +27,7 @@
 #define XFEATURE_XTILEDATA 18
 #define ROWS 16    /* rows of x per A tile */
 #define UNIT 4     /* output tiles computed together (C tiles tmm0-3) */
+#define EXACT_ROWS 64  /* up to this many rows: exact per-group scaling; more: weights rounded to bf16 once */
 /* the tile intrinsics are asm without memory clobbers: order the C-side stores and loads around them */
 #define BARRIER() __asm__ volatile("" ::: "memory")
 
@@ -65,6 +69,58 @@ static inline void scale_into(float *out, const float *c, const uint16_t *sz, co
         __m512 a = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[r * groups + g]), _mm512_load_ps(c + r * 16));
         _mm512_store_ps(out + r * 16, _mm512_fmadd_ps(s, a, _mm512_load_ps(out + r * 16)));
     }
+}
+
+/* Long inputs (more than EXACT_ROWS rows: prompts, training): one output tile's weights for all K, dequantized
+   once to bf16 (w = (q - z) * s in fp32, rounded to bf16, as a bf16 dequantize + GEMM would use them) in the
+   B-tile layout, so every row block multiplies them with no per-group work. */
+static void widen_scaled(const uint8_t *codes, const uint16_t *sz, uint16_t *dst, int K, int G) {
+    const int groups = K / G, quads = G / 4;
+    const __m512i low = _mm512_set1_epi16(0x0F);
+    const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  /* lane -> output j */
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+    for (int g = 0; g < groups; g++) {
+        __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sz + g * 32)));
+        __m512 o = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sz + g * 32 + 16))), s);
+        o = _mm512_sub_ps(_mm512_setzero_ps(), o);  /* -z * s */
+        const __m512 s0 = _mm512_permutexvar_ps(first, s), s1 = _mm512_permutexvar_ps(second, s);
+        const __m512 o0 = _mm512_permutexvar_ps(first, o), o1 = _mm512_permutexvar_ps(second, o);
+        for (int p = g * quads; p < (g + 1) * quads; p++) {
+            __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + (size_t)p * 32)));
+            __m512i half[2] = {_mm512_and_si512(w, low), _mm512_srli_epi16(w, 4)};
+            for (int h = 0; h < 2; h++) {  /* words 0-15: outputs 0-7, words 16-31: outputs 8-15 */
+                __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(half[h])));
+                __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(half[h], 1)));
+                __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(b, s1, o1), _mm512_fmadd_ps(a, s0, o0));
+                const int chunk = p / 8, row = 2 * (p % 8) + h;
+                _mm512_store_si512(dst + (size_t)chunk * 512 + row * 32, (__m512i)v);
+            }
+        }
+    }
+}
+
+#define WIDE_STEP(i, tb) do { _tile_loadd(tb, wide + ((size_t)(i) * chunks + chunk) * 512, 64); \
+                              _tile_dpbf16ps(i, 4, tb); } while (0)
+#define WIDE_OUT(i) do { _tile_stored(i, cbuf, 64); BARRIER(); \
+                         for (int r = 0; r < R; r++) \
+                             _mm256_storeu_si256((__m256i *)(y + (size_t)r * N + (size_t)(t + (i)) * 16), \
+                                                 (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(cbuf + r * 16))); } while (0)
+
+static void unit_scaled(const uint16_t *x, const uint16_t *wide, uint16_t *y, int R, int K, int N, int t, int NT) {
+    const int chunks = K / 32;
+    float cbuf[ROWS * 16] __attribute__((aligned(64)));
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int chunk = 0; chunk < chunks; chunk++) {
+        _tile_loadd(4, x + (size_t)chunk * 32, K * 2);
+        WIDE_STEP(0, 5);
+        if (NT > 1) WIDE_STEP(1, 6);
+        if (NT > 2) WIDE_STEP(2, 7);
+        if (NT > 3) WIDE_STEP(3, 5);
+    }
+    WIDE_OUT(0);
+    if (NT > 1) WIDE_OUT(1);
+    if (NT > 2) WIDE_OUT(2);
+    if (NT > 3) WIDE_OUT(3);
 }
 
 /* B rows for output tile i of the unit at 32-input chunk `chunk`: widened now (decode) or from `wide` (prompts) */
@@ -109,7 +165,7 @@ static void unit(const uint16_t *x, const uint8_t *const *codes, const uint16_t 
 int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_zeros, uint16_t *y, float *xsum,
                   int M, int N, int K, int G, int threads) {
     const int groups = K / G, chunks = K / 32, ntiles = N / 16, units = (ntiles + UNIT - 1) / UNIT;
-    for (int m = 0; m < M; m++)
+    for (int m = 0; m < (M > EXACT_ROWS ? 0 : M); m++)  /* per-row group sums: the exact path's zero term */
         for (int g = 0; g < groups; g++) {
             float a = 0.f;
             for (int k = g * G; k < (g + 1) * G; k++) {
@@ -148,16 +204,25 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *scal
                 codes[i] = packed + (size_t)(t + i) * (K / 4) * 32;
                 sz[i] = scales_zeros + (size_t)(t + i) * groups * 32;
             }
+            const int scaled = M > EXACT_ROWS;
             if (wide)
-                for (int i = 0; i < NT; i++)
+                for (int i = 0; i < NT; i++) {
+                    if (scaled) {
+                        widen_scaled(codes[i], sz[i], wide + (size_t)i * chunks * 512, K, G);
+                        continue;
+                    }
                     for (int chunk = 0; chunk < chunks; chunk++)
                         widen(codes[i] + (size_t)chunk * 8 * 32, wide + ((size_t)i * chunks + chunk) * 512, table);
+                }
             BARRIER();
             for (int m0 = 0; m0 < M; m0 += ROWS) {
                 const int R = M - m0 < ROWS ? M - m0 : ROWS;
                 if (R != configured) { configure(R); configured = R; }
-                unit(x + (size_t)m0 * K, codes, sz, wide, xsum + (size_t)m0 * groups, y + (size_t)m0 * N, R, K, G, N,
-                     t, NT, table);
+                if (scaled)
+                    unit_scaled(x + (size_t)m0 * K, wide, y + (size_t)m0 * N, R, K, N, t, NT);
+                else
+                    unit(x + (size_t)m0 * K, codes, sz, wide, xsum + (size_t)m0 * groups, y + (size_t)m0 * N, R, K, G,
+                         N, t, NT, table);
             }
         }
         if (configured >= 0) _tile_release();

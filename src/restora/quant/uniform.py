@@ -116,7 +116,7 @@ class UniformWeight(QuantizedWeight):
     # Inference fast paths for 4-bit codes and bf16 inputs on CPU, both keeping their own layout of the codes
     # (built on first use and kept: the same size as the codes, plus scales):
     # - restora's AMX kernel (int4_kernel.py) for two rows or more, prompts included: its cost barely grows
-    #   with the rows (SmolLM2-135M's block layers, 2 threads: 5.6 ms for 2 rows, 6.2 for 8, 142 for 640,
+    #   with the rows (SmolLM2-135M's block layers, 2 threads: 5.6 ms for 2 rows, 6.2 for 8, 76 for 640,
     #   against 8.4, 10.6 and -- dequantize + matmul -- 234 before);
     # - torch's int4 GEMV kernel (w = (q - 8)·s + m per group, so m = (8 - zero)·s) for one row, where it
     #   costs less per call (3.9 against 5.5 ms), and for up to FAST_ROWS rows where AMX is missing (it
