@@ -10,9 +10,12 @@ compute on CPU:
                                     static-cache forward (restora.decode), weights pre-packed for
                                     oneDNN (restora.packed) -- what `restora eval/generate` do
     restora (bf16, hf forward)      the same loop through transformers' forward (lean=False)
-    restora (rtn 4-bit)             greedy_generate over a 4-bit RTN base (fused int4 kernel)
+    restora (rtn 4-bit)             greedy_generate over a 4-bit RTN base: restora's AMX int4 kernel
+                                    for 2+ rows (restora.quant.int4_kernel), torch's int4 GEMV for 1
     restora (rtn 4-bit, compiled)   the same with compile=True (decoding steps as one graph);
                                     its one-time compile happens in the warm-up run
+    restora (nf4)                   over an NF4 base (blocks of 64, no double quantization): the
+                                    AMX kernel with NF4's code table, any number of rows
     restora (bf16, compiled)        compile=True on the bf16 model: the graph calls the packed layers
                                     through restora::packed_linear (`restora eval --compile`)
 
@@ -48,6 +51,8 @@ def main() -> None:
     m = loaded.model.to(torch.bfloat16).eval()
     q = load_model("smollm2-135m").model.eval()
     quantize_model(q, QuantSpec("rtn", 4, 64), progress=False)
+    nf4 = load_model("smollm2-135m").model.eval()
+    quantize_model(nf4, QuantSpec("nf4", 4, 64), progress=False)
 
     def run_hf(batch: list[str], **kw) -> int:
         tok.padding_side = "left"
@@ -95,10 +100,12 @@ def main() -> None:
         ("restora (bf16)", lambda b: run_ours(m, b)),
         ("restora (bf16, hf forward)", lambda b: run_ours(m, b, lean=False)),
         ("restora (rtn 4-bit)", lambda b: run_ours(q, b)),
+        ("restora (nf4)", lambda b: run_ours(nf4, b)),
     ]
     if not a.no_compile:
         decoders += [("restora (bf16, compiled)", lambda b: run_ours(m, b, compile=True)),
-                     ("restora (rtn 4-bit, compiled)", lambda b: run_ours(q, b, compile=True))]
+                     ("restora (rtn 4-bit, compiled)", lambda b: run_ours(q, b, compile=True)),
+                     ("restora (nf4, compiled)", lambda b: run_ours(nf4, b, compile=True))]
     if a.lookup:
         k = a.lookup
         decoders += [(f"hf generate (bf16, lookup {k})", lambda b: run_hf(b, prompt_lookup_num_tokens=k)),

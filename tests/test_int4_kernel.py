@@ -38,8 +38,8 @@ def test_pack_layout_holds_every_code_where_the_kernel_reads_it():
         n, k = 16 * t + j, 4 * p + e
         assert int(b[t, p, j, e] & 15) == int(codes[n, k])
         assert int(b[t, p, j, e] >> 4) == int(codes[n, k + 2])
-    assert sz.shape == (3, 2, 2, 16) and sz.dtype == torch.float16
-    assert torch.equal(sz[1, 1, 0], q.scales[16:32, 1]) and torch.equal(sz[1, 1, 1], q.zeros[16:32, 1].half())
+    assert sz.shape == (3, 2, 2, 16) and sz.dtype == torch.float32
+    assert torch.equal(sz[1, 1, 0], q.scales[16:32, 1].float()) and torch.equal(sz[1, 1, 1], q.zeros[16:32, 1].float())
 
 
 def test_pack_rejects_shapes_the_kernel_cannot_tile():
@@ -100,6 +100,28 @@ def test_without_amx_small_batches_use_torchs_kernel_and_prompts_dequantize(monk
     big = torch.randn(200, 128).to(torch.bfloat16)  # long prompts take the dequantize + GEMM path
     with torch.no_grad():
         assert torch.equal(q(big), big @ q.dequantize(torch.bfloat16).T)
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [1, 5, 100])
+@pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False)])
+def test_nf4_and_fp4_layers_take_the_kernel_and_match_their_dequantized_weight(
+    rows: int, quant_type: str, double_quant: bool, monkeypatch: pytest.MonkeyPatch
+):
+    from restora.quant.nf4 import NF4Weight
+
+    q = NF4Weight.quantize(torch.randn(48, 192, generator=torch.Generator().manual_seed(rows)) * 0.05, quant_type, 64,
+                           double_quant)
+    calls: list[int] = []
+    real = ik.int4_amx_mm
+    monkeypatch.setattr(ik, "int4_amx_mm", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    x = torch.randn(rows, 192, generator=torch.Generator().manual_seed(2)).to(torch.bfloat16)
+    with torch.no_grad():
+        y = q(x)
+    ref = x.double() @ q.dequantize(torch.float32).double().T
+    assert calls == [rows] and y.dtype == torch.bfloat16
+    # levels rounded to bf16 (2^-9 relative) and one bf16 rounding of the output
+    assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
 
 
 @needs_amx

@@ -193,7 +193,8 @@ def generate(
     text = prompt
     if chat:
         text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
-    out = greedy_generate(loaded.model, tok, [text], max_new_tokens=max_new_tokens, bf16=False, add_special_tokens=not chat,
+    # bf16 compute as `restora eval` decodes: packed float layers, restora's int4 kernels on 4-bit bases
+    out = greedy_generate(loaded.model, tok, [text], max_new_tokens=max_new_tokens, add_special_tokens=not chat,
                           speculate=speculate)
     print(out[0])
     return 0

@@ -1,18 +1,21 @@
-/* y = x @ W^T for 4-bit uniform weights on Intel AMX (bf16 tiles), built and loaded by int4_kernel.py.
+/* y = x @ W^T for 4-bit weights on Intel AMX (bf16 tiles), built and loaded by int4_kernel.py.
 
-   W (N, K) is stored as codes q in [0, 15] with a scale s and zero z per output row and group of G inputs:
-   w = (q - z) * s.  Per group the tile unit computes c = sum_k q[n][k] x[m][k] exactly (q is exact in bf16,
-   products are exact in fp32, sums are fp32), then y[m][n] += s * (c - z * sum_k x[m][k]) in fp32.  The
-   dequantized weight never exists: codes go from memory to a 1 KB tile buffer in L1 as bf16 integers.
+   W (N, K) is stored as codes q in [0, 15], a table of 16 levels, and a scale s and zero z per output row and
+   group of G inputs: w = (level[q] - z) * s.  Uniform formats have level[q] = q; NF4/FP4 have their code
+   tables and z = 0 (s is the block's absmax).  Per group the tile unit computes c = sum_k level[q] x[m][k]
+   (products exact in fp32, sums in fp32; the levels as bf16, which is exact for integers), then
+   y[m][n] += s * (c - z * sum_k x[m][k]) in fp32.  The dequantized weight never exists: codes go from
+   memory to a 1 KB tile buffer in L1 as bf16 levels.
    That is for up to EXACT_ROWS rows (decoding steps, speculative verification).  Longer inputs (prompts,
    training) spend most of their time in that per-group work, so for them each output tile's weights are
-   dequantized once per call to bf16, w = bf16((q - z) * s), and the tile unit accumulates over all of K.
+   dequantized once per call to bf16, w = bf16((level[q] - z) * s) from fp32 levels, and the tile unit
+   accumulates over all of K.
 
    Packed codes (one layer): for output tile t (outputs 16t..16t+15) and input quad p (inputs 4p..4p+3), 32
    bytes; byte 2j+e holds q[16t+j][4p+e] in its low nibble and q[16t+j][4p+2+e] in its high nibble.  Widened
    to 32 words, the low nibbles are one row of an AMX B tile (16 outputs x the input pair 4p, 4p+1, in the
    VNNI pair layout) and the high nibbles the next row (inputs 4p+2, 4p+3).
-   Scales and zeros: (N/16, K/G, 2, 16) fp16, the tile's 16 scales then its 16 zeros for each group.
+   Scales and zeros: (N/16, K/G, 2, 16) fp32, the tile's 16 scales then its 16 zeros for each group.
 
    Requirements (checked by the caller): N % 16 == 0, G % 32 == 0, K % G == 0, x and y bf16, contiguous. */
 
@@ -61,10 +64,10 @@ static inline void widen(const uint8_t *codes, uint16_t *b, __m512i table) {
 }
 
 /* out (R x 16) += s * (c - z * xsum) for one output tile and group g */
-static inline void scale_into(float *out, const float *c, const uint16_t *sz, const float *xsum, int groups, int g,
+static inline void scale_into(float *out, const float *c, const float *sz, const float *xsum, int groups, int g,
                               int R) {
-    __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)sz));
-    __m512 z = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sz + 16)));
+    __m512 s = _mm512_loadu_ps(sz);
+    __m512 z = _mm512_loadu_ps(sz + 16);
     for (int r = 0; r < R; r++) {
         __m512 a = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[r * groups + g]), _mm512_load_ps(c + r * 16));
         _mm512_store_ps(out + r * 16, _mm512_fmadd_ps(s, a, _mm512_load_ps(out + r * 16)));
@@ -74,14 +77,14 @@ static inline void scale_into(float *out, const float *c, const uint16_t *sz, co
 /* Long inputs (more than EXACT_ROWS rows: prompts, training): one output tile's weights for all K, dequantized
    once to bf16 (w = (q - z) * s in fp32, rounded to bf16, as a bf16 dequantize + GEMM would use them) in the
    B-tile layout, so every row block multiplies them with no per-group work. */
-static void widen_scaled(const uint8_t *codes, const uint16_t *sz, uint16_t *dst, int K, int G) {
+static void widen_scaled(const uint8_t *codes, const float *sz, uint16_t *dst, int K, int G, __m512 levels) {
     const int groups = K / G, quads = G / 4;
     const __m512i low = _mm512_set1_epi16(0x0F);
     const __m512i first = _mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0);  /* lane -> output j */
     const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
     for (int g = 0; g < groups; g++) {
-        __m512 s = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sz + g * 32)));
-        __m512 o = _mm512_mul_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(sz + g * 32 + 16))), s);
+        __m512 s = _mm512_loadu_ps(sz + g * 32);
+        __m512 o = _mm512_mul_ps(_mm512_loadu_ps(sz + g * 32 + 16), s);
         o = _mm512_sub_ps(_mm512_setzero_ps(), o);  /* -z * s */
         const __m512 s0 = _mm512_permutexvar_ps(first, s), s1 = _mm512_permutexvar_ps(second, s);
         const __m512 o0 = _mm512_permutexvar_ps(first, o), o1 = _mm512_permutexvar_ps(second, o);
@@ -89,8 +92,8 @@ static void widen_scaled(const uint8_t *codes, const uint16_t *sz, uint16_t *dst
             __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + (size_t)p * 32)));
             __m512i half[2] = {_mm512_and_si512(w, low), _mm512_srli_epi16(w, 4)};
             for (int h = 0; h < 2; h++) {  /* words 0-15: outputs 0-7, words 16-31: outputs 8-15 */
-                __m512 a = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(half[h])));
-                __m512 b = _mm512_cvtepi32_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(half[h], 1)));
+                __m512 a = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(half[h])), levels);
+                __m512 b = _mm512_permutexvar_ps(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(half[h], 1)), levels);
                 __m512bh v = _mm512_cvtne2ps_pbh(_mm512_fmadd_ps(b, s1, o1), _mm512_fmadd_ps(a, s0, o0));
                 const int chunk = p / 8, row = 2 * (p % 8) + h;
                 _mm512_store_si512(dst + (size_t)chunk * 512 + row * 32, (__m512i)v);
@@ -132,7 +135,7 @@ static void unit_scaled(const uint16_t *x, const uint16_t *wide, uint16_t *y, in
                       scale_into(out + (i) * ROWS * 16, cbuf, sz[i] + g * 32, xsum, groups, g, R); _tile_zero(i); } while (0)
 
 /* NT (1..UNIT) output tiles for R (<= ROWS) rows of x */
-static void unit(const uint16_t *x, const uint8_t *const *codes, const uint16_t *const *sz, const uint16_t *wide,
+static void unit(const uint16_t *x, const uint8_t *const *codes, const float *const *sz, const uint16_t *wide,
                  const float *xsum, uint16_t *y, int R, int K, int G, int N, int t, int NT, __m512i table) {
     const int groups = K / G, per_group = G / 32, chunks = K / 32;
     uint16_t buf[3][16 * 32] __attribute__((aligned(64)));
@@ -162,8 +165,8 @@ static void unit(const uint16_t *x, const uint8_t *const *codes, const uint16_t 
 
 /* x (M, K) bf16, packed codes and scales/zeros as above, y (M, N) bf16; xsum: scratch of M * K/G floats.
    Returns 0, or -1 when a prompt-sized call could not allocate its widened-codes buffer. */
-int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *scales_zeros, uint16_t *y, float *xsum,
-                  int M, int N, int K, int G, int threads) {
+int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_zeros, const float *levels, uint16_t *y,
+                  float *xsum, int M, int N, int K, int G, int threads) {
     const int groups = K / G, chunks = K / 32, ntiles = N / 16, units = (ntiles + UNIT - 1) / UNIT;
     for (int m = 0; m < (M > EXACT_ROWS ? 0 : M); m++)  /* per-row group sums: the exact path's zero term */
         for (int g = 0; g < groups; g++) {
@@ -176,14 +179,11 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *scal
             }
             xsum[m * groups + g] = a;
         }
-    uint16_t levels[32];  /* bf16 of 0..15: a code's value, looked up by vpermw */
-    for (int i = 0; i < 32; i++) {
-        float f = (float)(i & 15);
-        uint32_t bits;
-        memcpy(&bits, &f, 4);
-        levels[i] = (uint16_t)(bits >> 16);
-    }
-    const __m512i table = _mm512_loadu_si512(levels);
+    const __m512 level_values = _mm512_loadu_ps(levels);  /* fp32 levels (the scaled path) */
+    uint16_t level_words[32];  /* the levels in bf16 (round to nearest even), twice: a code's value for vpermw */
+    _mm256_storeu_si256((__m256i *)level_words, (__m256i)_mm512_cvtneps_pbh(level_values));
+    _mm256_storeu_si256((__m256i *)(level_words + 16), (__m256i)_mm512_cvtneps_pbh(level_values));
+    const __m512i table = _mm512_loadu_si512(level_words);
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -199,7 +199,7 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *scal
             if (M > ROWS && wide == NULL) continue;
             const int t = u * UNIT, NT = ntiles - t < UNIT ? ntiles - t : UNIT;
             const uint8_t *codes[UNIT];
-            const uint16_t *sz[UNIT];
+            const float *sz[UNIT];
             for (int i = 0; i < NT; i++) {
                 codes[i] = packed + (size_t)(t + i) * (K / 4) * 32;
                 sz[i] = scales_zeros + (size_t)(t + i) * groups * 32;
@@ -208,7 +208,7 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const uint16_t *scal
             if (wide)
                 for (int i = 0; i < NT; i++) {
                     if (scaled) {
-                        widen_scaled(codes[i], sz[i], wide + (size_t)i * chunks * 512, K, G);
+                        widen_scaled(codes[i], sz[i], wide + (size_t)i * chunks * 512, K, G, level_values);
                         continue;
                     }
                     for (int chunk = 0; chunk < chunks; chunk++)

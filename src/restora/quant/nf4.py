@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from . import int4_kernel
 from .base import QuantizedWeight
 from .packing import interleave
 
@@ -195,6 +196,27 @@ class NF4Weight(QuantizedWeight):
         per_row = self.in_features // self.blocksize
         absmax = self.block_absmax()[start * per_row : stop * per_row].view(stop - start, per_row, 1)
         return (vals * absmax).view(stop - start, self.in_features).to(dtype)
+
+    # Inference fast path: restora's AMX int4 kernel (int4_kernel.py) with the code table as its levels, for
+    # bf16 inputs on CPU, any number of rows; otherwise every call dequantizes the whole weight. Its layout of
+    # the codes (as large as the codes, plus fp32 absmax) is built on first use and kept.
+    def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
+        if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or not int4_kernel.available()
+                or not int4_kernel.supports_shape(self.out_features, self.in_features, self.blocksize)):
+            return None
+        if getattr(self, "_amx", None) is None:
+            with torch.no_grad(), torch.autocast("cpu", enabled=False):
+                idx = interleave([self.codes >> 4, self.codes & 0xF]).reshape(self.out_features, self.in_features)
+                absmax = self.block_absmax().reshape(self.out_features, -1)  # (out, blocks per row)
+                self._amx = int4_kernel.pack(idx, absmax, None, self.blocksize)
+        rows = x.numel() // self.in_features
+        y = int4_kernel.int4_amx_mm(x.reshape(rows, self.in_features), *self._amx, self.out_features, self.blocksize,
+                                    self.code)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._amx = None  # new codes: rebuild the kernel's layout on next use
+        super()._load_from_state_dict(*args, **kwargs)
 
     def meta(self) -> dict[str, Any]:
         return {
