@@ -40,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["available", "pack", "int4_amx_mm", "supports_shape"]
+__all__ = ["available", "pack", "int4_amx_mm", "linear", "supports_shape"]
 
 SOURCE = Path(__file__).with_name("int4_amx.c")
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile",
@@ -60,9 +60,8 @@ def _cpu_flags() -> set[str]:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("RESTORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or
-                                                            os.path.expanduser("~/.cache"), "restora")
-    return Path(root) / "kernels"
+    """Beside restora's converted models (restora.models: $RESTORA_CACHE, else ~/.cache/restora)."""
+    return Path(os.environ.get("RESTORA_CACHE", Path.home() / ".cache" / "restora")) / "kernels"
 
 
 def _build(compiler: str) -> Path:
@@ -170,3 +169,10 @@ def int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
     """y (M, out_features) bf16 = x (M, K) bf16 @ W^T, W packed by `pack`; `levels` (16,) are what the codes
     stand for (0..15 for uniform formats, the code table for NF4/FP4)."""
     return torch.ops.restora.int4_amx_mm(x, packed, scales_zeros, levels, out_features, group)
+
+
+def linear(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor], out_features: int, group: int,
+           levels: torch.Tensor = UNIFORM_LEVELS) -> torch.Tensor:
+    """x (..., K) bf16 @ W^T for a layer whose codes `pack` laid out: (..., out_features) bf16."""
+    y = int4_amx_mm(x.reshape(-1, x.shape[-1]), *layout, out_features, group, levels)
+    return y.reshape(*x.shape[:-1], out_features)

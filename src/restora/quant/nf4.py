@@ -209,10 +209,7 @@ class NF4Weight(QuantizedWeight):
                 idx = interleave([self.codes >> 4, self.codes & 0xF]).reshape(self.out_features, self.in_features)
                 absmax = self.block_absmax().reshape(self.out_features, -1)  # (out, blocks per row)
                 self._amx = int4_kernel.pack(idx, absmax, None, self.blocksize)
-        rows = x.numel() // self.in_features
-        y = int4_kernel.int4_amx_mm(x.reshape(rows, self.in_features), *self._amx, self.out_features, self.blocksize,
-                                    self.code)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        return int4_kernel.linear(x, self._amx, self.out_features, self.blocksize, self.code)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._amx = None  # new codes: rebuild the kernel's layout on next use

@@ -132,8 +132,7 @@ class UniformWeight(QuantizedWeight):
             if getattr(self, "_amx", None) is None:
                 codes = unpack_codes(self.qweight, 4, self.in_features)  # (out, in)
                 self._amx = int4_kernel.pack(codes, self.scales, self.zeros, self._group)
-            y = int4_kernel.int4_amx_mm(x.reshape(rows, self.in_features), *self._amx, self.out_features, self._group)
-            return y.reshape(*x.shape[:-1], self.out_features)
+            return int4_kernel.linear(x, self._amx, self.out_features, self._group)
         if (self._group not in (32, 64, 128, 256) or rows > self.FAST_ROWS
                 or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
             return None
