@@ -132,9 +132,14 @@ def test_adamw8bit_state_bytes_match_optimizer() -> None:
 def test_serve_picks_highest_bits_that_fit() -> None:
     plans = serve_candidates(SMOL, batch_size=8, seq_len=256)
     totals = [p.total for p in plans]
-    assert totals == sorted(totals, reverse=True)
+    assert [(p.format, p.bits) for p in plans] == [("float", 16), ("int8", 8), ("nf4", 4), ("rtn", 4), ("rtn", 3),
+                                                    ("rtn", 2)]
+    # float needs the most; a 4-bit base decoded in bf16 also keeps its codes in the int4 kernels' layouts, so it
+    # can need more than int8 (which keeps none); below 4 bits, fewer bits need less
+    assert totals[0] == max(totals) and totals[3] > totals[4] > totals[5] == min(totals)
     assert choose_plan(plans, totals[0]).format == "float"
-    assert choose_plan(plans, totals[2] + 1).label == plans[2].label  # nf4: int8 and float do not fit
+    assert choose_plan(plans, totals[1]).label == plans[1].label  # int8: float does not fit
+    assert choose_plan(plans, totals[4]).bits == 3  # nothing above 3 bits fits
     assert choose_plan(plans, totals[-1]).bits == 2
 
 
@@ -207,3 +212,29 @@ def test_compiled_training_plan():
     assert items["compiler"] == COMPILE_BYTES and "compiler" not in {i.name for i in eager.items}
     acts = {i.name: i.bytes for i in eager.items}["activations"]
     assert items["activations"] < acts and compiled.settings["compiled"] is True
+
+
+def test_serve_plan_counts_the_int4_kernel_layouts_decoding_builds() -> None:
+    """The "4-bit kernel layouts" line == the bytes of the layouts a bf16 decode of a real 4-bit model builds
+    (one-row and multi-row calls), where this CPU has the AMX kernel; none for float and 8-bit bases."""
+    from restora.quant import int4_kernel
+
+    plans = {(f, b): {i.name: i.bytes for i in plan_memory(SMOL, "serve", format=f, bits=b).items}
+             for f, b in [("float", 16), ("int8", 8), ("rtn", 4), ("nf4", 4), ("rtn", 3)]}
+    line = "4-bit kernel layouts"
+    assert all(line not in plans[k] for k in [("float", 16), ("int8", 8), ("rtn", 3)])
+    assert plans[("rtn", 4)][line] > plans[("nf4", 4)][line] > 0  # uniform also keeps torch's one-row layout
+    assert line not in {i.name for i in plan_memory(SMOL, "serve", format="rtn", bits=4, bf16=False).items}
+    if not int4_kernel.available():
+        pytest.skip("no AMX kernel here: only the one-row layout would be built")
+    for fmt in ("rtn", "nf4"):
+        model = tiny_llama()
+        quantize_model(model, QuantSpec(fmt, 4, 32), progress=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            for rows in (1, 3):
+                model(input_ids=torch.randint(0, 256, (rows, 1)))
+        built = sum(t.nbytes for m in model.modules() for name in ("_amx", "_int4pack")
+                    for t in (getattr(m, name, None) or ()))
+        planned = {i.name: i.bytes for i in plan_memory(model.config, "serve", format=fmt, bits=4,
+                                                         group_size=32).items}["4-bit kernel layouts"]
+        assert built == planned, fmt

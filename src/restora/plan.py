@@ -279,6 +279,19 @@ def _cached_value_bytes(float_bytes: int, act_bytes: int) -> int:
     return act_bytes
 
 
+def _kernel_layout_bytes(shape: ModelShape, format: str, bits: int, group_size: int) -> int:
+    """What bf16 decoding of a 4-bit base keeps beside the stored weights (restora.quant.int4_kernel, uniform.py):
+    the AMX kernel's layout, and for uniform formats also torch's int4 GEMV layout (one-row steps). Counted in
+    full whatever the CPU, so a plan made elsewhere still fits an AMX machine."""
+    if bits != 4 or format not in ("rtn", "gptq", "nf4", "fp4"):
+        return 0
+    n = shape.linear_params()
+    groups = shape.layers * sum(o * (i // (i if group_size == -1 else group_size)) for _, o, i in shape.linears())
+    amx = n // 2 + groups * 2 * 4
+    gemv = n // 2 + groups * 2 * 2 if format in ("rtn", "gptq") else 0
+    return amx + gemv
+
+
 def plan_memory(
     config: Any,
     mode: Mode = "serve",
@@ -346,6 +359,11 @@ def plan_memory(
     if mode == "serve":
         P = seq_len if prompt_len is None else prompt_len
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
+        layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 else 0
+        if layouts:
+            items.append(Item("4-bit kernel layouts", layouts, "codes re-laid for the int4 kernels, kept once built: "
+                              "AMX (codes + fp32 scales and zeros)" + (" and torch's one-row GEMV (codes + bf16 "
+                                                                        "scale pairs)" if format in ("rtn", "gptq") else "")))
         vb = _cached_value_bytes(fb, act)
         kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + vb)
         items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
