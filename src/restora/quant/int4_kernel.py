@@ -21,8 +21,9 @@ configuration with the kernel patched in, one run each).
 
 The kernel is C, built on first use with the system C compiler (the same one torch.compile's inductor
 needs) into a per-user cache, and called through ctypes behind the op `restora::int4_amx_mm`, so
-torch.compile'd graphs can call it too. `available()` is False, and callers use torch's kernel, when the
-CPU lacks AMX-BF16, the OS refuses AMX, there is no compiler, the build fails, or RESTORA_NATIVE=0.
+torch.compile'd graphs can call it too. `available()` is False when the CPU lacks AMX-BF16, the OS
+refuses AMX, there is no compiler, the build fails, or RESTORA_NATIVE=0; the formats then take their
+earlier paths (uniform: torch's int4 kernel up to 64 rows; otherwise dequantize + GEMM).
 """
 
 from __future__ import annotations

@@ -355,7 +355,7 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, reqs: Sequence[Request | None]) -> torch.Tensor:
         """(B, V) logits -> (B,) tokens: argmax, or each row's temperature / top-p draw."""
-        toks = logits.argmax(-1).cpu()
+        toks = logits.max(-1).indices.cpu()  # argmax's index (first on ties), 2-4x faster on CPU bf16 logits
         for j, r in enumerate(reqs):
             if r is None:
                 continue
