@@ -185,7 +185,7 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_
     _mm256_storeu_si256((__m256i *)(level_words + 16), (__m256i)_mm512_cvtneps_pbh(level_values));
     const __m512i table = _mm512_loadu_si512(level_words);
     int failed = 0;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(threads < units ? threads : units)  /* no idle threads to wake */
     {
         int configured = -1;
         /* more than one A tile of rows: widen each unit's codes once, reuse them for every row block */
