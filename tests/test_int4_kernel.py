@@ -183,3 +183,39 @@ def test_the_library_is_built_once_per_source(monkeypatch: pytest.MonkeyPatch, t
     first = ik._build(compiler)
     stamp = first.stat().st_mtime_ns
     assert ik._build(compiler) == first and first.stat().st_mtime_ns == stamp
+
+
+@needs_amx
+def test_a_compiled_graph_uses_only_layouts_built_before_it():
+    """Building a layout while dynamo traces would change what the guards saw (a recompile per layer), so a graph
+    traced without one dequantizes, and `prepare_fast` builds them eagerly for graphs that should use them."""
+    q = _layer(64, 128, 64)
+    x = torch.randn(5, 128).to(torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        y = torch.compile(lambda t: q(t), dynamic=True)(x)
+        assert getattr(q, "_amx", None) is None and getattr(q, "_int4pack", None) is None
+        assert torch.allclose(y.float(), (x @ q.dequantize(torch.bfloat16).T).float(), atol=2e-2 * y.abs().max().item())
+        q.prepare_fast()
+        assert q._amx is not None and q._int4pack is not None
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(lambda t: q(t), dynamic=True)(x), q(x))  # the kernel's own rounding
+
+
+@needs_amx
+def test_compiled_lean_decoding_prepares_the_layouts():
+    from conftest import tiny_llama
+
+    from restora.decode import LeanDecoder
+    from restora.quant.model import quantize_model
+    from restora.quant.nf4 import NF4Weight
+
+    for spec in (QuantSpec("rtn", 4, 32), QuantSpec("nf4", 4, 32)):
+        model = tiny_llama()
+        quantize_model(model, spec, progress=False)
+        weights = [m for m in model.modules() if isinstance(m, (UniformWeight, NF4Weight))]
+        LeanDecoder(model, 2, 16, compile=False)
+        assert all(getattr(w, "_amx", None) is None for w in weights)
+        LeanDecoder(model, 2, 16, compile=True)
+        assert weights and all(w._amx is not None for w in weights)
+        assert all(w._int4pack is not None for w in weights if isinstance(w, UniformWeight))

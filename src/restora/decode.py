@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .quant.base import QuantizedWeight
+
 __all__ = ["LEAN_MODEL_TYPES", "LeanDecoder", "supports"]
 
 LEAN_MODEL_TYPES = ("llama", "mistral", "qwen2")
@@ -130,6 +132,10 @@ class LeanDecoder:
         self.gqa = self.kv_heads != self.heads  # a bool: under dynamic shapes ints would turn symbolic
         # steps of up to STEP_TOKENS tokens a row
         self.step: Callable | None = torch.compile(self._blocks, dynamic=True) if compile else None
+        if compile:  # quantized layers' kernel layouts now: a graph only uses layouts that exist when it is traced
+            for module in model.modules():
+                if isinstance(module, QuantizedWeight):
+                    module.prepare_fast()
         self.scaling = [getattr(b.self_attn, "scaling", self.head_dim**-0.5) for b in self.blocks]
         device = next(model.parameters()).device
         self.capacity = max_len

@@ -103,8 +103,13 @@ class QuantizedWeight(nn.Module):
         return out
 
     def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        """A fused kernel for small inference batches, where a format has one (else None)."""
+        """A fused kernel for inference, where a format has one (else None). Inside a torch.compile'd graph it
+        uses only layouts already built (`prepare_fast`): a layout built while tracing would change what the
+        graph's guards saw and cost a recompile (a 4-bit grid unit's compiled training lost ~45 s to that)."""
         return None
+
+    def prepare_fast(self) -> None:
+        """Build the layouts `_fast_matmul` keeps, outside any compiled graph (before compiled decoding)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # e.g. bf16 compute: dequantize straight to it

@@ -127,24 +127,49 @@ class UniformWeight(QuantizedWeight):
         if self.bits != 4 or self.act_order or x.device.type != "cpu" or x.dtype != torch.bfloat16:
             return None
         rows = x.numel() // self.in_features
-        if rows > 1 and int4_kernel.available() and int4_kernel.supports_shape(self.out_features, self.in_features,
-                                                                               self._group):
+        if rows > 1 and self._amx_fits():
             if getattr(self, "_amx", None) is None:
-                codes = unpack_codes(self.qweight, 4, self.in_features)  # (out, in)
-                self._amx = int4_kernel.pack(codes, self.scales, self.zeros, self._group)
+                if torch.compiler.is_compiling():
+                    return None
+                self._build_amx()
             return int4_kernel.linear(x, self._amx, self.out_features, self._group)
-        if (self._group not in (32, 64, 128, 256) or rows > self.FAST_ROWS
-                or not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")):
+        if rows > self.FAST_ROWS or not self._gemv_fits():
             return None
         if getattr(self, "_int4pack", None) is None:
+            if torch.compiler.is_compiling():
+                return None
+            self._build_gemv()
+        packed, sz = self._int4pack
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self._group, sz)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _amx_fits(self) -> bool:
+        return (self.bits == 4 and not self.act_order and self.qweight.device.type == "cpu" and int4_kernel.available()
+                and int4_kernel.supports_shape(self.out_features, self.in_features, self._group))
+
+    def _gemv_fits(self) -> bool:
+        return (self.bits == 4 and not self.act_order and self.qweight.device.type == "cpu"
+                and self._group in (32, 64, 128, 256) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
+
+    @torch.no_grad()
+    def _build_amx(self) -> None:
+        codes = unpack_codes(self.qweight, 4, self.in_features)  # (out, in)
+        self._amx = int4_kernel.pack(codes, self.scales, self.zeros, self._group)
+
+    @torch.no_grad()
+    def _build_gemv(self) -> None:
+        with torch.autocast("cpu", enabled=False):
             codes = unpack_codes(self.qweight, 4, self.in_features).to(torch.int32)  # (out, in)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             s, z = self.scales.float(), self.zeros.float()  # (out, groups)
             sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (groups, out, 2)
-            self._int4pack = (packed, sz)
-        packed, sz = self._int4pack
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self._group, sz)
-        return y.reshape(*x.shape[:-1], self.out_features)
+        self._int4pack = (packed, sz)
+
+    def prepare_fast(self) -> None:
+        if self._amx_fits() and getattr(self, "_amx", None) is None:
+            self._build_amx()
+        if self._gemv_fits() and getattr(self, "_int4pack", None) is None:
+            self._build_gemv()
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._int4pack = self._amx = None  # new codes: rebuild the runtime layouts on next use
