@@ -17,6 +17,7 @@ Formats differ only in how they encode rows; all the tiling lives here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -110,6 +111,24 @@ class QuantizedWeight(nn.Module):
 
     def prepare_fast(self) -> None:
         """Build the layouts `_fast_matmul` keeps, outside any compiled graph (before compiled decoding)."""
+
+    # Runtime layouts of the stored weight that a format's fast path keeps (attribute names, e.g. "_amx"):
+    # built on first eager use by `_layout`, dropped when a state dict brings new codes.
+    LAYOUTS: ClassVar[tuple[str, ...]] = ()
+
+    def _layout(self, name: str, build: Callable[[], Any]) -> Any:
+        """The kept layout `name`, built now if missing -- except while torch.compile traces: a layout built
+        then would change what the graph's guards saw, so the graph goes without it (None)."""
+        layout = getattr(self, name, None)
+        if layout is None and not torch.compiler.is_compiling():
+            layout = build()
+            setattr(self, name, layout)
+        return layout
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        for name in self.LAYOUTS:
+            setattr(self, name, None)  # new codes: rebuilt on next use
+        super()._load_from_state_dict(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_autocast_enabled(x.device.type):  # e.g. bf16 compute: dequantize straight to it

@@ -199,31 +199,29 @@ class NF4Weight(QuantizedWeight):
 
     # Inference fast path: restora's AMX int4 kernel (int4_kernel.py) with the code table as its levels, for
     # bf16 inputs on CPU, any number of rows; otherwise every call dequantizes the whole weight. Its layout of
-    # the codes (as large as the codes, plus fp32 absmax) is built on first use and kept.
+    # the codes (as large as the codes, plus fp32 absmax) is kept by QuantizedWeight._layout.
+    LAYOUTS = ("_amx",)
+
     def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not self._amx_fits():
             return None
-        if getattr(self, "_amx", None) is None:
-            if torch.compiler.is_compiling():  # layouts are built eagerly (prepare_fast), never while tracing
-                return None
-            self.prepare_fast()
-        return int4_kernel.linear(x, self._amx, self.out_features, self.blocksize, self.code)
+        layout = self._layout("_amx", self._build_amx)
+        return None if layout is None else int4_kernel.linear(x, layout, self.out_features, self.blocksize, self.code)
 
     def _amx_fits(self) -> bool:
         return (self.codes.device.type == "cpu" and int4_kernel.available()
                 and int4_kernel.supports_shape(self.out_features, self.in_features, self.blocksize))
 
-    def prepare_fast(self) -> None:
-        if not self._amx_fits() or getattr(self, "_amx", None) is not None:
-            return
-        with torch.no_grad(), torch.autocast("cpu", enabled=False):
+    @torch.no_grad()
+    def _build_amx(self) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.autocast("cpu", enabled=False):
             idx = interleave([self.codes >> 4, self.codes & 0xF]).reshape(self.out_features, self.in_features)
             absmax = self.block_absmax().reshape(self.out_features, -1)  # (out, blocks per row)
-            self._amx = int4_kernel.pack(idx, absmax, None, self.blocksize)
+            return int4_kernel.pack(idx, absmax, None, self.blocksize)
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._amx = None  # new codes: rebuild the kernel's layout on next use
-        super()._load_from_state_dict(*args, **kwargs)
+    def prepare_fast(self) -> None:
+        if self._amx_fits():
+            self._layout("_amx", self._build_amx)
 
     def meta(self) -> dict[str, Any]:
         return {

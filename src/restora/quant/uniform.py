@@ -114,7 +114,8 @@ class UniformWeight(QuantizedWeight):
         return w.view(rows, self.in_features).to(dtype)
 
     # Inference fast paths for 4-bit codes and bf16 inputs on CPU, both keeping their own layout of the codes
-    # (built on first use and kept: the same size as the codes, plus scales):
+    # (QuantizedWeight._layout: built on first eager use or by prepare_fast, and kept; each the size of the
+    # codes, plus scales):
     # - restora's AMX kernel (int4_kernel.py) for two rows or more, prompts included: its cost barely grows
     #   with the rows (SmolLM2-135M's block layers, 2 threads: 5.6 ms for 2 rows, 6.2 for 8, 76 for 640,
     #   against 8.4, 10.6 and -- dequantize + matmul -- 234 before);
@@ -128,19 +129,14 @@ class UniformWeight(QuantizedWeight):
             return None
         rows = x.numel() // self.in_features
         if rows > 1 and self._amx_fits():
-            if getattr(self, "_amx", None) is None:
-                if torch.compiler.is_compiling():
-                    return None
-                self._build_amx()
-            return int4_kernel.linear(x, self._amx, self.out_features, self._group)
+            layout = self._layout("_amx", self._build_amx)
+            return None if layout is None else int4_kernel.linear(x, layout, self.out_features, self._group)
         if rows > self.FAST_ROWS or not self._gemv_fits():
             return None
-        if getattr(self, "_int4pack", None) is None:
-            if torch.compiler.is_compiling():
-                return None
-            self._build_gemv()
-        packed, sz = self._int4pack
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), packed, self._group, sz)
+        layout = self._layout("_int4pack", self._build_gemv)
+        if layout is None:
+            return None
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.reshape(-1, self.in_features), layout[0], self._group, layout[1])
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _amx_fits(self) -> bool:
@@ -151,29 +147,27 @@ class UniformWeight(QuantizedWeight):
         return (self.bits == 4 and not self.act_order and self.qweight.device.type == "cpu"
                 and self._group in (32, 64, 128, 256) and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"))
 
-    @torch.no_grad()
-    def _build_amx(self) -> None:
-        codes = unpack_codes(self.qweight, 4, self.in_features)  # (out, in)
-        self._amx = int4_kernel.pack(codes, self.scales, self.zeros, self._group)
+    LAYOUTS = ("_amx", "_int4pack")
 
     @torch.no_grad()
-    def _build_gemv(self) -> None:
+    def _build_amx(self) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = unpack_codes(self.qweight, 4, self.in_features)  # (out, in)
+        return int4_kernel.pack(codes, self.scales, self.zeros, self._group)
+
+    @torch.no_grad()
+    def _build_gemv(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cpu", enabled=False):
             codes = unpack_codes(self.qweight, 4, self.in_features).to(torch.int32)  # (out, in)
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             s, z = self.scales.float(), self.zeros.float()  # (out, groups)
             sz = torch.stack([s, (8 - z) * s], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (groups, out, 2)
-        self._int4pack = (packed, sz)
+        return packed, sz
 
     def prepare_fast(self) -> None:
-        if self._amx_fits() and getattr(self, "_amx", None) is None:
-            self._build_amx()
-        if self._gemv_fits() and getattr(self, "_int4pack", None) is None:
-            self._build_gemv()
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._int4pack = self._amx = None  # new codes: rebuild the runtime layouts on next use
-        super()._load_from_state_dict(*args, **kwargs)
+        if self._amx_fits():
+            self._layout("_amx", self._build_amx)
+        if self._gemv_fits():
+            self._layout("_int4pack", self._build_gemv)
 
     def meta(self) -> dict[str, Any]:
         return {
