@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from restora import native
 from restora.quant import QuantSpec
 from restora.quant import int4_kernel as ik
 from restora.quant.linear import quantize_weight
@@ -157,7 +158,7 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch):
 
 
 def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    if not set(ik.CPU_FLAGS) <= ik._cpu_flags():
+    if not set(ik.CPU_FLAGS) <= native.cpu_flags():
         pytest.skip("no AMX CPU: the build is never attempted")
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
@@ -176,13 +177,13 @@ def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch: pytest.Monke
 
 
 def test_the_library_is_built_once_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path):
-    if not set(ik.CPU_FLAGS) <= ik._cpu_flags():
+    if not set(ik.CPU_FLAGS) <= native.cpu_flags():
         pytest.skip("no AMX CPU: the build is never attempted")
     monkeypatch.setenv("RESTORA_CACHE", str(tmp_path))
     compiler = next(c for c in ("cc", "gcc", "clang") if __import__("shutil").which(c))
-    first = ik._build(compiler)
+    first = native.build(ik.SOURCE, ik.FLAGS, compiler)
     stamp = first.stat().st_mtime_ns
-    assert ik._build(compiler) == first and first.stat().st_mtime_ns == stamp
+    assert native.build(ik.SOURCE, ik.FLAGS, compiler) == first and first.stat().st_mtime_ns == stamp
 
 
 @needs_amx

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .attention_kernel import attention
 from .quant.base import QuantizedWeight
 
 __all__ = ["LEAN_MODEL_TYPES", "LeanDecoder", "supports"]
@@ -105,11 +106,18 @@ def _block(
     q, k = _rope(q, cos, sin), _rope(k, cos, sin)
     keys[:, :, s:e] = k
     values[:, :, s:e] = v
-    a = F.scaled_dot_product_attention(q.to(keys.dtype), keys[:, :, :e], values[:, :, :e], attn_mask=mask,
-                                       scale=scaling, enable_gqa=gqa)  # (B, Hq, T, D)
-    h = h + attn.o_proj(a.transpose(1, 2).reshape(B, T, heads * head_dim))
+    a = attention(q, keys[:, :, :e], values[:, :, :e], mask, scaling, gqa)  # (B, T, Hq * D)
+    h = h + attn.o_proj(a)
     x = _rms_norm(block.post_attention_layernorm, h)
     return h + mlp.down_proj(act(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def _cache(t: torch.Tensor) -> torch.Tensor:
+    """A (B, Hkv, positions, D) cache tensor with its fixed dims marked static: a compiled step's guards then
+    check them in C++ instead of as symbolic size relations between the blocks' caches."""
+    for d in (1, 3):
+        torch._dynamo.mark_static(t, d)
+    return t
 
 
 class LeanDecoder:
@@ -153,7 +161,7 @@ class LeanDecoder:
             for i, t in enumerate(store):
                 fresh = t.new_zeros((len(keep), *t.shape[1:]))
                 fresh[:, :, :n] = t[keep, :, :n]
-                store[i] = fresh
+                store[i] = _cache(fresh)
         self.valid = self.valid[keep]
 
     def reject(self, kept: torch.Tensor) -> None:
@@ -174,7 +182,7 @@ class LeanDecoder:
             for i, t in enumerate(store):
                 moved = torch.zeros_like(t)
                 moved[b_idx, :, dst] = t[b_idx, :, src]  # (R, Hkv, D) slots
-                store[i] = moved
+                store[i] = _cache(moved)
         valid = torch.zeros_like(self.valid)
         valid[b_idx, dst] = True
         self.valid, self.length = valid, n
@@ -210,8 +218,8 @@ class LeanDecoder:
             dev = h.device.type
             dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
             shape = (B, self.kv_heads, self.capacity, self.head_dim)
-            self.keys = [h.new_zeros(shape, dtype=dtype) for _ in self.blocks]
-            self.values = [h.new_zeros(shape, dtype=dtype) for _ in self.blocks]
+            self.keys = [_cache(h.new_zeros(shape, dtype=dtype)) for _ in self.blocks]
+            self.values = [_cache(h.new_zeros(shape, dtype=dtype)) for _ in self.blocks]
         run = self.step if T <= self.STEP_TOKENS and self.step is not None else self._blocks
         h = run(h, cos, sin, mask, s, e)
         return self.head(_rms_norm(self.inner.norm, h if all_logits else h[:, -1]))  # (B, T, V) or (B, V)

@@ -30,16 +30,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import warnings
 from pathlib import Path
 
 import torch
+
+from .. import native
 
 __all__ = ["available", "pack", "int4_amx_mm", "linear", "supports_shape"]
 
@@ -49,59 +44,10 @@ FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mav
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cache_dir() -> Path:
-    """Beside restora's converted models (restora.models: $RESTORA_CACHE, else ~/.cache/restora)."""
-    return Path(os.environ.get("RESTORA_CACHE", Path.home() / ".cache" / "restora")) / "kernels"
-
-
-def _build(compiler: str) -> Path:
-    """The shared library for this source and these flags, compiled once per user (atomic rename)."""
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
-    target = _cache_dir() / f"int4_amx-{digest}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    if os.environ.get("RESTORA_NATIVE", "1") == "0":
-        return None
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    if not set(CPU_FLAGS) <= _cpu_flags():
-        return None
-    compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
-    if compiler is None:
-        return None
-    try:
-        lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"restora: the AMX int4 kernel did not build ({detail.strip()[:200]}); using torch's kernel",
-                      stacklevel=2)
-        return None
-    if lib.int4_amx_init() != 0:  # the kernel refused AMX tile state (old kernel, or a seccomp policy)
+    lib = native.load(SOURCE, FLAGS, CPU_FLAGS, "the AMX int4 kernel")
+    if lib is None or lib.int4_amx_init() != 0:  # refused AMX tile state (old kernel, or a seccomp policy)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.int4_amx_gemm.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
