@@ -37,6 +37,7 @@ def _reference(q, keys, values, mask, scale):
     (2, 8, 2, 16, 300, 128),
     (2, 2, 1, 3, 1, 16),  # one key
     (1, 4, 2, 2, 33, 256),
+    (2, 6, 3, 4, 21, 48),  # a 32-wide chunk and a 16-wide tail
 ])
 def test_native_matches_the_fp64_reference(B, Hq, Hkv, T, E, D):
     q, keys, values, mask = _case(B, Hq, Hkv, T, E, D)
