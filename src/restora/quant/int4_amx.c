@@ -169,15 +169,15 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_
                   float *xsum, int M, int N, int K, int G, int threads) {
     const int groups = K / G, chunks = K / 32, ntiles = N / 16, units = (ntiles + UNIT - 1) / UNIT;
     for (int m = 0; m < (M > EXACT_ROWS ? 0 : M); m++)  /* per-row group sums: the exact path's zero term */
-        for (int g = 0; g < groups; g++) {
-            float a = 0.f;
-            for (int k = g * G; k < (g + 1) * G; k++) {
-                uint32_t bits = (uint32_t)x[(size_t)m * K + k] << 16;
-                float f;
-                memcpy(&f, &bits, 4);
-                a += f;
+        for (int g = 0; g < groups; g++) {  /* G is a multiple of 32: two 16-wide fp32 partial sums */
+            const uint16_t *xg = x + (size_t)m * K + (size_t)g * G;
+            __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+            for (int k = 0; k < G; k += 32) {
+                __m512i w = _mm512_loadu_si512((const void *)(xg + k));
+                a = _mm512_add_ps(a, _mm512_castsi512_ps(_mm512_slli_epi32(w, 16)));  /* even bf16s */
+                b = _mm512_add_ps(b, _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xFFFF0000))));
             }
-            xsum[m * groups + g] = a;
+            xsum[m * groups + g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
         }
     const __m512 level_values = _mm512_loadu_ps(levels);  /* fp32 levels (the scaled path) */
     uint16_t level_words[32];  /* the levels in bf16 (round to nearest even), twice: a code's value for vpermw */
