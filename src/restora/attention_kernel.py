@@ -42,6 +42,7 @@ def _library() -> ctypes.CDLL | None:
     p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.attention_decode.argtypes = [p, p, p, p, p, i, i, i, i, i, i, n, n, n, n, n, n, n, n, n, n, n, f, i]
     lib.attention_decode.restype = i
+    native.serve("restora::attention_decode", _attention_decode, lib.attention_decode)
     return lib
 
 
@@ -78,9 +79,6 @@ def _attention_decode(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
     return out
 
 
-torch.library.impl("restora::attention_decode", "CPU")(_attention_decode)
-
-
 @torch.library.register_fake("restora::attention_decode")
 def _attention_decode_fake(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
                            scale: float) -> torch.Tensor:
@@ -103,7 +101,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     B, Hq, T, D = q.shape
     q = q.to(keys.dtype)
     if _native_fits(q, keys, values, mask):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or native.cpp_kernels():
             out = torch.ops.restora.attention_decode(q, keys, values, mask, scale)
         else:  # eager: skip the dispatcher's round trip into Python
             out = _attention_decode(q, keys, values, mask, scale)

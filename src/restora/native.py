@@ -16,6 +16,7 @@ half-written library is never loaded and each source is built once per user.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -25,8 +26,13 @@ import tempfile
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["build", "cache_dir", "compiler", "cpu_flags", "load"]
+import torch
+
+__all__ = ["build", "cache_dir", "compiler", "cpu_flags", "load", "cpp_kernels", "serve"]
+
+OPS_SOURCE = Path(__file__).with_name("native_ops.cpp")
 
 
 def cpu_flags() -> set[str]:
@@ -49,9 +55,11 @@ def compiler() -> str | None:
     return next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
 
 
-def build(source: Path, flags: list[str], cc: str) -> Path:
-    """The shared library for this source and these flags, compiled once per user (atomic rename)."""
-    digest = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags]).encode()).hexdigest()[:16]
+def build(source: Path, flags: list[str], cc: str, tail: list[str] | None = None) -> Path:
+    """The shared library for this source and these flags (`tail`: after the source, e.g. libraries to link),
+    compiled once per user (atomic rename)."""
+    tail = tail or []
+    digest = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags, *tail]).encode()).hexdigest()[:16]
     target = cache_dir() / f"{source.stem}-{digest}.so"
     if target.exists():
         return target
@@ -59,7 +67,7 @@ def build(source: Path, flags: list[str], cc: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([cc, *flags, str(source), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([cc, *flags, str(source), *tail, "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -85,3 +93,50 @@ def load(source: Path, flags: list[str], needs: Iterable[str], what: str) -> cty
         detail = getattr(e, "stderr", "") or str(e)
         warnings.warn(f"restora: {what} did not build ({detail.strip()[:200]}); using torch's kernel", stacklevel=3)
         return None
+
+
+# The operators' C++ kernels (native_ops.cpp): built against this torch, registered for the CPU when loaded.
+# Each kernel module hands `serve` its operator's Python kernel, which is registered instead where the C++
+# ones cannot be built (no C++ compiler or torch headers), so every operator always has exactly one kernel.
+_python_served: set[str] = set()
+
+
+@functools.cache
+def _ops_library() -> ctypes.CDLL | None:
+    if os.environ.get("RESTORA_NATIVE", "1") == "0" or platform.system() != "Linux":
+        return None
+    cxx = next((c for c in (os.environ.get("CXX"), "c++", "g++", "clang++") if c and shutil.which(c)), None)
+    torch_dir = Path(torch.__file__).parent
+    if cxx is None or not (torch_dir / "include" / "torch" / "library.h").exists():
+        return None
+    flags = ["-O2", "-shared", "-fPIC", "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
+             f"-DRESTORA_TORCH={torch.__version__}"]
+    libs = [f"-L{torch_dir / 'lib'}", "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    try:
+        path = build(OPS_SOURCE, flags, cxx, libs)
+        torch.ops.load_library(str(path))
+        return ctypes.CDLL(str(path))
+    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
+        detail = getattr(e, "stderr", "") or str(e)
+        warnings.warn(f"restora: the native operators' C++ kernels did not build ({detail.strip()[:200]}); "
+                      "calling the kernels through Python", stacklevel=3)
+        return None
+
+
+def serve(op: str, python_kernel: Any, entry: ctypes._CFuncPtr) -> None:
+    """Give operator `op` (e.g. "restora::int4_amx_mm") its CPU kernel: the C++ one, pointed at the C kernel's
+    `entry`, where native_ops.cpp builds; `python_kernel` otherwise."""
+    ops = _ops_library()
+    if ops is not None:
+        ops.restora_native_set.argtypes = [ctypes.c_char_p, ctypes.c_void_p]
+        if ops.restora_native_set(op.split("::")[1].encode(), ctypes.cast(entry, ctypes.c_void_p)) != 0:
+            raise ValueError(f"{op}: native_ops.cpp has no kernel for this operator")
+    elif op not in _python_served:
+        torch.library.impl(op, "CPU")(python_kernel)
+        _python_served.add(op)
+
+
+def cpp_kernels() -> bool:
+    """The operators run their C++ kernels (eager callers then go through the dispatcher, ~1.5 us a call)."""
+    return _ops_library() is not None

@@ -52,6 +52,7 @@ def _library() -> ctypes.CDLL | None:
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.int4_amx_gemm.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
     lib.int4_amx_gemm.restype = i
+    native.serve("restora::int4_amx_mm", _int4_amx_mm, lib.int4_amx_gemm)
     return lib
 
 
@@ -104,9 +105,6 @@ def _int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tens
     return y
 
 
-torch.library.impl("restora::int4_amx_mm", "CPU")(_int4_amx_mm)
-
-
 @torch.library.register_fake("restora::int4_amx_mm")
 def _int4_amx_mm_fake(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, levels: torch.Tensor,
                       out_features: int, group: int) -> torch.Tensor:
@@ -117,10 +115,10 @@ def int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
                 levels: torch.Tensor = UNIFORM_LEVELS) -> torch.Tensor:
     """y (M, out_features) bf16 = x (M, K) bf16 @ W^T, W packed by `pack`; `levels` (16,) are what the codes
     stand for (0..15 for uniform formats, the code table for NF4/FP4)."""
-    if torch.compiler.is_compiling():  # a graph needs the op (its fake gives the shape)
+    if torch.compiler.is_compiling() or native.cpp_kernels():  # a graph needs the op (its fake gives the shape)
         return torch.ops.restora.int4_amx_mm(x, packed, scales_zeros, levels, out_features, group)
-    # eager: the function itself, without the dispatcher's round trip into Python (`linear` on a 16 x 64 layer:
-    # 13 -> 10 us a call, measured; the ctypes call alone is 2.6)
+    # eager with only the Python kernel: call it without the dispatcher's round trip into Python (`linear` on a
+    # 16 x 64 layer: 13 -> 10 us a call, measured; the ctypes call alone is 2.6)
     return _int4_amx_mm(x, packed, scales_zeros, levels, out_features, group)
 
 
