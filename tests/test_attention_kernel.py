@@ -119,3 +119,53 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch):
     finally:
         monkeypatch.delenv("RESTORA_NATIVE")
         ak._library.cache_clear()
+
+
+def test_without_the_cpp_kernels_python_kernels_serve_the_operators(tmp_path):
+    """A C++ compiler that fails (CXX=false): one warning, and both operators still compute, through Python."""
+    if not ak.available():
+        pytest.skip("no native kernel here")
+    script = """
+import warnings, torch
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    from restora import attention_kernel as ak, native
+    from restora.quant import int4_kernel as ik
+    ok = ak.available()
+print("cpp", native.cpp_kernels(), "warned", any("C++ kernels did not build" in str(w.message) for w in caught))
+g = torch.Generator().manual_seed(0)
+q = torch.randn(2, 4, 1, 32, generator=g).bfloat16(); k = torch.randn(2, 2, 9, 32, generator=g).bfloat16()
+mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
+ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), k.double(), attn_mask=mask,
+                                                       enable_gqa=True).transpose(1, 2).reshape(2, 1, 128)
+print("attention", torch.allclose(ak.attention(q, k, k, mask, 32 ** -0.5, True).double(), ref, atol=1e-2))
+if ik.available():
+    codes = torch.randint(0, 16, (32, 64), generator=g)
+    scales, zeros = torch.rand(32, 2, generator=g) + 0.1, torch.randint(0, 16, (32, 2), generator=g).float()
+    x = torch.randn(3, 64, generator=g).bfloat16()
+    w = (codes.view(32, 2, 32) - zeros[..., None]) * scales[..., None]
+    y = torch.ops.restora.int4_amx_mm(x, *ik.pack(codes, scales, zeros, 32), ik.UNIFORM_LEVELS, 32, 32)
+    print("int4", torch.allclose(y.double(), x.double() @ w.reshape(32, 64).double().T, atol=0.1, rtol=2**-7))
+"""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "CXX": "false", "RESTORA_CACHE": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "cpp False warned True" in out.stdout
+    assert "attention True" in out.stdout
+    from restora.quant import int4_kernel as ik
+    if ik.available():
+        assert "int4 True" in out.stdout
+
+
+def test_the_operators_run_cpp_kernels_where_they_build():
+    from restora import native
+    if not ak.available() or not native.cpp_kernels():
+        pytest.skip("no C++ compiler or native kernel here")
+    from restora.quant import int4_kernel as ik
+    ik.available()
+    for op in ("restora::attention_decode", "restora::int4_amx_mm"):
+        cpu = [line for line in torch._C._dispatch_dump(op).splitlines() if line.startswith("CPU:")]
+        assert len(cpu) == 1 and "native_ops.cpp" in cpu[0], cpu  # not torch/library.py: no Python kernel
