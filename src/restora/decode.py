@@ -10,12 +10,14 @@ work unchanged (the modules are called, never opened):
     per block:  x = rmsnorm(h);  q, k, v = q_proj(x), k_proj(x), v_proj(x)
                 q, k <- RoPE(q, k; positions)      (cos, sin from the model's rotary module)
                 K[:, :, s:s+T], V[:, :, s:s+T] = k, v              (B, Hkv, T_max, D)
-                h += o_proj(SDPA(q, K[:, :, :s+T], V[:, :, :s+T], mask))   grouped-query heads
+                h += o_proj(attend(q, K[:, :, :s+T], V[:, :, :s+T], mask))  grouped-query heads
                 x = rmsnorm(h);  h += down(act(gate(x)) * up(x))
     logits = lm_head(rmsnorm(h[:, -1]))
 
-The mask lets a query see every earlier non-padding key and always itself (a left-padding
-query then attends to itself instead of to nothing, which would be NaN). Rows are left
+`attend` is restora.attention_kernel: a native kernel for inputs of up to 16 tokens a row
+with a bf16 cache on CPUs with AVX-512 BF16, torch's SDPA otherwise. The mask lets a query
+see every earlier non-padding key and always itself (a left-padding query then attends to
+itself instead of to nothing, which would be NaN). Rows are left
 padded and carry explicit positions, so each row decodes exactly as it would alone.
 
 A step may feed several tokens per row (speculative decoding verifies drafts this way,
