@@ -40,9 +40,8 @@ def _library() -> ctypes.CDLL | None:
     if lib is None:
         return None
     p, i, n, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.attention_decode.argtypes = [p, p, p, p, p, i, i, i, i, i, i, n, n, n, n, n, n, n, n, n, n, n, f, i]
-    lib.attention_decode.restype = i
-    native.serve("restora::attention_decode", _attention_decode, lib.attention_decode)
+    native.bind(lib, "attention_decode", [p, p, p, p, p, i, i, i, i, i, i, n, n, n, n, n, n, n, n, n, n, n, f, i],
+                "restora::attention_decode", _attention_decode)
     return lib
 
 

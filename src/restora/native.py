@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["build", "cache_dir", "compiler", "cpu_flags", "load", "cpp_kernels", "serve"]
+__all__ = ["bind", "build", "cache_dir", "compiler", "cpu_flags", "load", "cpp_kernels", "serve"]
 
 OPS_SOURCE = Path(__file__).with_name("native_ops.cpp")
 
@@ -142,6 +142,13 @@ def serve(op: str, python_kernel: Any, entry: ctypes._CFuncPtr) -> None:
     elif op not in _python_served:
         torch.library.impl(op, "CPU")(python_kernel)
         _python_served.add(op)
+
+
+def bind(lib: ctypes.CDLL, entry: str, argtypes: list[Any], op: str, python_kernel: Any) -> None:
+    """Declare C function `entry` of `lib` (returning int) and make it operator `op`'s kernel (`serve`)."""
+    function = getattr(lib, entry)
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    serve(op, python_kernel, function)
 
 
 def cpp_kernels() -> bool:

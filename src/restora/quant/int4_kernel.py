@@ -50,9 +50,7 @@ def _library() -> ctypes.CDLL | None:
     if lib is None or lib.int4_amx_init() != 0:  # refused AMX tile state (old kernel, or a seccomp policy)
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
-    lib.int4_amx_gemm.argtypes = [p, p, p, p, p, p, i, i, i, i, i]
-    lib.int4_amx_gemm.restype = i
-    native.serve("restora::int4_amx_mm", _int4_amx_mm, lib.int4_amx_gemm)
+    native.bind(lib, "int4_amx_gemm", [p, p, p, p, p, p, i, i, i, i, i], "restora::int4_amx_mm", _int4_amx_mm)
     return lib
 
 
