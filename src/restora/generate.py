@@ -31,7 +31,7 @@ from .decode import LeanDecoder, supports
 from .lookup import lookup_draft
 from .packed import can_pack, packed_linears
 
-__all__ = ["greedy_generate"]
+__all__ = ["greedy_generate", "greedy_tokens"]
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -39,7 +39,7 @@ def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def _greedy(logits: torch.Tensor) -> torch.Tensor:
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """The index of each row's largest logit, the first on ties: argmax's answer. `max` gives it 2-4x faster
     on CPU for bf16 logits (SmolLM2's 49,152-token vocabulary, 8 rows: 138 against 622 us, measured)."""
     return logits.max(-1).indices
@@ -242,7 +242,7 @@ def _greedy_rows(
     adapters_of: Callable[[list[int]], None],
 ) -> list[list[int]]:
     """Greedy tokens of each row after the prompt pass in `steps`; finished rows leave the batch."""
-    next_tok = _greedy(steps.logits)  # (B,)
+    next_tok = greedy_tokens(steps.logits)  # (B,)
     last_pos = steps.positions[:, -1]
     alive = list(range(len(next_tok)))  # batch row -> prompt row
     out_tokens: list[list[int]] = [[] for _ in alive]
@@ -253,7 +253,7 @@ def _greedy_rows(
         if done.any():
             alive, last_pos, next_tok = _drop_finished(done, alive, last_pos, steps, adapters_of, next_tok)
         last_pos = last_pos + 1
-        next_tok = _greedy(steps.step(next_tok, last_pos))
+        next_tok = greedy_tokens(steps.step(next_tok, last_pos))
     return out_tokens
 
 
@@ -262,7 +262,7 @@ def _speculative_rows(
     adapters_of: Callable[[list[int]], None], k: int,
 ) -> list[list[int]]:
     """As _greedy_rows, verifying up to k prompt-lookup drafts per row in each step (restora.lookup)."""
-    decided = [[int(t)] for t in _greedy(steps.logits)]  # per batch row: tokens chosen, not yet taken
+    decided = [[int(t)] for t in greedy_tokens(steps.logits)]  # per batch row: tokens chosen, not yet taken
     last_pos = steps.positions[:, -1]  # (B,) position of each row's last token in the cache
     alive = list(range(len(decided)))  # batch row -> prompt row
     out_tokens: list[list[int]] = [[] for _ in alive]
@@ -284,7 +284,7 @@ def _speculative_rows(
             feed[j, : 1 + len(d)] = torch.tensor([decided[j][-1], *d])
             real[j, : 1 + len(d)] = True
         positions = last_pos[:, None] + 1 + torch.arange(width, device=last_pos.device)  # (B, W)
-        pred = _greedy(steps.verify(feed.to(last_pos.device), positions, real.to(last_pos.device))).tolist()  # (B, W)
+        pred = greedy_tokens(steps.verify(feed.to(last_pos.device), positions, real.to(last_pos.device))).tolist()  # (B, W)
         kept = []
         for j, d in enumerate(drafts):
             a = 0

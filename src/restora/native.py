@@ -54,7 +54,16 @@ def cpu_flags() -> set[str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("RESTORA_CACHE", Path.home() / ".cache" / "restora")) / "kernels"
+    """kernels/ in restora's cache, beside the converted models (restora.models.cache_dir)."""
+    from .models import cache_dir as restora_cache
+
+    return restora_cache() / "kernels"
+
+
+def _allowed() -> bool:
+    """RESTORA_NATIVE is not 0 and this is x86-64 Linux: the only place the kernels are built for."""
+    return (os.environ.get("RESTORA_NATIVE", "1") != "0" and platform.system() == "Linux"
+            and platform.machine() in ("x86_64", "AMD64"))
 
 
 def compiler() -> str | None:
@@ -84,11 +93,7 @@ def build(source: Path, flags: list[str], cc: str, tail: list[str] | None = None
 def load(source: Path, flags: list[str], needs: Iterable[str], what: str) -> ctypes.CDLL | None:
     """`source` built with `flags` and loaded, or None where it cannot run (module docstring); `what` names
     the kernel in the warning a failed build gives."""
-    if os.environ.get("RESTORA_NATIVE", "1") == "0":
-        return None
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return None
-    if not set(needs) <= cpu_flags():
+    if not _allowed() or not set(needs) <= cpu_flags():
         return None
     cc = compiler()
     if cc is None:
@@ -109,7 +114,7 @@ _python_served: set[str] = set()
 
 @functools.cache
 def _ops_library() -> ctypes.CDLL | None:
-    if os.environ.get("RESTORA_NATIVE", "1") == "0" or platform.system() != "Linux":
+    if not _allowed():
         return None
     candidates = [os.environ["CXX"]] if os.environ.get("CXX") else ["c++", "g++", "clang++"]  # $CXX: only it
     cxx = next((c for c in candidates if shutil.which(c)), None)

@@ -42,6 +42,7 @@ SOURCE = Path(__file__).with_name("int4_amx.c")
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile",
          "-mamx-bf16"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")
+EXACT_ROWS = 64  # int4_amx.c: up to this many rows, exact per-group scaling (reads the per-row group sums)
 
 
 @functools.cache
@@ -95,7 +96,7 @@ def _int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tens
     x = x.contiguous()
     M, K = x.shape
     y = torch.empty((M, out_features), dtype=torch.bfloat16)
-    xsum = torch.empty((M, K // group), dtype=torch.float32)
+    xsum = torch.empty((M if M <= EXACT_ROWS else 0, K // group), dtype=torch.float32)  # the exact path's
     levels = levels.float().contiguous()
     if lib.int4_amx_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(), y.data_ptr(),
                          xsum.data_ptr(), M, out_features, K, group, torch.get_num_threads()):

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..generate import greedy_tokens
 from ..packed import can_pack, packed_linears
 from .adapters_root import ResidentAdapters
 
@@ -355,7 +356,7 @@ class Engine:
 
     def _sample(self, logits: torch.Tensor, reqs: Sequence[Request | None]) -> torch.Tensor:
         """(B, V) logits -> (B,) tokens: argmax, or each row's temperature / top-p draw."""
-        toks = logits.max(-1).indices.cpu()  # argmax's index (first on ties), 2-4x faster on CPU bf16 logits
+        toks = greedy_tokens(logits).cpu()
         for j, r in enumerate(reqs):
             if r is None:
                 continue
