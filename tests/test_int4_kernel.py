@@ -1,5 +1,6 @@
-"""restora's AMX int4 kernel (restora.quant.int4_kernel): layout, exactness against the dequantized weight,
-the paths UniformWeight takes, compiled graphs, and what happens where the kernel cannot be built."""
+"""restora's int4 kernel (restora.quant.int4_kernel): layout, exactness against the dequantized weight on both of
+its paths (AMX tiles, AVX-512 BF16 vectors), the paths UniformWeight takes, compiled graphs, and what happens where
+the kernel cannot be built."""
 
 from __future__ import annotations
 
@@ -15,7 +16,12 @@ from restora.quant.linear import quantize_weight
 from restora.quant.packing import unpack_codes
 from restora.quant.uniform import UniformWeight
 
-needs_amx = pytest.mark.skipif(not ik.available(), reason="no AMX-BF16 CPU, compiler or OS permission here")
+needs_kernel = pytest.mark.skipif(not ik.available(), reason="no AVX-512 BF16 CPU or compiler here")
+
+
+def _fits(rows: int) -> bool:
+    """This machine's kernel takes `rows` rows (any with AMX, up to EXACT_ROWS without)."""
+    return rows <= ik.max_rows()
 
 
 def _layer(out_f: int, in_f: int, group: int, seed: int = 0) -> UniformWeight:
@@ -49,10 +55,12 @@ def test_pack_rejects_shapes_the_kernel_cannot_tile():
         ik.pack(unpack_codes(q.qweight, 4, 128), q.scales, q.zeros, 64)
 
 
-@needs_amx
-@pytest.mark.parametrize("rows", [1, 2, 15, 16, 17, 40, 100])
+@needs_kernel
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 15, 16, 17, 40, 64, 100])
 @pytest.mark.parametrize("out_f,in_f,group", [(16, 64, 32), (80, 576, 64), (192, 256, 128), (64, 1536, 64)])
 def test_kernel_matches_the_dequantized_weight(rows: int, out_f: int, in_f: int, group: int):
+    if not _fits(rows):
+        pytest.skip(f"{rows} rows take the tile path: no AMX here")
     q = _layer(out_f, in_f, group, seed=rows)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     packed, sz = ik.pack(unpack_codes(q.qweight, 4, in_f), q.scales, q.zeros, group)
@@ -63,8 +71,8 @@ def test_kernel_matches_the_dequantized_weight(rows: int, out_f: int, in_f: int,
     assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max() + 1e-6
 
 
-@needs_amx
-def test_two_rows_and_prompts_take_the_amx_kernel_one_row_torchs(monkeypatch: pytest.MonkeyPatch):
+@needs_kernel
+def test_every_row_count_the_kernel_takes_goes_to_it_longer_inputs_dequantize(monkeypatch: pytest.MonkeyPatch):
     q = _layer(96, 128, 64)
     calls: list[int] = []
     real = ik.int4_amx_mm
@@ -75,18 +83,39 @@ def test_two_rows_and_prompts_take_the_amx_kernel_one_row_torchs(monkeypatch: py
 
     monkeypatch.setattr(ik, "int4_amx_mm", counting)
     with torch.no_grad():
-        for shape in [(2, 128), (1, 3, 128), (4, 200, 128)]:
+        for shape in [(1, 1, 128), (2, 128), (1, 3, 128), (64, 128), (4, 200, 128)]:
             x = torch.randn(*shape).to(torch.bfloat16)
             y = q(x)
             assert y.shape == (*shape[:-1], 96)
             ref = _reference(x.reshape(-1, 128), q).reshape(y.shape)
             assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
-        assert calls == [2, 3, 800]
-        q(torch.randn(1, 1, 128).to(torch.bfloat16))  # one row: torch's GEMV kernel, where this torch has one
-        assert calls == [2, 3, 800]
+    assert calls == [n for n in (1, 2, 3, 64, 800) if _fits(n)]
+    assert getattr(q, "_int4pack", None) is None  # torch's layout is not built beside the kernel's
 
 
-def test_without_amx_small_batches_use_torchs_kernel_and_prompts_dequantize(monkeypatch: pytest.MonkeyPatch):
+@needs_kernel
+def test_the_vector_path_alone_matches_the_tile_path_where_both_exist():
+    """With AMX, up to 4 rows take the vector path and more the tiles; switching the tiles off sends every call
+    of up to EXACT_ROWS rows down the vector path (as on CPUs without AMX): the same sums, up to fp32 order."""
+    lib, amx = ik._library()
+    q = _layer(64, 576, 64)
+    packed, sz = ik.pack(unpack_codes(q.qweight, 4, 576), q.scales, q.zeros, 64)
+    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    y = ik.int4_amx_mm(x, packed, sz, 64, 64)
+    try:
+        lib.int4_amx_init(0)
+        vec = ik.int4_amx_mm(x, packed, sz, 64, 64)
+        with pytest.raises(RuntimeError, match="100 rows; without AMX the kernel takes at most 64"):
+            torch.ops.restora.int4_amx_mm(torch.zeros(100, 576, dtype=torch.bfloat16), packed, sz,
+                                          ik.UNIFORM_LEVELS, 64, 64)
+    finally:
+        lib.int4_amx_init(int(amx))
+    ref = _reference(x, q)
+    assert (vec.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
+    assert (vec.float() - y.float()).abs().max() <= 2 ** -7 * ref.abs().max()
+
+
+def test_without_the_kernel_small_batches_use_torchs_kernel_and_prompts_dequantize(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setattr(ik, "available", lambda: False)
     q = _layer(96, 128, 64)
     x = torch.randn(3, 128).to(torch.bfloat16)
@@ -103,7 +132,7 @@ def test_without_amx_small_batches_use_torchs_kernel_and_prompts_dequantize(monk
         assert torch.equal(q(big), big @ q.dequantize(torch.bfloat16).T)
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize("rows", [1, 5, 100])
 @pytest.mark.parametrize("quant_type,double_quant", [("nf4", False), ("nf4", True), ("fp4", False)])
 def test_nf4_and_fp4_layers_take_the_kernel_and_match_their_dequantized_weight(
@@ -120,12 +149,12 @@ def test_nf4_and_fp4_layers_take_the_kernel_and_match_their_dequantized_weight(
     with torch.no_grad():
         y = q(x)
     ref = x.double() @ q.dequantize(torch.float32).double().T
-    assert calls == [rows] and y.dtype == torch.bfloat16
+    assert calls == ([rows] if _fits(rows) else []) and y.dtype == torch.bfloat16
     # levels rounded to bf16 (2^-9 relative) and one bf16 rounding of the output
     assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
 
 
-@needs_amx
+@needs_kernel
 def test_new_codes_rebuild_the_kernel_layout():
     q, other = _layer(32, 64, 32, seed=0), _layer(32, 64, 32, seed=1)
     x = torch.randn(4, 64).to(torch.bfloat16)
@@ -137,7 +166,7 @@ def test_new_codes_rebuild_the_kernel_layout():
         assert torch.equal(after, other(x))
 
 
-@needs_amx
+@needs_kernel
 def test_compiled_graph_calls_the_kernel():
     q = _layer(64, 128, 64)
     x = torch.randn(5, 128).to(torch.bfloat16)
@@ -159,7 +188,7 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch):
 
 def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch: pytest.MonkeyPatch, tmp_path):
     if not set(ik.CPU_FLAGS) <= native.cpu_flags():
-        pytest.skip("no AMX CPU: the build is never attempted")
+        pytest.skip("no AVX-512 BF16 CPU: the build is never attempted")
     broken = tmp_path / "broken.c"
     broken.write_text("this is not C\n")
     monkeypatch.setattr(ik, "SOURCE", broken)
@@ -169,7 +198,7 @@ def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch: pytest.Monke
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             assert ik._library() is None
-        assert any("AMX int4 kernel did not build" in str(w.message) for w in caught)
+        assert any("int4 kernel did not build" in str(w.message) for w in caught)
         assert not list((tmp_path / "cache" / "kernels").glob("*.so"))  # no half-written library left behind
     finally:
         monkeypatch.undo()
@@ -178,7 +207,7 @@ def test_a_failed_build_warns_and_leaves_torchs_kernel(monkeypatch: pytest.Monke
 
 def test_the_library_is_built_once_per_source(monkeypatch: pytest.MonkeyPatch, tmp_path):
     if not set(ik.CPU_FLAGS) <= native.cpu_flags():
-        pytest.skip("no AMX CPU: the build is never attempted")
+        pytest.skip("no AVX-512 BF16 CPU: the build is never attempted")
     monkeypatch.setenv("RESTORA_CACHE", str(tmp_path))
     compiler = next(c for c in ("cc", "gcc", "clang") if __import__("shutil").which(c))
     first = native.build(ik.SOURCE, ik.FLAGS, compiler)
@@ -186,7 +215,7 @@ def test_the_library_is_built_once_per_source(monkeypatch: pytest.MonkeyPatch, t
     assert native.build(ik.SOURCE, ik.FLAGS, compiler) == first and first.stat().st_mtime_ns == stamp
 
 
-@needs_amx
+@needs_kernel
 def test_a_compiled_graph_uses_only_layouts_built_before_it():
     """Building a layout while dynamo traces would change what the guards saw (a recompile per layer), so a graph
     traced without one dequantizes, and `prepare_fast` builds them eagerly for graphs that should use them."""
@@ -198,12 +227,12 @@ def test_a_compiled_graph_uses_only_layouts_built_before_it():
         assert getattr(q, "_amx", None) is None and getattr(q, "_int4pack", None) is None
         assert torch.allclose(y.float(), (x @ q.dequantize(torch.bfloat16).T).float(), atol=2e-2 * y.abs().max().item())
         q.prepare_fast()
-        assert q._amx is not None and q._int4pack is not None
+        assert q._amx is not None and getattr(q, "_int4pack", None) is None
         torch._dynamo.reset()
         assert torch.equal(torch.compile(lambda t: q(t), dynamic=True)(x), q(x))  # the kernel's own rounding
 
 
-@needs_amx
+@needs_kernel
 def test_compiled_lean_decoding_prepares_the_layouts():
     from conftest import tiny_llama
 
@@ -219,4 +248,4 @@ def test_compiled_lean_decoding_prepares_the_layouts():
         assert all(getattr(w, "_amx", None) is None for w in weights)
         LeanDecoder(model, 2, 16, compile=True)
         assert weights and all(w._amx is not None for w in weights)
-        assert all(w._int4pack is not None for w in weights if isinstance(w, UniformWeight))
+        assert all(getattr(w, "_int4pack", None) is None for w in weights)  # one layout per layer

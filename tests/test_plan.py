@@ -216,17 +216,17 @@ def test_compiled_training_plan():
 
 def test_serve_plan_counts_the_int4_kernel_layouts_decoding_builds() -> None:
     """The "4-bit kernel layouts" line == the bytes of the layouts a bf16 decode of a real 4-bit model builds
-    (one-row and multi-row calls), where this CPU has the AMX kernel; none for float and 8-bit bases."""
+    (one-row and multi-row calls), where this CPU has restora's int4 kernel; none for float and 8-bit bases."""
     from restora.quant import int4_kernel
 
     plans = {(f, b): {i.name: i.bytes for i in plan_memory(SMOL, "serve", format=f, bits=b).items}
              for f, b in [("float", 16), ("int8", 8), ("rtn", 4), ("nf4", 4), ("rtn", 3)]}
     line = "4-bit kernel layouts"
     assert all(line not in plans[k] for k in [("float", 16), ("int8", 8), ("rtn", 3)])
-    assert plans[("rtn", 4)][line] > plans[("nf4", 4)][line] > 0  # uniform also keeps torch's one-row layout
+    assert plans[("rtn", 4)][line] == plans[("nf4", 4)][line] > 0  # one layout per layer, the same size
     assert line not in {i.name for i in plan_memory(SMOL, "serve", format="rtn", bits=4, bf16=False).items}
     if not int4_kernel.available():
-        pytest.skip("no AMX kernel here: only the one-row layout would be built")
+        pytest.skip("no int4 kernel here: only torch's smaller one-row layout would be built")
     for fmt in ("rtn", "nf4"):
         model = tiny_llama()
         quantize_model(model, QuantSpec(fmt, 4, 32), progress=False)

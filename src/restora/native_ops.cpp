@@ -26,7 +26,7 @@ AttentionDecode attention_decode = nullptr;
 
 at::Tensor int4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_zeros,
                        const at::Tensor& levels_in, int64_t out_features, int64_t group) {
-  TORCH_CHECK(int4_gemm != nullptr, "restora::int4_amx_mm: the AMX int4 kernel is not available here");
+  TORCH_CHECK(int4_gemm != nullptr, "restora::int4_amx_mm: the int4 kernel is not available here");
   TORCH_CHECK(x_in.dim() == 2 && x_in.scalar_type() == at::kBFloat16, "restora::int4_amx_mm: x must be (M, K) bf16");
   const at::Tensor x = x_in.contiguous();
   const at::Tensor levels = levels_in.to(at::kFloat).contiguous();
@@ -37,6 +37,7 @@ at::Tensor int4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int rc = int4_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(), y.data_ptr(),
                            xsum.data_ptr(), static_cast<int>(M), static_cast<int>(out_features), static_cast<int>(K),
                            static_cast<int>(group), at::get_num_threads());
+  TORCH_CHECK(rc != -2, "restora::int4_amx_mm: ", M, " rows; without AMX the kernel takes at most 64");
   TORCH_CHECK(rc == 0, "restora::int4_amx_mm: no memory for the widened codes of a (", out_features, ", ", K,
               ") layer");
   return y;

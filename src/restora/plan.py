@@ -281,15 +281,14 @@ def _cached_value_bytes(float_bytes: int, act_bytes: int) -> int:
 
 def _kernel_layout_bytes(shape: ModelShape, format: str, bits: int, group_size: int) -> int:
     """What bf16 decoding of a 4-bit base keeps beside the stored weights (restora.quant.int4_kernel, uniform.py):
-    the AMX kernel's layout, and for uniform formats also torch's int4 GEMV layout (one-row steps). Counted in
-    full whatever the CPU, so a plan made elsewhere still fits an AMX machine."""
+    restora's int4 kernel layout (codes + fp32 scales and zeros), or where that kernel cannot run, torch's int4
+    GEMV layout for uniform formats (codes + bf16 scale pairs, smaller). Counted as the kernel's whatever the CPU,
+    so a plan made elsewhere still fits a machine that has the kernel."""
     if bits != 4 or format not in ("rtn", "gptq", "nf4", "fp4"):
         return 0
     n = shape.linear_params()
     groups = shape.layers * sum(o * (i // (i if group_size == -1 else group_size)) for _, o, i in shape.linears())
-    amx = n // 2 + groups * 2 * 4
-    gemv = n // 2 + groups * 2 * 2 if format in ("rtn", "gptq") else 0
-    return amx + gemv
+    return n // 2 + groups * 2 * 4
 
 
 def plan_memory(
@@ -361,9 +360,8 @@ def plan_memory(
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
         layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 else 0
         if layouts:
-            items.append(Item("4-bit kernel layouts", layouts, "codes re-laid for the int4 kernels, kept once built: "
-                              "AMX (codes + fp32 scales and zeros)" + (" and torch's one-row GEMV (codes + bf16 "
-                                                                        "scale pairs)" if format in ("rtn", "gptq") else "")))
+            items.append(Item("4-bit kernel layouts", layouts, "codes re-laid for restora's int4 kernel, kept once "
+                              "built: codes + fp32 scales and zeros"))
         vb = _cached_value_bytes(fb, act)
         kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + vb)
         items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "

@@ -20,6 +20,7 @@
    Requirements (checked by the caller): N % 16 == 0, G % 32 == 0, K % G == 0, x and y bf16, contiguous. */
 
 #include <immintrin.h>
+#include <omp.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -34,8 +35,14 @@
 /* the tile intrinsics are asm without memory clobbers: order the C-side stores and loads around them */
 #define BARRIER() __asm__ volatile("" ::: "memory")
 
-/* Linux only lets a process use AMX tile data after asking for it once; 0 on success. */
-int int4_amx_init(void) { return (int)syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA); }
+static int amx = 0;  /* the tile unit may be used (int4_amx_init) */
+
+/* Linux only lets a process use AMX tile data after asking for it once.  want: the CPU has AMX-BF16.
+   Returns 1 when the tile path is on, 0 when only the vector path is. */
+int int4_amx_init(int want) {
+    amx = want && syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+    return amx;
+}
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -163,8 +170,71 @@ static void unit(const uint16_t *x, const uint8_t *const *codes, const float *co
         }
 }
 
+/* The vector path: AVX-512 BF16 dot products instead of tiles, for up to VEC_ROWS rows on AMX machines (where
+   it beats a mostly empty tile: decoding at batch 1, short drafts) and for every call on CPUs without AMX.  The
+   widened low nibbles of a quad are 16 outputs x the input pair (4p, 4p+1) in 32-bit lanes, so one vdpbf16ps with
+   that pair of x broadcast adds both products into each output's fp32 lane; the high nibbles do (4p+2, 4p+3).
+   No tile buffer and no horizontal sums: the codes go from memory straight into registers.  Per group the
+   partial sums get the same exact scaling as the tile path: y += s * (c - z * sum_k x[k]).  One output tile, R
+   rows (a constant after inlining, so the chains stay in registers). */
+#define VEC_ROWS 4
+static inline __attribute__((always_inline)) void vec_tile(const uint16_t *x, const uint8_t *codes, const float *sz,
+                                                           const float *xsum, uint16_t *y, const int R, int N, int K,
+                                                           int G, int t, __m512i table) {
+    const int groups = K / G, quads = G / 4;
+    const __m512i low = _mm512_set1_epi16(0x0F);
+    __m512 acc[VEC_ROWS];
+    for (int m = 0; m < R; m++) acc[m] = _mm512_setzero_ps();
+    for (int g = 0; g < groups; g++) {
+        __m512 c[VEC_ROWS][4];  /* per row, four independent chains: even/odd quad x low/high pair */
+        for (int m = 0; m < R; m++) c[m][0] = c[m][1] = c[m][2] = c[m][3] = _mm512_setzero_ps();
+        for (int p = g * quads; p < (g + 1) * quads; p += 2) {  /* quads is a multiple of 8 */
+            for (int u = 0; u < 2; u++) {
+                __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256((const __m256i *)(codes + (size_t)(p + u) * 32)));
+                __m512bh lo = (__m512bh)_mm512_permutexvar_epi16(_mm512_and_si512(w, low), table);
+                __m512bh hi = (__m512bh)_mm512_permutexvar_epi16(_mm512_srli_epi16(w, 4), table);
+                for (int m = 0; m < R; m++) {
+                    const uint32_t *xp = (const uint32_t *)(x + (size_t)m * K + (size_t)(p + u) * 4);
+                    c[m][2 * u] = _mm512_dpbf16_ps(c[m][2 * u], lo, (__m512bh)_mm512_set1_epi32((int)xp[0]));
+                    c[m][2 * u + 1] = _mm512_dpbf16_ps(c[m][2 * u + 1], hi, (__m512bh)_mm512_set1_epi32((int)xp[1]));
+                }
+            }
+        }
+        const __m512 s = _mm512_loadu_ps(sz + g * 32), z = _mm512_loadu_ps(sz + g * 32 + 16);
+        for (int m = 0; m < R; m++) {
+            __m512 a = _mm512_add_ps(_mm512_add_ps(c[m][0], c[m][1]), _mm512_add_ps(c[m][2], c[m][3]));
+            a = _mm512_fnmadd_ps(z, _mm512_set1_ps(xsum[m * groups + g]), a);
+            acc[m] = _mm512_fmadd_ps(s, a, acc[m]);
+        }
+    }
+    for (int m = 0; m < R; m++)
+        _mm256_storeu_si256((__m256i *)(y + (size_t)m * N + (size_t)t * 16), (__m256i)_mm512_cvtneps_pbh(acc[m]));
+}
+
+/* output tiles [t0, t1) for all M rows, VEC_ROWS rows at a time (a tile's codes stay in L1 between row blocks) */
+static void vec_tiles(const uint16_t *x, const uint8_t *packed, const float *scales_zeros, const float *xsum,
+                      uint16_t *y, int M, int N, int K, int G, int t0, int t1, __m512i table) {
+    const int groups = K / G;
+    for (int t = t0; t < t1; t++) {
+        const uint8_t *codes = packed + (size_t)t * (K / 4) * 32;
+        const float *sz = scales_zeros + (size_t)t * groups * 32;
+        for (int m0 = 0; m0 < M; m0 += VEC_ROWS) {
+            const uint16_t *xm = x + (size_t)m0 * K;
+            const float *sm = xsum + (size_t)m0 * groups;
+            uint16_t *ym = y + (size_t)m0 * N;
+            switch (M - m0 < VEC_ROWS ? M - m0 : VEC_ROWS) {
+            case 1: vec_tile(xm, codes, sz, sm, ym, 1, N, K, G, t, table); break;
+            case 2: vec_tile(xm, codes, sz, sm, ym, 2, N, K, G, t, table); break;
+            case 3: vec_tile(xm, codes, sz, sm, ym, 3, N, K, G, t, table); break;
+            default: vec_tile(xm, codes, sz, sm, ym, 4, N, K, G, t, table); break;
+            }
+        }
+    }
+}
+
 /* x (M, K) bf16, packed codes and scales/zeros as above, y (M, N) bf16; xsum: scratch of M * K/G floats.
-   Returns 0, or -1 when a prompt-sized call could not allocate its widened-codes buffer. */
+   Returns 0; -1 when a prompt-sized call could not allocate its widened-codes buffer; -2 for more than EXACT_ROWS
+   rows without AMX. */
 int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_zeros, const float *levels, uint16_t *y,
                   float *xsum, int M, int N, int K, int G, int threads) {
     const int groups = K / G, chunks = K / 32, ntiles = N / 16, units = (ntiles + UNIT - 1) / UNIT;
@@ -184,6 +254,18 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_
     _mm256_storeu_si256((__m256i *)level_words, (__m256i)_mm512_cvtneps_pbh(level_values));
     _mm256_storeu_si256((__m256i *)(level_words + 16), (__m256i)_mm512_cvtneps_pbh(level_values));
     const __m512i table = _mm512_loadu_si512(level_words);
+    if (M == 0) return 0;
+    if (!amx && M > EXACT_ROWS) return -2;  /* no per-row group sums for the vector path */
+    if (M <= VEC_ROWS || !amx) {  /* the vector path (without AMX the caller sends at most EXACT_ROWS rows) */
+        const int nt = threads < ntiles ? threads : ntiles;
+#pragma omp parallel num_threads(nt)
+        {
+            const int i = omp_get_thread_num(), n = omp_get_num_threads();
+            vec_tiles(x, packed, scales_zeros, xsum, y, M, N, K, G, (int)((long)ntiles * i / n),
+                      (int)((long)ntiles * (i + 1) / n), table);
+        }
+        return 0;
+    }
     int failed = 0;
 #pragma omp parallel num_threads(threads < units ? threads : units)  /* no idle threads to wake */
     {

@@ -1,29 +1,37 @@
-"""A native 4-bit matmul on Intel AMX: y = x @ W^T straight from the codes, for bf16 activations on CPU.
+"""restora's native 4-bit matmul: y = x @ W^T straight from the codes, for bf16 activations on CPU.
 
 torch's own int4 kernel (`_weight_int4pack_mm_for_cpu`) runs one row of x at a time on AVX-512, so its
 cost grows with the rows: SmolLM2-135M's 210 block layers took 3.6 ms for one row, 11.4 ms for 8 rows and
-48 ms for 40 (2 threads, weights cold in cache, this repo's CPU). Batched decoding and speculative
-decoding (which verifies several draft tokens a row) feed 8-40 rows per step. This kernel (int4_amx.c)
-widens each 32-input chunk of codes once into a 1 KB bf16 tile buffer and multiplies it with up to 16
-rows at a time on the AMX tile unit, so more rows cost little: 4.2, 5.2 and 13.8 ms for those three.
+48 ms for 40 (2 threads, weights cold in cache, an AMX machine). Batched decoding and speculative decoding
+(which verifies several draft tokens a row) feed 8-40 rows per step. This kernel (int4_amx.c) has two paths
+over one layout of the codes:
 
-Up to 64 rows it computes w = (q - zero) * scale exactly as restora's uniform format defines it (fp16
+- tiles (Intel AMX): each 32-input chunk of codes is widened once into a 1 KB bf16 tile buffer and multiplied
+  with up to 16 rows at a time, so more rows cost little: 4.2, 5.2 and 13.8 ms for the three row counts above.
+- vectors (AVX-512 BF16, e.g. AMD Zen 4/5 too): 16 outputs per register, the widened codes multiplied with
+  each row's broadcast input pairs by vdpbf16ps, no tile buffer and no horizontal sums. It serves up to 4
+  rows on AMX machines (a mostly empty tile costs more) and up to EXACT_ROWS rows where there is no AMX.
+  Same 210 layers on a 2-core AMD EPYC without AMX, called through the operator, against torch's kernel
+  on its own layout: 3.5 against 3.4 ms for 1 row, 3.9 against 4.3 for 4, 6.4 against 7.0 for 8, 10.7
+  against 12.3 for 16 (`python benchmarks/int4_kernel.py`, session 9).
+
+Up to 64 rows both compute w = (q - zero) * scale exactly as restora's uniform format defines it (fp16
 scales, integer zeros, fp32 accumulation), with no bf16 rounding of the weights. NF4 and FP4 weights use
 the same kernel with their 16 code values as the levels (w = level[q] * absmax): there the levels are
 rounded to bf16 (relative error at most 2^-9, as for bf16 dequantized weights). Longer inputs (prompts)
-get each weight tile dequantized once per call to bf16, as a dequantize + GEMM would: 640 rows through
-those layers took 76 ms, against 93 ms for a bf16 F.linear on the dequantized weights and 146 ms with the
-exact per-group scaling. The output is bf16.
+take the tile path only: each weight tile dequantized once per call to bf16, as a dequantize + GEMM would:
+640 rows through those layers took 76 ms, against 93 ms for a bf16 F.linear on the dequantized weights and
+146 ms with the exact per-group scaling. Without AMX they take dequantize + GEMM. The output is bf16.
 
 Training does not use it: its forward over about 1,200 rows per micro-batch ran no faster than the
 compiled dequantize + GEMM it would replace (677 against 712 tokens/s, benchmarks/train_step.py's rtn4
 configuration with the kernel patched in, one run each).
 
 The kernel is C, built on first use with the system C compiler (the same one torch.compile's inductor
-needs) into a per-user cache, and called through ctypes behind the op `restora::int4_amx_mm`, so
-torch.compile'd graphs can call it too. `available()` is False when the CPU lacks AMX-BF16, the OS
-refuses AMX, there is no compiler, the build fails, or RESTORA_NATIVE=0; the formats then take their
-earlier paths (uniform: torch's int4 kernel up to 64 rows; otherwise dequantize + GEMM).
+needs) into a per-user cache, and called behind the op `restora::int4_amx_mm` (C++ kernel, restora.native),
+so torch.compile'd graphs can call it too. `available()` is False when the CPU lacks AVX-512 BF16, there is
+no compiler, the build fails, or RESTORA_NATIVE=0; the formats then take their earlier paths (uniform:
+torch's int4 kernel up to 64 rows; otherwise dequantize + GEMM). `max_rows()` says how many rows it takes.
 """
 
 from __future__ import annotations
@@ -41,24 +49,38 @@ __all__ = ["available", "pack", "int4_amx_mm", "linear", "supports_shape"]
 SOURCE = Path(__file__).with_name("int4_amx.c")
 FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile",
          "-mamx-bf16"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16", "amx_tile", "amx_bf16")
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")  # the vector path; the tile path needs AMX_FLAGS too
+AMX_FLAGS = ("amx_tile", "amx_bf16")
 EXACT_ROWS = 64  # int4_amx.c: up to this many rows, exact per-group scaling (reads the per-row group sums)
+ANY_ROWS = 1 << 62
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    lib = native.load(SOURCE, FLAGS, CPU_FLAGS, "the AMX int4 kernel")
-    if lib is None or lib.int4_amx_init() != 0:  # refused AMX tile state (old kernel, or a seccomp policy)
+def _library() -> tuple[ctypes.CDLL, bool] | None:
+    """The loaded kernel and whether its tile (AMX) path is on: off where the CPU lacks AMX or the OS refuses
+    its tile state (an old kernel, a seccomp policy), and the vector path then serves up to EXACT_ROWS rows."""
+    lib = native.load(SOURCE, FLAGS, CPU_FLAGS, "the int4 kernel")
+    if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
+    lib.int4_amx_init.argtypes = [i]
+    amx = bool(lib.int4_amx_init(int(set(AMX_FLAGS) <= native.cpu_flags())))
     native.bind(lib, "int4_amx_gemm", [p, p, p, p, p, p, i, i, i, i, i], "restora::int4_amx_mm", _int4_amx_mm)
-    return lib
+    return lib, amx
 
 
 @torch.compiler.assume_constant_result  # a compiled graph takes the answer as given, never traces the build
 def available() -> bool:
-    """The AMX int4 kernel is built and usable in this process."""
+    """The int4 kernel is built and usable in this process (AVX-512 BF16; `max_rows` says for how many rows)."""
     return _library() is not None
+
+
+@torch.compiler.assume_constant_result
+def max_rows() -> int:
+    """The most rows of x a call may have: any with the tile path (AMX), EXACT_ROWS with the vector path only
+    (longer inputs run faster as dequantize + GEMM there), 0 where the kernel is not available."""
+    loaded = _library()
+    return 0 if loaded is None else ANY_ROWS if loaded[1] else EXACT_ROWS
 
 
 def supports_shape(out_features: int, in_features: int, group: int) -> bool:
@@ -89,17 +111,20 @@ UNIFORM_LEVELS = torch.arange(16, dtype=torch.float32)  # a uniform format's cod
 
 def _int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor, levels: torch.Tensor,
                  out_features: int, group: int) -> torch.Tensor:
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("restora::int4_amx_mm: the AMX int4 kernel is not available here (restora.quant."
+    loaded = _library()
+    if loaded is None:
+        raise RuntimeError("restora::int4_amx_mm: the int4 kernel is not available here (restora.quant."
                            "int4_kernel.available() is False)")
     x = x.contiguous()
     M, K = x.shape
     y = torch.empty((M, out_features), dtype=torch.bfloat16)
     xsum = torch.empty((M if M <= EXACT_ROWS else 0, K // group), dtype=torch.float32)  # the exact path's
     levels = levels.float().contiguous()
-    if lib.int4_amx_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(), y.data_ptr(),
-                         xsum.data_ptr(), M, out_features, K, group, torch.get_num_threads()):
+    rc = loaded[0].int4_amx_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(),
+                                 y.data_ptr(), xsum.data_ptr(), M, out_features, K, group, torch.get_num_threads())
+    if rc == -2:
+        raise RuntimeError(f"restora::int4_amx_mm: {M} rows; without AMX the kernel takes at most {EXACT_ROWS}")
+    if rc:
         raise MemoryError(f"restora::int4_amx_mm: no memory for the widened codes of a ({out_features}, {K}) layer")
     return y
 

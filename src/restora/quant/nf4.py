@@ -203,7 +203,8 @@ class NF4Weight(QuantizedWeight):
     LAYOUTS = ("_amx",)
 
     def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
-        if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not self._amx_fits():
+        if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or not self._amx_fits()
+                or x.numel() // self.in_features > int4_kernel.max_rows()):
             return None
         layout = self._layout("_amx", self._build_amx)
         return None if layout is None else int4_kernel.linear(x, layout, self.out_features, self.blocksize, self.code)

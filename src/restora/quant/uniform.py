@@ -113,25 +113,25 @@ class UniformWeight(QuantizedWeight):
         w = (codes.float() - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
         return w.view(rows, self.in_features).to(dtype)
 
-    # Inference fast paths for 4-bit codes and bf16 inputs on CPU, both keeping their own layout of the codes
-    # (QuantizedWeight._layout: built on first eager use or by prepare_fast, and kept; each the size of the
-    # codes, plus scales):
-    # - restora's AMX kernel (int4_kernel.py) for two rows or more, prompts included: its cost barely grows
-    #   with the rows (SmolLM2-135M's block layers, 2 threads: 5.6 ms for 2 rows, 6.2 for 8, 76 for 640,
-    #   against 8.4, 10.6 and -- dequantize + matmul -- 234 before);
-    # - torch's int4 GEMV kernel (w = (q - 8)·s + m per group, so m = (8 - zero)·s) for one row, where it
-    #   costs less per call (3.9 against 5.5 ms), and for up to FAST_ROWS rows where AMX is missing (it
-    #   loses to dequantize + GEMM on long prompts, measured).
+    # Inference fast paths for 4-bit codes and bf16 inputs on CPU, each keeping its own layout of the codes
+    # (QuantizedWeight._layout: built on first eager use or by prepare_fast, and kept; the size of the codes,
+    # plus scales). One of them per layer:
+    # - restora's int4 kernel (int4_kernel.py) wherever it runs (AVX-512 BF16), for as many rows as it takes
+    #   (`max_rows`: any with AMX, prompts included; 64 without): with AMX its cost barely grows with the rows
+    #   (SmolLM2-135M's block layers, 2 threads: 5.6 ms for 2 rows, 6.2 for 8, 76 for 640, against 8.4, 10.6
+    #   and -- dequantize + matmul -- 234 before), and its vector path matches torch's one-row kernel;
+    # - elsewhere torch's int4 GEMV kernel (w = (q - 8)·s + m per group, so m = (8 - zero)·s) for up to
+    #   FAST_ROWS rows (it loses to dequantize + GEMM on long prompts, measured).
     FAST_ROWS = 64
 
     def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.bits != 4 or self.act_order or x.device.type != "cpu" or x.dtype != torch.bfloat16:
             return None
         rows = x.numel() // self.in_features
-        if rows > 1 and self._amx_fits():
+        if self._amx_fits() and rows <= int4_kernel.max_rows():
             layout = self._layout("_amx", self._build_amx)
             return None if layout is None else int4_kernel.linear(x, layout, self.out_features, self._group)
-        if rows > self.FAST_ROWS or not self._gemv_fits():
+        if rows > self.FAST_ROWS or self._amx_fits() or not self._gemv_fits():
             return None
         layout = self._layout("_int4pack", self._build_gemv)
         if layout is None:
@@ -166,7 +166,7 @@ class UniformWeight(QuantizedWeight):
     def prepare_fast(self) -> None:
         if self._amx_fits():
             self._layout("_amx", self._build_amx)
-        if self._gemv_fits():
+        elif self._gemv_fits():
             self._layout("_int4pack", self._build_gemv)
 
     def meta(self) -> dict[str, Any]:
