@@ -171,13 +171,13 @@ static void unit(const uint16_t *x, const uint8_t *const *codes, const float *co
 }
 
 /* The vector path: AVX-512 BF16 dot products instead of tiles, for up to AMX_VEC_ROWS rows on AMX machines (a
-   mostly empty tile: decoding at batch 1, short drafts) and for every call on CPUs without AMX (at most
-   EXACT_ROWS rows there).  The widened low nibbles of a quad are 16 outputs x the input pair (4p, 4p+1) in 32-bit lanes, so one vdpbf16ps with
-   that pair of x broadcast adds both products into each output's fp32 lane; the high nibbles do (4p+2, 4p+3).
-   No tile buffer and no horizontal sums: the codes go from memory straight into registers.  Per group the
-   partial sums get the same exact scaling as the tile path: y += s * (c - z * sum_k x[k]).  One output tile, R
-   rows (a constant after inlining, so the chains stay in registers); R = 1-2: four chains a row, else two.
-   The codes are prefetched PREFETCH bytes ahead (SmolLM2's 210 layers, 8 rows, no AMX: 5.6 -> 4.8 ms; none at 1 row). */
+   mostly empty tile: decoding at batch 1, short drafts) and for every call on CPUs without AMX (at most EXACT_ROWS
+   rows there). The widened low nibbles of a quad are 16 outputs x the input pair (4p, 4p+1) in 32-bit lanes, so one
+   vdpbf16ps with that pair of x broadcast adds both products into each output's fp32 lane; the high nibbles do
+   (4p+2, 4p+3). No tile buffer and no horizontal sums: the codes go from memory straight into registers. Per group
+   the partial sums get the same exact scaling as the tile path: y += s * (c - z * sum_k x[k]). One output tile, R
+   rows (a constant after inlining, so the chains stay in registers); R = 1-2: four chains a row, else two. The
+   codes are prefetched PREFETCH bytes ahead (SmolLM2's 210 layers, 8 rows, no AMX: 5.6 -> 4.8 ms; none at 1 row). */
 #define VEC_ROWS 8      /* rows per pass over a tile's codes */
 #define AMX_VEC_ROWS 4  /* with AMX, calls of up to this many rows take the vector path (not measured there) */
 #define PREFETCH 2048   /* bytes of codes ahead */
