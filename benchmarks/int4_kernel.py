@@ -3,10 +3,12 @@
 Each layer's input is a fresh (rows, in_features) bf16 matrix; one pass calls every layer once, so the weights
 come from memory as in a decoding step (not from cache). Both are called as operators (no restora Python
 around them): torch.ops.restora.int4_amx_mm on restora's layout, torch.ops.aten._weight_int4pack_mm_for_cpu on
-torch's. Alternating passes, the median of 7 each; also the largest error of restora's kernel against the
-fp32 dequantized weight in fp64, relative to the output's largest magnitude (bf16 output: ~2^-9).
+torch's; and dequantize + GEMM (QuantizedWeight._matmul: the weights dequantized to bf16, then F.linear), what
+longer inputs take where the kernel does not serve them. Alternating passes, the median of 7 each; also the
+largest error of restora's kernel against the fp32 dequantized weight in fp64, relative to the output's largest
+magnitude (bf16 output: ~2^-9).
 
-    python benchmarks/int4_kernel.py [--threads 2] [--rows 1 2 4 8 16 40]
+    python benchmarks/int4_kernel.py [--threads 2] [--rows 1 4 8 16 40 64 256 1024] [--format rtn|nf4]
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 40])
+    ap.add_argument("--rows", type=int, nargs="+", default=[1, 4, 8, 16, 40, 64, 256, 1024])
     ap.add_argument("--format", default="rtn", choices=["rtn", "nf4"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -42,8 +44,8 @@ def main() -> None:
     torch_layouts = [q._build_gemv() for q in layers] if a.format == "rtn" else None
     amx = int4_kernel.max_rows() > int4_kernel.EXACT_ROWS
     print(f"{len(layers)} layers, {a.threads} threads, AMX tiles: {amx}, C++ operator kernels: {native.cpp_kernels()}")
-    print("| rows | restora int4 (ms) | torch int4 (ms) | torch / restora | max rel. error |")
-    print("|---|---|---|---|---|")
+    print("| rows | restora int4 (ms) | torch int4 (ms) | torch / restora | dequantize + GEMM (ms) | max rel. error |")
+    print("|---|---|---|---|---|---|")
     for rows in a.rows:
         xs = [torch.randn(rows, q.in_features).to(torch.bfloat16) for q in layers]
 
@@ -55,24 +57,29 @@ def main() -> None:
             for q, x, lay in zip(layers, xs, torch_layouts):
                 torch.ops.aten._weight_int4pack_mm_for_cpu(x, lay[0], group, lay[1])
 
+        @torch.no_grad()
+        def dequantized() -> None:
+            for q, x in zip(layers, xs):
+                q._matmul(x)
+
         err = 0.0
         for q, x, y in list(zip(layers, xs, ours()))[:30]:
             ref = x.double() @ q.dequantize(torch.float32).double().T
             err = max(err, float((y.double() - ref).abs().max() / ref.abs().max()))
-        runs: dict[str, list[float]] = {"ours": [], "theirs": []}
+        runs: dict[str, list[float]] = {"ours": [], "theirs": [], "dq": []}
         for _ in range(7):
-            for name, fn in (("ours", ours), ("theirs", theirs if torch_layouts else None)):
+            for name, fn in (("ours", ours), ("theirs", theirs if torch_layouts else None), ("dq", dequantized)):
                 if fn is None:
                     continue
                 t0 = time.perf_counter()
                 fn()
                 runs[name].append(time.perf_counter() - t0)
-        mine = statistics.median(runs["ours"]) * 1e3
+        mine, dq = statistics.median(runs["ours"]) * 1e3, statistics.median(runs["dq"]) * 1e3
         if runs["theirs"]:
             other = statistics.median(runs["theirs"]) * 1e3
-            print(f"| {rows} | {mine:.2f} | {other:.2f} | {other / mine:.2f}x | {err:.1e} |", flush=True)
+            print(f"| {rows} | {mine:.2f} | {other:.2f} | {other / mine:.2f}x | {dq:.1f} | {err:.1e} |", flush=True)
         else:
-            print(f"| {rows} | {mine:.2f} | (NF4: none) | | {err:.1e} |", flush=True)
+            print(f"| {rows} | {mine:.2f} | (NF4: none) | | {dq:.1f} | {err:.1e} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ needs_kernel = pytest.mark.skipif(not ik.available(), reason="no AVX-512 BF16 CP
 
 
 def _fits(rows: int) -> bool:
-    """This machine's kernel takes `rows` rows (any with AMX, up to EXACT_ROWS without)."""
+    """The formats send `rows` rows to this machine's kernel (any with AMX, up to VEC_MAX_ROWS without)."""
     return rows <= ik.max_rows()
 
 
@@ -56,11 +56,9 @@ def test_pack_rejects_shapes_the_kernel_cannot_tile():
 
 
 @needs_kernel
-@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 15, 16, 17, 40, 64, 100])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 8, 9, 15, 16, 17, 40, 64, 100])
 @pytest.mark.parametrize("out_f,in_f,group", [(16, 64, 32), (80, 576, 64), (192, 256, 128), (64, 1536, 64)])
 def test_kernel_matches_the_dequantized_weight(rows: int, out_f: int, in_f: int, group: int):
-    if not _fits(rows):
-        pytest.skip(f"{rows} rows take the tile path: no AMX here")
     q = _layer(out_f, in_f, group, seed=rows)
     x = torch.randn(rows, in_f, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     packed, sz = ik.pack(unpack_codes(q.qweight, 4, in_f), q.scales, q.zeros, group)
@@ -83,36 +81,36 @@ def test_every_row_count_the_kernel_takes_goes_to_it_longer_inputs_dequantize(mo
 
     monkeypatch.setattr(ik, "int4_amx_mm", counting)
     with torch.no_grad():
-        for shape in [(1, 1, 128), (2, 128), (1, 3, 128), (64, 128), (4, 200, 128)]:
+        for shape in [(1, 1, 128), (2, 128), (1, 3, 128), (64, 128), (4, 200, 128), (2, 600, 128)]:
             x = torch.randn(*shape).to(torch.bfloat16)
             y = q(x)
             assert y.shape == (*shape[:-1], 96)
             ref = _reference(x.reshape(-1, 128), q).reshape(y.shape)
-            assert (y.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
-    assert calls == [n for n in (1, 2, 3, 64, 800) if _fits(n)]
+            bound = 2 ** -7 if _fits(x.numel() // 128) else 2 ** -6  # dequantize + GEMM: weights rounded to bf16 too
+            assert (y.double() - ref).abs().max() <= bound * ref.abs().max()
+    assert calls == [n for n in (1, 2, 3, 64, 800, 1200) if _fits(n)]
     assert getattr(q, "_int4pack", None) is None  # torch's layout is not built beside the kernel's
 
 
 @needs_kernel
 def test_the_vector_path_alone_matches_the_tile_path_where_both_exist():
     """With AMX, up to 4 rows take the vector path and more the tiles; switching the tiles off sends every call
-    of up to EXACT_ROWS rows down the vector path (as on CPUs without AMX): the same sums, up to fp32 order."""
+    down the vector path (as on CPUs without AMX), which is exact for any number of rows (its own row sums past
+    EXACT_ROWS): the same sums as the tiles up to fp32 order (their long-input path rounds the weights to bf16)."""
     lib, amx = ik._library()
     q = _layer(64, 576, 64)
     packed, sz = ik.pack(unpack_codes(q.qweight, 4, 576), q.scales, q.zeros, 64)
-    x = torch.randn(40, 576, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
-    y = ik.int4_amx_mm(x, packed, sz, 64, 64)
-    try:
-        lib.int4_amx_init(0)
-        vec = ik.int4_amx_mm(x, packed, sz, 64, 64)
-        with pytest.raises(RuntimeError, match="100 rows; without AMX the kernel takes at most 64"):
-            torch.ops.restora.int4_amx_mm(torch.zeros(100, 576, dtype=torch.bfloat16), packed, sz,
-                                          ik.UNIFORM_LEVELS, 64, 64)
-    finally:
-        lib.int4_amx_init(int(amx))
-    ref = _reference(x, q)
-    assert (vec.double() - ref).abs().max() <= 2 ** -7 * ref.abs().max()
-    assert (vec.float() - y.float()).abs().max() <= 2 ** -7 * ref.abs().max()
+    for rows in (40, 130):
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        y = ik.int4_amx_mm(x, packed, sz, 64, 64)
+        try:
+            lib.int4_amx_init(0)
+            vec = ik.int4_amx_mm(x, packed, sz, 64, 64)
+        finally:
+            lib.int4_amx_init(int(amx))
+        ref = _reference(x, q)
+        assert (vec.double() - ref).abs().max() <= 2 ** -8 * ref.abs().max()
+        assert (vec.float() - y.float()).abs().max() <= 2 ** -7 * ref.abs().max()
 
 
 def test_without_the_kernel_small_batches_use_torchs_kernel_and_prompts_dequantize(monkeypatch: pytest.MonkeyPatch):

@@ -37,9 +37,8 @@ at::Tensor int4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, const a
   const int rc = int4_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(), y.data_ptr(),
                            xsum.data_ptr(), static_cast<int>(M), static_cast<int>(out_features), static_cast<int>(K),
                            static_cast<int>(group), at::get_num_threads());
-  TORCH_CHECK(rc != -2, "restora::int4_amx_mm: ", M, " rows; without AMX the kernel takes at most 64");
-  TORCH_CHECK(rc == 0, "restora::int4_amx_mm: no memory for the widened codes of a (", out_features, ", ", K,
-              ") layer");
+  TORCH_CHECK(rc == 0, "restora::int4_amx_mm: no memory for the widened codes or row sums of a (", out_features,
+              ", ", K, ") layer");
   return y;
 }
 

@@ -243,12 +243,19 @@ static void vec_tiles(const uint16_t *x, const uint8_t *packed, const float *sca
 }
 
 /* x (M, K) bf16, packed codes and scales/zeros as above, y (M, N) bf16; xsum: scratch of M * K/G floats.
-   Returns 0; -1 when a prompt-sized call could not allocate its widened-codes buffer; -2 for more than EXACT_ROWS
-   rows without AMX. */
+   Returns 0, or -1 when a long input could not allocate its widened codes (tiles) or its row sums (vectors). */
 int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_zeros, const float *levels, uint16_t *y,
                   float *xsum, int M, int N, int K, int G, int threads) {
     const int groups = K / G, chunks = K / 32, ntiles = N / 16, units = (ntiles + UNIT - 1) / UNIT;
-    for (int m = 0; m < (M > EXACT_ROWS ? 0 : M); m++)  /* per-row group sums: the exact path's zero term */
+    if (M == 0) return 0;
+    const int exact = M <= EXACT_ROWS || !amx;  /* the tiles' exact path or the vector path: per-row group sums */
+    float *own = NULL;
+    if (exact && M > EXACT_ROWS) {  /* the caller's scratch holds sums for up to EXACT_ROWS rows */
+        own = malloc(sizeof(float) * (size_t)M * groups);
+        if (own == NULL) return -1;
+        xsum = own;
+    }
+    for (int m = 0; m < (exact ? M : 0); m++)  /* per-row group sums: the exact scaling's zero term */
         for (int g = 0; g < groups; g++) {  /* G is a multiple of 32: two 16-wide fp32 partial sums */
             const uint16_t *xg = x + (size_t)m * K + (size_t)g * G;
             __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
@@ -264,9 +271,7 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_
     _mm256_storeu_si256((__m256i *)level_words, (__m256i)_mm512_cvtneps_pbh(level_values));
     _mm256_storeu_si256((__m256i *)(level_words + 16), (__m256i)_mm512_cvtneps_pbh(level_values));
     const __m512i table = _mm512_loadu_si512(level_words);
-    if (M == 0) return 0;
-    if (!amx && M > EXACT_ROWS) return -2;  /* no per-row group sums for the vector path */
-    if (M <= AMX_VEC_ROWS || !amx) {  /* the vector path (without AMX the caller sends at most EXACT_ROWS rows) */
+    if (M <= AMX_VEC_ROWS || !amx) {  /* the vector path */
         const int nt = threads < ntiles ? threads : ntiles;
 #pragma omp parallel num_threads(nt)
         {
@@ -274,6 +279,7 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_
             vec_tiles(x, packed, scales_zeros, xsum, y, M, N, K, G, (int)((long)ntiles * i / n),
                       (int)((long)ntiles * (i + 1) / n), table);
         }
+        free(own);
         return 0;
     }
     int failed = 0;

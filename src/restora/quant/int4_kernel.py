@@ -10,7 +10,7 @@ over one layout of the codes:
   with up to 16 rows at a time, so more rows cost little: 4.2, 5.2 and 13.8 ms for the three row counts above.
 - vectors (AVX-512 BF16, e.g. AMD Zen 4/5 too): 16 outputs per register, the widened codes multiplied with
   each row's broadcast input pairs by vdpbf16ps, no tile buffer and no horizontal sums. It serves up to 4
-  rows on AMX machines (a mostly empty tile costs more) and up to EXACT_ROWS rows where there is no AMX.
+  rows on AMX machines (a mostly empty tile costs more) and up to VEC_MAX_ROWS rows where there is no AMX.
   Same 210 layers on a 2-core AMD EPYC without AMX, called through the operator, against torch's kernel
   on its own layout: 3.5 against 3.4 ms for 1 row, 3.9 against 4.3 for 4, 6.4 against 7.0 for 8, 10.7
   against 12.3 for 16 (`python benchmarks/int4_kernel.py`, session 9).
@@ -19,9 +19,10 @@ Up to 64 rows both compute w = (q - zero) * scale exactly as restora's uniform f
 scales, integer zeros, fp32 accumulation), with no bf16 rounding of the weights. NF4 and FP4 weights use
 the same kernel with their 16 code values as the levels (w = level[q] * absmax): there the levels are
 rounded to bf16 (relative error at most 2^-9, as for bf16 dequantized weights). Longer inputs (prompts)
-take the tile path only: each weight tile dequantized once per call to bf16, as a dequantize + GEMM would:
-640 rows through those layers took 76 ms, against 93 ms for a bf16 F.linear on the dequantized weights and
-146 ms with the exact per-group scaling. Without AMX they take dequantize + GEMM. The output is bf16.
+on the tile path get each weight tile dequantized once per call to bf16, as a dequantize + GEMM would: 640
+rows through those layers took 76 ms, against 93 ms for a bf16 F.linear on the dequantized weights and 146 ms
+with the exact per-group scaling. The vector path stays exact for any number of rows; without AMX, inputs of
+more than VEC_MAX_ROWS rows take dequantize + GEMM. The output is bf16.
 
 Training does not use it: its forward over about 1,200 rows per micro-batch ran no faster than the
 compiled dequantize + GEMM it would replace (677 against 712 tokens/s, benchmarks/train_step.py's rtn4
@@ -51,8 +52,12 @@ FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mav
          "-mamx-bf16"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")  # the vector path; the tile path needs AMX_FLAGS too
 AMX_FLAGS = ("amx_tile", "amx_bf16")
-EXACT_ROWS = 64  # int4_amx.c: up to this many rows, exact per-group scaling (reads the per-row group sums)
+EXACT_ROWS = 64  # int4_amx.c: up to this many rows the tile path scales exactly per group (the vector path always)
 ANY_ROWS = 1 << 62
+# Without AMX, the most rows a call sends down the vector path: its cost grows with the rows, dequantize + GEMM's
+# mostly does not (SmolLM2-135M's 210 layers, 2 threads, AMD EPYC: 21 / 77 / 155 / 323 ms for 64 / 256 / 512 /
+# 1,024 rows, against 137 / 188 / 250 / 377 for dequantize + bf16 GEMM; benchmarks/int4_kernel.py, session 9).
+VEC_MAX_ROWS = 1024
 
 
 @functools.cache
@@ -77,10 +82,11 @@ def available() -> bool:
 
 @torch.compiler.assume_constant_result
 def max_rows() -> int:
-    """The most rows of x a call may have: any with the tile path (AMX), EXACT_ROWS with the vector path only
-    (longer inputs run faster as dequantize + GEMM there), 0 where the kernel is not available."""
+    """The most rows of x the formats send to the kernel: any with the tile path (AMX), VEC_MAX_ROWS with the
+    vector path only (longer inputs run faster as dequantize + GEMM there), 0 where the kernel is not available.
+    The kernel itself takes any number of rows on either path."""
     loaded = _library()
-    return 0 if loaded is None else ANY_ROWS if loaded[1] else EXACT_ROWS
+    return 0 if loaded is None else ANY_ROWS if loaded[1] else VEC_MAX_ROWS
 
 
 def supports_shape(out_features: int, in_features: int, group: int) -> bool:
@@ -122,10 +128,9 @@ def _int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tens
     levels = levels.float().contiguous()
     rc = loaded[0].int4_amx_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(),
                                  y.data_ptr(), xsum.data_ptr(), M, out_features, K, group, torch.get_num_threads())
-    if rc == -2:
-        raise RuntimeError(f"restora::int4_amx_mm: {M} rows; without AMX the kernel takes at most {EXACT_ROWS}")
     if rc:
-        raise MemoryError(f"restora::int4_amx_mm: no memory for the widened codes of a ({out_features}, {K}) layer")
+        raise MemoryError(f"restora::int4_amx_mm: no memory for the widened codes or row sums of a ({out_features}, "
+                          f"{K}) layer")
     return y
 
 
