@@ -42,7 +42,7 @@ def main() -> None:
     group = 64
     levels = [getattr(q, "code", int4_kernel.UNIFORM_LEVELS) for q in layers]
     torch_layouts = [q._build_gemv() for q in layers] if a.format == "rtn" else None
-    amx = int4_kernel.max_rows() > int4_kernel.EXACT_ROWS
+    amx = int4_kernel.max_rows() == int4_kernel.ANY_ROWS
     print(f"{len(layers)} layers, {a.threads} threads, AMX tiles: {amx}, C++ operator kernels: {native.cpp_kernels()}")
     print("| rows | restora int4 (ms) | torch int4 (ms) | torch / restora | dequantize + GEMM (ms) | max rel. error |")
     print("|---|---|---|---|---|---|")

@@ -81,14 +81,14 @@ def test_every_row_count_the_kernel_takes_goes_to_it_longer_inputs_dequantize(mo
 
     monkeypatch.setattr(ik, "int4_amx_mm", counting)
     with torch.no_grad():
-        for shape in [(1, 1, 128), (2, 128), (1, 3, 128), (64, 128), (4, 200, 128), (2, 600, 128)]:
+        for shape in [(1, 1, 128), (2, 128), (1, 3, 128), (64, 128), (3, 200, 128), (2, 600, 128)]:
             x = torch.randn(*shape).to(torch.bfloat16)
             y = q(x)
             assert y.shape == (*shape[:-1], 96)
             ref = _reference(x.reshape(-1, 128), q).reshape(y.shape)
             bound = 2 ** -7 if _fits(x.numel() // 128) else 2 ** -6  # dequantize + GEMM: weights rounded to bf16 too
             assert (y.double() - ref).abs().max() <= bound * ref.abs().max()
-    assert calls == [n for n in (1, 2, 3, 64, 800, 1200) if _fits(n)]
+    assert calls == [n for n in (1, 2, 3, 64, 600, 1200) if _fits(n)]
     assert getattr(q, "_int4pack", None) is None  # torch's layout is not built beside the kernel's
 
 

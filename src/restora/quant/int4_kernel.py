@@ -55,9 +55,9 @@ AMX_FLAGS = ("amx_tile", "amx_bf16")
 EXACT_ROWS = 64  # int4_amx.c: up to this many rows the tile path scales exactly per group (the vector path always)
 ANY_ROWS = 1 << 62
 # Without AMX, the most rows a call sends down the vector path: its cost grows with the rows, dequantize + GEMM's
-# mostly does not (SmolLM2-135M's 210 layers, 2 threads, AMD EPYC: 21 / 77 / 155 / 323 ms for 64 / 256 / 512 /
-# 1,024 rows, against 137 / 188 / 250 / 377 for dequantize + bf16 GEMM; benchmarks/int4_kernel.py, session 9).
-VEC_MAX_ROWS = 1024
+# mostly does not (SmolLM2-135M's 210 layers, 2 threads, AMD EPYC: 22 / 80 / 412 ms for 64 / 256 / 1,024 rows,
+# against 142 / 191 / 390 for dequantize + bf16 GEMM; benchmarks/int4_kernel.py, session 9): they cross near 1,000.
+VEC_MAX_ROWS = 768
 
 
 @functools.cache
