@@ -249,6 +249,63 @@ def test_compiled_decode_steps_match_eager(tiny_dir):
     assert len(out) == 3 and all(isinstance(o, str) for o in out)
 
 
+def _compiled_and_eager_logits(model: nn.Module, bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits of a prompt pass and two one-token steps, compiled and eager, from the same inputs."""
+    ids, mask = _left_padded([5, 3], seed=7)
+    out = []
+    for compile in (True, False):
+        dec = LeanDecoder(model, 2, 16, compile=compile)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = [dec.forward(ids, positions, mask.bool())]
+            for step in range(2):
+                tokens = logits[-1].argmax(-1)[:, None]
+                logits.append(dec.forward(tokens, positions[:, -1:] + 1 + step, torch.ones_like(tokens, dtype=torch.bool)))
+        out.append(torch.cat([lg.float() for lg in logits]))
+    return out[0], out[1]
+
+
+@pytest.mark.parametrize("kind", ["float", "rtn4-lora"])
+def test_a_compiled_step_serves_every_model_of_its_structure_with_that_models_tensors(kind):
+    """Compiled steps skip dynamo's per-step guards on the model's modules (restora.decode._compiled_step): a graph
+    is shared by models of one structure digest and reads each caller's own tensors -- weights, kernel layouts,
+    adapter factors. A model that differs in anything but tensor values (here a LoRA scaling, an RMSNorm eps)
+    gets its own graph."""
+    pytest.importorskip("torch._inductor")
+    from restora import decode
+
+    def build(seed: int) -> nn.Module:
+        model = tiny_llama(seed=seed)
+        if kind == "rtn4-lora":
+            quantize_model(model, QuantSpec("rtn", 4, 32), progress=False)
+            add_lora(model, LoRAConfig(r=4, alpha=8, target_modules="all"))
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    torch.nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(seed))
+        return model.eval()
+
+    a, b = build(0), build(1)
+    assert decode._structure(a) == decode._structure(b)
+    before = len(decode._STEPS)
+    for model in (a, b, a):
+        compiled, eager = _compiled_and_eager_logits(model, bf16=kind != "float")
+        assert torch.allclose(compiled, eager, atol=1e-2 if kind != "float" else 1e-4), kind
+    assert decode._structure(a) in decode._STEPS and len(decode._STEPS) - before <= 1  # a and b: one graph
+    # another LoRA scaling (or norm eps) is another structure: its own graph, its own constants
+    changed = build(1)
+    if kind == "rtn4-lora":
+        for m in changed.modules():
+            if hasattr(m, "scaling") and isinstance(m.scaling, float):
+                m.scaling *= 3
+    else:
+        for layer in changed.model.layers:
+            layer.input_layernorm.variance_epsilon = 0.5
+    assert decode._structure(changed) != decode._structure(b)
+    compiled, eager = _compiled_and_eager_logits(changed, bf16=kind != "float")
+    assert torch.allclose(compiled, eager, atol=1e-2 if kind != "float" else 1e-4), kind
+    assert not torch.allclose(eager, _compiled_and_eager_logits(b, bf16=kind != "float")[1], atol=1e-2)
+
+
 def test_compiled_decoding_has_room_for_more_variants(tiny_dir, monkeypatch):
     """Compiled decoding runs with dynamo's recompile limit raised (restora.compiled.room_for_variants): batch 1
     or more and 1 or more tokens a step are variants of one function, shared by every model in the process."""

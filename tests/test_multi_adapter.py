@@ -192,7 +192,9 @@ def test_add_remove_keeps_other_rows(folders: dict[str, str]) -> None:
     bank.add_adapter("mlp16", folders["mlp16"])  # larger rank: every layer's stack is re-padded
     assert bank.adapter_index("mlp16") == 4
     after = run(["r2", "rs8", "ia3", "mlp16"])
-    torch.testing.assert_close(after[:3], before[:3], rtol=0, atol=1e-6)
+    # the same adapters' terms, but the stacks' zero padding (rank 8 -> 16) changes the batched matmul's reduction
+    # blocking on some CPUs (AMD EPYC: up to 6e-6 apart in fp32), so fp32 rounding, not equality
+    torch.testing.assert_close(after[:3], before[:3], rtol=0, atol=2e-5)
     torch.testing.assert_close(after[3:], single("float", folders["mlp16"], ids[3:]), rtol=0, atol=2e-5)
 
     bank.remove_adapter("rs8")

@@ -59,6 +59,10 @@ _SMALL_T = 16  # tokens per row up to which the adapter term runs in fp32 on CPU
 class MultiLoRALinear(nn.Module):
     """base_layer with every loaded adapter stacked in slots; row b of the input uses slot rows[b]."""
 
+    # Its forward branches in Python on the current rows (one adapter for all, or a gather), which changes
+    # between decoding steps: compiled decoding keeps dynamo's guards on it (restora.decode._compiled_step).
+    NEEDS_GUARDS = True
+
     def __init__(self, base_layer: nn.Module, num_slots: int = 1) -> None:
         super().__init__()
         out_features, in_features = linear_shape(base_layer)

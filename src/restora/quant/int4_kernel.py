@@ -11,9 +11,9 @@ over one layout of the codes:
 - vectors (AVX-512 BF16, e.g. AMD Zen 4/5 too): 16 outputs per register, the widened codes multiplied with
   each row's broadcast input pairs by vdpbf16ps, no tile buffer and no horizontal sums. It serves up to 4
   rows on AMX machines (a mostly empty tile costs more) and up to VEC_MAX_ROWS rows where there is no AMX.
-  Same 210 layers on a 2-core AMD EPYC without AMX, called through the operator, against torch's kernel
-  on its own layout: 3.5 against 3.4 ms for 1 row, 3.9 against 4.3 for 4, 6.4 against 7.0 for 8, 10.7
-  against 12.3 for 16 (`python benchmarks/int4_kernel.py`, session 9).
+  Same 210 layers on a 2-core AMD EPYC without AMX, both called as operators, against torch's kernel on
+  its own layout: 3.3 against 3.3 ms for 1 row, 3.7 against 4.2 for 4, 4.7 against 6.8 for 8, 7.6
+  against 12.3 for 16, 15.0 against 28.2 for 40 (`python benchmarks/int4_kernel.py`, session 9).
 
 Up to 64 rows both compute w = (q - zero) * scale exactly as restora's uniform format defines it (fp16
 scales, integer zeros, fp32 accumulation), with no bf16 rounding of the weights. NF4 and FP4 weights use
