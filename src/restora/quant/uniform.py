@@ -127,6 +127,8 @@ class UniformWeight(QuantizedWeight):
     def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.bits != 4 or self.act_order or x.device.type != "cpu" or x.dtype != torch.bfloat16:
             return None
+        if torch.compiler.is_compiling() and getattr(self, "_amx", None) is None and self._amx_fits():
+            return None  # a graph uses only layouts built before it (compiled training): no guard on the rows
         rows = x.numel() // self.in_features
         if self._amx_fits() and rows <= int4_kernel.max_rows():
             layout = self._layout("_amx", self._build_amx)
