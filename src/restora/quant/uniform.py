@@ -117,7 +117,7 @@ class UniformWeight(QuantizedWeight):
     # (QuantizedWeight._layout: built on first eager use or by prepare_fast, and kept; the size of the codes,
     # plus scales). One of them per layer:
     # - restora's int4 kernel (int4_kernel.py) wherever it runs (AVX-512 BF16), for as many rows as it takes
-    #   (`max_rows`: any with AMX, prompts included; 64 without): with AMX its cost barely grows with the rows
+    #   (`max_rows`: any with AMX; up to VEC_MAX_ROWS without), prompts included: with AMX its cost barely grows
     #   (SmolLM2-135M's block layers, 2 threads: 5.6 ms for 2 rows, 6.2 for 8, 76 for 640, against 8.4, 10.6
     #   and -- dequantize + matmul -- 234 before), and its vector path matches torch's one-row kernel;
     # - elsewhere torch's int4 GEMV kernel (w = (q - 8)·s + m per group, so m = (8 - zero)·s) for up to
