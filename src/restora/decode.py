@@ -151,18 +151,19 @@ def _describe(v: Any, memo: dict[int, Any]) -> Any:
     return d
 
 
-def _structure(model: nn.Module) -> int:
+def _structure(model: nn.Module) -> tuple:
     """A digest of everything but tensor values that a compiled decoding step's graph was built for: every
     module's type and attributes (_describe), its parameters' and buffers' layouts. Two models with the same
-    digest run the same graph correctly, since the graph reads the tensors themselves at every call. It is
-    Python's hash of those descriptions: only compared within this process (SmolLM2-135M, 4-bit: ~15 ms)."""
+    digest run the same graph correctly, since the graph reads the tensors themselves at every call. The digest is
+    the descriptions themselves, compared whole, so no hash collision can share a graph (SmolLM2-135M, 4-bit:
+    ~19 ms)."""
     memo: dict[int, Any] = {}
     parts = []
     for name, m in model.named_modules():
         attrs = tuple((k, _describe(v, memo)) for k, v in sorted(vars(m).items()) if k not in ("_parameters", "_buffers"))
         parts.append((name, type(m).__module__, type(m).__qualname__, attrs, _describe(dict(m._parameters), memo),
                       _describe(dict(m._buffers), memo)))
-    return hash(tuple(parts))
+    return tuple(parts)
 
 
 # One compiled step function per model structure (_structure): each has its own code object, hence its own
@@ -171,7 +172,7 @@ def _structure(model: nn.Module) -> int:
 # 2-core AMD EPYC); the digest checks the same things once per decoder. Models whose modules keep Python
 # state a graph bakes in and that changes between steps (NEEDS_GUARDS, e.g. per-row adapter batches) keep
 # the guards.
-_STEPS: dict[int, Callable] = {}
+_STEPS: dict[tuple, Callable] = {}
 
 
 def _compiled_step(decoder: "LeanDecoder", model: nn.Module) -> Callable:
@@ -180,7 +181,7 @@ def _compiled_step(decoder: "LeanDecoder", model: nn.Module) -> Callable:
     key = _structure(model)
     fn = _STEPS.get(key)
     if fn is None:
-        name = f"_blocks_{key & 0xFFFFFFFFFFFF:012x}"
+        name = f"_blocks_{len(_STEPS)}"
         fn = types.FunctionType(LeanDecoder._blocks.__code__.replace(co_name=name), LeanDecoder._blocks.__globals__, name)
         fn = _STEPS[key] = torch.compile(fn, dynamic=True,
                                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})

@@ -127,13 +127,14 @@ class UniformWeight(QuantizedWeight):
     def _fast_matmul(self, x: torch.Tensor) -> torch.Tensor | None:
         if self.bits != 4 or self.act_order or x.device.type != "cpu" or x.dtype != torch.bfloat16:
             return None
-        if torch.compiler.is_compiling() and getattr(self, "_amx", None) is None and self._amx_fits():
+        kernel = self._amx_fits()
+        if kernel and torch.compiler.is_compiling() and getattr(self, "_amx", None) is None:
             return None  # a graph uses only layouts built before it (compiled training): no guard on the rows
         rows = x.numel() // self.in_features
-        if self._amx_fits() and rows <= int4_kernel.max_rows():
+        if kernel and rows <= int4_kernel.max_rows():
             layout = self._layout("_amx", self._build_amx)
             return None if layout is None else int4_kernel.linear(x, layout, self.out_features, self._group)
-        if rows > self.FAST_ROWS or self._amx_fits() or not self._gemv_fits():
+        if kernel or rows > self.FAST_ROWS or not self._gemv_fits():
             return None
         layout = self._layout("_int4pack", self._build_gemv)
         if layout is None:
