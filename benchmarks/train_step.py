@@ -22,6 +22,10 @@ the one-time compile (reported as "first steps") and, for every config alike, on
 per-shape kernel builds, so the timed steps reuse kernels as a long training run does.
 
     python benchmarks/train_step.py [--steps 8] [--warmup 8] [--threads 2] [--configs ...]
+    python benchmarks/train_step.py --pair restora-bf16 restora-rtn4 [--rounds 32]
+
+`--pair A B` measures the ratio that separate processes cannot on a noisy machine: both configurations in
+one process, stepping in turn on the same batches (peak RSS is then the pair's, so not reported).
 """
 
 from __future__ import annotations
@@ -56,10 +60,10 @@ def _batches(enc, bsz: int):
     return [(ids, labels, mask) for ids, labels, mask in out if ids.numel()]  # noqa: C416
 
 
-def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
+def build(name: str):
+    """Configuration `name` ready to train: (one training step on a batch -> its real tokens, batches)."""
     import torch
 
-    torch.set_num_threads(threads)
     if name.startswith("restora"):
         from restora.runtime import release_freed_memory
 
@@ -86,6 +90,9 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
         else:
             spec = QuantSpec("nf4", 4, 64) if name.startswith("restora-nf4") else QuantSpec("rtn", 4, 64)
             quantize_model(model, spec, progress=False)
+            from restora.quant.model import cast_unquantized
+
+            cast_unquantized(model, torch.bfloat16)  # as `restora train`: the unquantized parts as a bf16 base's
         add_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all"))
         from restora.attention import training_attention
         from restora.train import _set_attention
@@ -126,28 +133,69 @@ def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
 
     model.train()
     opt = torch.optim.AdamW(params, lr=2e-4, fused=True)  # restora's trainer, and transformers' Trainer by default
-    times, tokens = [], []
-    t_warm = time.perf_counter()
-    for i in range(warmup + steps):
-        ids, labels, mask = batches[i % len(batches)]
-        if i == warmup:
-            first_steps = time.perf_counter() - t_warm
+
+    def step(batch) -> tuple[int, float]:
+        ids, labels, mask = batch
         t0 = time.perf_counter()
         loss = loss_fn(ids, labels, mask)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-            tokens.append(int(mask.sum()))
-    rates = [n / t for n, t in zip(tokens, times)]
+        step.loss = float(loss)
+        return int(mask.sum()), time.perf_counter() - t0
+
+    return step, batches
+
+
+def run_one(name: str, steps: int, warmup: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    step, batches = build(name)
+    t_warm = time.perf_counter()
+    for i in range(warmup):
+        step(batches[i % len(batches)])
+    first_steps = time.perf_counter() - t_warm
+    rates = []
+    for i in range(warmup, warmup + steps):
+        n, dt = step(batches[i % len(batches)])
+        rates.append(n / dt)
     return {
         "config": name,
         "tokens_per_s": statistics.median(rates),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "final_loss": float(loss),
+        "final_loss": step.loss,
         "first_steps_s": first_steps,
     }
+
+
+def run_pair(a: str, b: str, rounds: int, threads: int) -> None:
+    """`a` and `b` in one process, one step each in turn (which goes first alternates), on the same batch: both
+    see the same machine at nearly the same moment, so their ratio survives the drift that moves single runs of
+    this machine by up to a third. Prints each one's tokens/s and the median and quartiles of the per-step
+    speed ratio b / a."""
+    import torch
+
+    torch.set_num_threads(threads)
+    built = {name: build(name) for name in (a, b)}
+    batches = built[a][1]
+    for i in range(len(batches)):  # warm-up: compiles, and oneDNN's per-shape kernels, for both
+        for name in (a, b):
+            built[name][0](batches[i])
+    tokens, seconds, ratios = {a: 0, b: 0}, {a: 0.0, b: 0.0}, []
+    for r in range(rounds):
+        took = {}
+        for name in ((a, b) if r % 2 == 0 else (b, a)):
+            n, dt = built[name][0](batches[r % len(batches)])
+            tokens[name] += n
+            seconds[name] += dt
+            took[name] = dt
+        ratios.append(took[a] / took[b])
+    q1, median, q3 = statistics.quantiles(ratios, n=4)
+    for name in (a, b):
+        print(f"{name}: {tokens[name] / seconds[name]:.0f} tok/s over {rounds} steps")
+    print(f"speed {b} / {a}: median {median:.3f} (quartiles {q1:.3f}-{q3:.3f}) over {rounds} paired steps; "
+          f"total tokens/s ratio {seconds[a] / seconds[b]:.3f}")
 
 
 def main() -> None:
@@ -156,8 +204,16 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--pair", nargs=2, metavar=("A", "B"), help="A and B in one process, alternating steps "
+                    "(speed ratio B / A; no peak RSS)")
+    ap.add_argument("--rounds", type=int, default=32, help="paired steps with --pair")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.pair:
+        if any(name.endswith("-padded") for name in a.pair):
+            ap.error("--pair: a -padded configuration switches the padding-free forward off for the whole process")
+        run_pair(*a.pair, a.rounds, a.threads)
+        return
     if a.one:
         print(json.dumps(run_one(a.one, a.steps, a.warmup, a.threads)))
         return

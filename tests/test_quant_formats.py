@@ -155,3 +155,32 @@ def test_bad_specs_are_one_line_errors(kwargs, match):
 def test_group_size_must_divide_in_features():
     with pytest.raises(ValueError, match="group size 128 does not divide in_features 576"):
         QuantSpec("rtn", 4, group_size=128).check_layer("model.layers.0.self_attn.q_proj", 576)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec("nf4", 4, double_quant=True), QuantSpec("rtn", 4), QuantSpec("int8", 8)],
+                         ids=str)
+def test_cast_unquantized_leaves_the_formats_and_the_ties(spec):
+    """A 4-bit base trained in bf16 holds its other parts as a bf16 base does (restora train); its quantized
+    weights keep their own dtypes, and the tied head stays the embedding."""
+    from conftest import tiny_llama
+
+    from restora.quant import quantize_model
+    from restora.quant.base import QuantizedWeight
+    from restora.quant.model import cast_unquantized
+
+    model = quantize_model(tiny_llama(), spec, progress=False)
+    quantized = {n: (t.dtype, t.data_ptr()) for q in model.modules() if isinstance(q, QuantizedWeight)
+                 for n, t in q.state_dict().items()}
+    x = torch.randint(0, 256, (1, 9))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = model(x).logits.float()
+    cast_unquantized(model, torch.bfloat16)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert all(m.weight.dtype == torch.bfloat16 for m in model.modules() if type(m).__name__ == "LlamaRMSNorm")
+    after = {n: (t.dtype, t.data_ptr()) for q in model.modules() if isinstance(q, QuantizedWeight)
+             for n, t in q.state_dict().items()}
+    assert after == quantized  # not converted, not even copied
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        now = model(x).logits.float()
+    assert torch.allclose(now, before, atol=0.05)  # the same model up to bf16 rounding of its float parts

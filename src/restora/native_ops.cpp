@@ -2,8 +2,8 @@
 // into Python. A compiled decoding step calls restora::int4_amx_mm 210 times on SmolLM2-135M: through a Python
 // kernel each call cost ~9 us of overhead, through this one ~1.5 us.
 //
-// This file knows no kernel code: restora.native loads the C kernels (int4_amx.c, attention_cpu.c) and hands
-// their entry points to restora_native_set(); an operator whose kernel was not handed over raises.
+// This file knows no kernel code: restora.native loads the C kernels (int4_amx.c, attention_cpu.c, dequant4.c)
+// and hands their entry points to restora_native_set(); an operator whose kernel was not handed over raises.
 // The operators' schemas and fake (shape) implementations are defined in Python (restora.quant.int4_kernel,
 // restora.attention_kernel).
 
@@ -21,8 +21,11 @@ using Int4Gemm = int (*)(const void*, const void*, const void*, const void*, voi
 using AttentionDecode = int (*)(const void*, const void*, const void*, const void*, void*, int, int, int, int, int,
                                 int, long, long, long, long, long, long, long, long, long, long, long, float, int);
 
+using Dequant4 = int (*)(const void*, const void*, const void*, const void*, void*, int, int, int, int, int, int);
+
 Int4Gemm int4_gemm = nullptr;
 AttentionDecode attention_decode = nullptr;
+Dequant4 dequant4 = nullptr;
 
 at::Tensor int4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, const at::Tensor& scales_zeros,
                        const at::Tensor& levels_in, int64_t out_features, int64_t group) {
@@ -60,6 +63,27 @@ at::Tensor attention(const at::Tensor& q_in, const at::Tensor& keys, const at::T
   return out;
 }
 
+// mode 0 (uniform): a fp16 scales, b uint8 zeros; mode 1 (code table): a fp32 absmax, levels fp32 (16,)
+at::Tensor dequantize4(const at::Tensor& codes_in, const at::Tensor& a_in, const at::Tensor& b_in,
+                       const at::Tensor& levels_in, int64_t in_features, int64_t group, int64_t mode, bool high_first) {
+  TORCH_CHECK(dequant4 != nullptr, "restora::dequantize4: the kernel is not available here");
+  const int64_t rows = codes_in.size(0), groups = in_features / group;
+  TORCH_CHECK(codes_in.scalar_type() == at::kByte && codes_in.dim() == 2 && codes_in.size(1) == in_features / 2,
+              "restora::dequantize4: codes must be uint8 (", rows, ", ", in_features / 2, ")");
+  TORCH_CHECK(a_in.scalar_type() == (mode == 0 ? at::kHalf : at::kFloat) && a_in.numel() == rows * groups,
+              "restora::dequantize4: scales must be ", (mode == 0 ? "float16" : "float32"), " with ", rows * groups,
+              " values");
+  TORCH_CHECK(mode != 0 || (b_in.scalar_type() == at::kByte && b_in.numel() == rows * groups),
+              "restora::dequantize4: zeros must be uint8 with ", rows * groups, " values");
+  const at::Tensor codes = codes_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
+  const at::Tensor levels = levels_in.to(at::kFloat).contiguous();
+  at::Tensor out = at::empty({rows, in_features}, codes.options().dtype(at::kBFloat16));
+  dequant4(codes.data_ptr(), a.data_ptr(), b.data_ptr(), levels.data_ptr(), out.data_ptr(), static_cast<int>(rows),
+           static_cast<int>(in_features), static_cast<int>(group), static_cast<int>(mode), high_first ? 1 : 0,
+           at::get_num_threads());
+  return out;
+}
+
 }  // namespace
 
 // Point operator `op` (its name without the namespace) at its C kernel. 0, or -1 for an unknown operator.
@@ -68,6 +92,8 @@ extern "C" int restora_native_set(const char* op, void* kernel) {
     int4_gemm = reinterpret_cast<Int4Gemm>(kernel);
   } else if (std::strcmp(op, "attention_decode") == 0) {
     attention_decode = reinterpret_cast<AttentionDecode>(kernel);
+  } else if (std::strcmp(op, "dequantize4") == 0) {
+    dequant4 = reinterpret_cast<Dequant4>(kernel);
   } else {
     return -1;
   }
@@ -77,4 +103,5 @@ extern "C" int restora_native_set(const char* op, void* kernel) {
 TORCH_LIBRARY_IMPL(restora, CPU, m) {
   m.impl("int4_amx_mm", &int4_amx_mm);
   m.impl("attention_decode", &attention);
+  m.impl("dequantize4", &dequantize4);
 }

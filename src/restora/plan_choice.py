@@ -102,7 +102,8 @@ def plan(
         mode: serve (pick the highest restore bits l that fits) or train (which k, rank, micro-batch fit).
         format: restrict the candidates to one format family (auto: float, int8, nf4, rtn 4/3/2).
         group_size: quantization group size.
-        float_dtype: storage of embeddings, norms, LM head and float bases (restora loads fp32 on CPU).
+        float_dtype: storage of embeddings, norms, LM head and float bases (restora loads fp32 on CPU;
+            `restora train` with bf16 on, its default, holds them in bf16 for every base: plan it with bf16).
         adapter: lora or ia3.
         rank: LoRA rank r.
         targets: attn (q,k,v,o) or all (every linear layer of the blocks).

@@ -16,10 +16,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..mapped import releaser
+from .base import QuantizedWeight
 from .linear import QuantLinear, is_linear, linear_shape
 from .spec import QuantSpec
 
-__all__ = ["quantizable_layers", "set_module", "quantize_model", "check_spec_fits", "decoder_blocks"]
+__all__ = ["quantizable_layers", "set_module", "quantize_model", "check_spec_fits", "decoder_blocks", "cast_unquantized"]
 
 _SKIP = re.compile(r"(^|\.)(lm_head|embed_tokens|wte|wpe|embed_out|score)$")
 
@@ -88,4 +89,27 @@ def quantize_model(
         old = model.get_submodule(name)
         set_module(model, name, QuantLinear.from_linear(old, spec))
         drop(t for t in (getattr(old, "weight", None), getattr(old, "bias", None)) if isinstance(t, torch.Tensor))
+    return model
+
+
+@torch.no_grad()
+def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every floating parameter and buffer outside the quantized weights to `dtype`, in place: a quantized base
+    whose other parts (embeddings, tied head, norms, biases) are held as a float base's are. Quantized weights
+    keep their formats (fp16 scales, fp32 absmax and code tables included). Parameters keep their identity, so
+    tied weights stay tied; each fp32 source's mapped pages are dropped as it converts (restora.mapped)."""
+    drop = releaser()
+    quantized = {id(m) for q in model.modules() if isinstance(q, QuantizedWeight) for m in q.modules()}
+    for module in model.modules():
+        if id(module) in quantized:
+            continue
+        for p in module.parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                old = p.data
+                p.data = old.to(dtype)
+                drop([old])
+        for name, b in list(module.named_buffers(recurse=False)):
+            if b is not None and b.is_floating_point() and b.dtype != dtype:
+                module._buffers[name] = b.to(dtype)
+                drop([b])
     return model

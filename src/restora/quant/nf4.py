@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from . import int4_kernel
+from . import dequant4, int4_kernel
 from .base import QuantizedWeight
 from .packing import interleave
 
@@ -69,6 +69,11 @@ def dynamic_map() -> tuple[float, ...]:
     values.sort()
     values[0] = -1.0  # the range must reach -1 for the search below (bitsandbytes does the same)
     return tuple(values)
+
+
+# The map as a tensor, made once: compiled graphs (training on a double-quantized base) read it as a constant
+# rather than tracing dynamic_map, whose tolist() dynamo cannot trace.
+_DQ_CODE = torch.tensor(dynamic_map())
 
 
 def _nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -172,7 +177,7 @@ class NF4Weight(QuantizedWeight):
         q.codes.copy_((idx[..., 0] << 4) | idx[..., 1])
         if double_quant:
             offset = absmax.mean()
-            dq_code = torch.tensor(dynamic_map(), device=weight.device)
+            dq_code = _DQ_CODE.to(weight.device)
             a_idx, a_scale = quantize_blockwise_8bit(absmax - offset, dq_code, DQ_BLOCKSIZE)
             q.absmax_codes.copy_(a_idx)
             q.absmax_scale.copy_(a_scale)
@@ -185,15 +190,19 @@ class NF4Weight(QuantizedWeight):
         """The fp32 absmax per block (decoded from 8 bits when double quantized)."""
         if not self.double_quant:
             return self.absmax
-        dq_code = torch.tensor(dynamic_map(), device=self.codes.device)
+        dq_code = _DQ_CODE.to(self.codes.device)
         return dequantize_blockwise(self.absmax_codes, self.absmax_scale, dq_code, DQ_BLOCKSIZE) + self.absmax_offset
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
         stop = self.out_features if stop is None else stop
         packed = self.codes[start:stop]  # (rows, in/2)
+        per_row = self.in_features // self.blocksize
+        if dtype == torch.bfloat16 and dequant4.fits(packed, self.in_features, self.blocksize):  # same values, one pass
+            absmax = self.block_absmax()[start * per_row : stop * per_row]
+            return dequant4.dequantize4(packed, absmax, self.in_features, self.blocksize, levels=self.code,
+                                        high_first=True)
         idx = interleave([packed >> 4, packed & 0xF]).long()  # (rows, in): high nibble first, as bitsandbytes
         vals = self.code.to(packed.device)[idx].view(stop - start, -1, self.blocksize)  # (rows, blocks/row, bs)
-        per_row = self.in_features // self.blocksize
         absmax = self.block_absmax()[start * per_row : stop * per_row].view(stop - start, per_row, 1)
         return (vals * absmax).view(stop - start, self.in_features).to(dtype)
 

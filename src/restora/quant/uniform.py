@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from . import int4_kernel
+from . import dequant4, int4_kernel
 from .base import QuantizedWeight
 from .packing import pack_codes, unpack_codes
 
@@ -99,6 +99,10 @@ class UniformWeight(QuantizedWeight):
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:
         stop = self.out_features if stop is None else stop
         rows = stop - start
+        if (dtype == torch.bfloat16 and self.bits == 4 and not self.act_order
+                and dequant4.fits(self.qweight, self.in_features, self._group)):  # the same values, one pass
+            return dequant4.dequantize4(self.qweight[start:stop], self.scales[start:stop], self.in_features,
+                                        self._group, zeros=self.zeros[start:stop])
         codes = unpack_codes(self.qweight[start:stop], self.bits, self.in_features)  # (rows, in) uint8
         scales = self.scales[start:stop].float()
         zeros = self.zeros[start:stop].float()
