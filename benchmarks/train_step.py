@@ -71,6 +71,7 @@ def build(name: str):
     torch.manual_seed(0)
     from restora.models import load_model
 
+    kept: list[object] = []
     loaded = load_model("smollm2-135m")
     model, tok = loaded.model, loaded.tokenizer
     batches = _batches(_rows(tok), 8)
@@ -105,8 +106,9 @@ def build(name: str):
         if not name.endswith("-eager"):
             from restora.compiled import compiled_blocks
 
-            compiling = compiled_blocks(model)  # kept referenced: collecting it would undo the compile
+            compiling = compiled_blocks(model)
             compiling.__enter__()  # for the rest of this process, as during `restora train`
+            kept.append(compiling)  # referenced by the step: collecting it would undo the compile
         params = [p for p in model.parameters() if p.requires_grad]
 
         def loss_fn(ids, labels, mask):
@@ -143,6 +145,8 @@ def build(name: str):
         opt.zero_grad(set_to_none=True)
         step.loss = float(loss)
         return int(mask.sum()), time.perf_counter() - t0
+
+    step.kept = kept
 
     return step, batches
 
