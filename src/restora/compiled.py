@@ -2,9 +2,11 @@
 
 Training a LoRA adapter on a small model on CPU is dominated by everything but the
 matmuls: RMSNorm upcasts, autocast casts of the same input for q, k and v, SiLU·gate,
-softmax, and (on a quantized base) dequantizing every weight twice per micro-batch. Inductor
-fuses these element-wise chains into single C++ loops and leaves the matmuls to
-oneDNN/MKL, so the tensors between them are written once instead of five times.
+softmax, and (on a quantized base) dequantizing every weight. Inductor fuses these
+element-wise chains into single C++ loops and leaves the matmuls to oneDNN/MKL, so the
+tensors between them are written once instead of five times. A 4-bit base's dequantization
+is one extern kernel where restora.quant.dequant4 runs (AVX-512), which the graph calls once
+per layer and micro-batch, keeping its output for the backward.
 
 Every decoder block of a model runs the same code, so dynamo traces one block and reuses
 the graph for all of them (parameters are graph inputs); `dynamic=True` keeps one graph

@@ -1,8 +1,8 @@
 /* 4-bit weights dequantized to bf16 from restora's own storage, built and loaded by dequant4.py.
 
    This is what a 4-bit base costs a training step beyond a bf16 base: every block layer's codes are
-   dequantized to bf16 in the forward and again in the backward, and the bf16 matmuls that follow are the
-   same as the bf16 base's.  torch.compile lowers the torch formula to a scalar pass that writes the unpacked
+   dequantized to bf16 once per micro-batch (compiled blocks keep the result for the backward), and the bf16
+   matmuls that follow are the same as the bf16 base's.  torch.compile lowers the torch formula to a scalar pass that writes the unpacked
    codes as int16 and a second pass that scales them; this kernel reads each code byte once and writes each
    bf16 weight once, 32 weights per AVX-512 step.
 
@@ -10,9 +10,9 @@
    (uniform formats: the low nibble; NF4/FP4, as bitsandbytes: the high one).
 
    mode UNIFORM (restora's RTN/GPTQ formats): fp16 scale s and uint8 zero z per (row, group):
-       w = bf16(bf16(-z * s) + q * bf16(s))          the sum in fp32, rounded once
-   which is the value torch's bf16 addcmul gives in UniformWeight.dequantize (q * bf16(s) is exact in fp32:
-   4 by 8 significant bits, so fused or not, the one rounding is the sum's).
+       w = bf16((q - z) * s)                          (q - z) * s exact in fp32, rounded once
+   (q - z has at most 5 significant bits and s 11, so the fp32 product q * s - z * s, fused, is exact), the
+   value of UniformWeight.dequantize: the nearest bf16 to the format's weight.
    mode TABLE (NF4/FP4): fp32 absmax a per (row, group) and 16 fp32 levels:
        w = bf16(level[q] * a)                         the product in fp32, rounded once
    as NF4Weight.dequantize computes it.
@@ -32,23 +32,10 @@
 #define UNIFORM 0
 #define TABLE 1
 
-static inline uint16_t bf16_bits(float f) {  /* c10::BFloat16's round_to_nearest_even */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if (f != f) return 0x7fc0;
-    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-static inline float bf16_float(float f) {
-    uint32_t u = (uint32_t)bf16_bits(f) << 16;
-    float r;
-    memcpy(&r, &u, 4);
-    return r;
-}
-
 static inline float half_float(uint16_t h) { return _cvtsh_ss(h); }
 
-/* 16 fp32 -> 16 bf16 (as 16-bit words), rounded as bf16_bits; NaN as torch's vectorized conversion writes it */
+/* 16 fp32 -> 16 bf16 (as 16-bit words), as c10::BFloat16 rounds (to nearest even on the bits); NaN as torch's
+   vectorized conversion writes it */
 static inline __m256i round_bf16(__m512 y) {
     const __m512i u = _mm512_castps_si512(y);
     const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
@@ -81,8 +68,8 @@ int restora_dequant4(const uint8_t* codes, const void* a, const void* b, const f
             if (mode == UNIFORM) {
                 const float s = half_float(((const uint16_t*)a)[(size_t)r * groups + g]);
                 const float z = (float)((const uint8_t*)b)[(size_t)r * groups + g];
-                scale = _mm512_set1_ps(bf16_float(s));
-                offset = _mm512_set1_ps(bf16_float(-z * s));
+                scale = _mm512_set1_ps(s);
+                offset = _mm512_set1_ps(-z * s);  /* exact: 4 by 11 significant bits */
             } else {
                 scale = _mm512_set1_ps(((const float*)a)[(size_t)r * groups + g]);
                 offset = _mm512_setzero_ps();

@@ -110,10 +110,8 @@ class UniformWeight(QuantizedWeight):
             g = self.g_idx.long()
             return ((codes.float() - zeros[:, g]) * scales[:, g]).to(dtype)
         codes = codes.view(rows, -1, self._group)  # (rows, groups, group)
-        if dtype in (torch.bfloat16, torch.float16):  # compute dtype: one fused pass, in that dtype
-            offset = (-zeros * scales).unsqueeze(-1).to(dtype)
-            w = torch.addcmul(offset, codes.to(dtype), scales.unsqueeze(-1).to(dtype))
-            return w.view(rows, self.in_features)
+        # exact in fp32 (k-bit codes, fp16 scales), so a bf16/fp16 result is the nearest one to the format's weight,
+        # as dequant4 and compiled graphs give it (a bf16 addcmul of bf16-rounded terms was up to 1 ulp off)
         w = (codes.float() - zeros.unsqueeze(-1)) * scales.unsqueeze(-1)
         return w.view(rows, self.in_features).to(dtype)
 
