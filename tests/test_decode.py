@@ -335,3 +335,28 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch):
     monkeypatch.setattr(packed, "_available_bytes", lambda: 4 * 2 * 64 * 64)  # a quarter holds less than the weights
     with packed_linears(model) as n:
         assert n == 0 and type(model.model.layers[0].mlp.up_proj) is nn.Linear
+
+
+def test_compiled_steps_keep_the_most_recently_used_structures(monkeypatch):
+    """A long-lived process keeps STEPS_KEPT compiled step functions, dropping the least recently used."""
+    from restora import decode
+
+    monkeypatch.setattr(decode, "STEPS_KEPT", 2)
+    monkeypatch.setattr(decode, "_STEPS", decode.collections.OrderedDict())
+    compiles: list[object] = []
+    monkeypatch.setattr(decode.torch, "compile", lambda fn, **kw: compiles.append(fn) or fn)
+    models = []
+    for eps in (0.1, 0.2, 0.3):
+        model = tiny_llama()
+        for layer in model.model.layers:
+            layer.input_layernorm.variance_epsilon = eps
+        models.append(model)
+    keys = [decode._structure(m) for m in models]
+    decode._compiled_step(None, models[0])
+    decode._compiled_step(None, models[1])
+    decode._compiled_step(None, models[0])  # used again: now the most recent
+    assert len(compiles) == 2
+    decode._compiled_step(None, models[2])  # evicts models[1]'s, the least recently used
+    assert list(decode._STEPS) == [keys[0], keys[2]]
+    decode._compiled_step(None, models[1])  # compiles again
+    assert len(compiles) == 4 and list(decode._STEPS) == [keys[2], keys[1]]

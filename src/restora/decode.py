@@ -44,8 +44,10 @@ transformers' forward otherwise).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import itertools
 import types
 from collections.abc import Callable
 from typing import Any
@@ -171,8 +173,11 @@ def _structure(model: nn.Module) -> tuple:
 # tensors and ~3,000 module attributes at every step (SmolLM2-135M, RTN4: 2.6 ms of a 10-19 ms step on a
 # 2-core AMD EPYC); the digest checks the same things once per decoder. Models whose modules keep Python
 # state a graph bakes in and that changes between steps (NEEDS_GUARDS, e.g. per-row adapter batches) keep
-# the guards.
-_STEPS: dict[tuple, Callable] = {}
+# the guards. The STEPS_KEPT most recently used are kept (a long-lived process decoding many structures would
+# otherwise keep every graph); an evicted structure compiles again if it comes back.
+STEPS_KEPT = 8
+_STEPS: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
+_compiled_steps = itertools.count()
 
 
 def _compiled_step(decoder: "LeanDecoder", model: nn.Module) -> Callable:
@@ -181,10 +186,13 @@ def _compiled_step(decoder: "LeanDecoder", model: nn.Module) -> Callable:
     key = _structure(model)
     fn = _STEPS.get(key)
     if fn is None:
-        name = f"_blocks_{len(_STEPS)}"
+        name = f"_blocks_{next(_compiled_steps)}"
         fn = types.FunctionType(LeanDecoder._blocks.__code__.replace(co_name=name), LeanDecoder._blocks.__globals__, name)
         fn = _STEPS[key] = torch.compile(fn, dynamic=True,
                                          options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
+        while len(_STEPS) > STEPS_KEPT:
+            _STEPS.popitem(last=False)  # the least recently used
+    _STEPS.move_to_end(key)
     return functools.partial(fn, decoder)
 
 
