@@ -17,7 +17,7 @@
 
 namespace {
 
-using Int4Gemm = int (*)(const void*, const void*, const void*, const void*, void*, void*, int, int, int, int, int);
+using Int4Gemm = int (*)(const void*, const void*, const void*, const void*, void*, int, int, int, int, int);
 using AttentionDecode = int (*)(const void*, const void*, const void*, const void*, void*, int, int, int, int, int,
                                 int, long, long, long, long, long, long, long, long, long, long, long, float, int);
 
@@ -35,10 +35,8 @@ at::Tensor int4_amx_mm(const at::Tensor& x_in, const at::Tensor& packed, const a
   const at::Tensor levels = levels_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor y = at::empty({M, out_features}, x.options());
-  // per-row group sums: only the exact path (up to int4_amx.c's EXACT_ROWS = 64 rows) reads them
-  at::Tensor xsum = at::empty({M <= 64 ? M : 0, K / group}, x.options().dtype(at::kFloat));
   const int rc = int4_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(), y.data_ptr(),
-                           xsum.data_ptr(), static_cast<int>(M), static_cast<int>(out_features), static_cast<int>(K),
+                           static_cast<int>(M), static_cast<int>(out_features), static_cast<int>(K),
                            static_cast<int>(group), at::get_num_threads());
   TORCH_CHECK(rc == 0, "restora::int4_amx_mm: no memory for the widened codes or row sums of a (", out_features,
               ", ", K, ") layer");

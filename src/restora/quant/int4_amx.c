@@ -242,19 +242,15 @@ static void vec_tiles(const uint16_t *x, const uint8_t *packed, const float *sca
     }
 }
 
-/* x (M, K) bf16, packed codes and scales/zeros as above, y (M, N) bf16; xsum: scratch of M * K/G floats.
-   Returns 0, or -1 when a long input could not allocate its widened codes (tiles) or its row sums (vectors). */
+/* x (M, K) bf16, packed codes and scales/zeros as above, y (M, N) bf16.
+   Returns 0, or -1 when the call could not allocate its row sums or (tiles, long inputs) its widened codes. */
 int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_zeros, const float *levels, uint16_t *y,
-                  float *xsum, int M, int N, int K, int G, int threads) {
+                  int M, int N, int K, int G, int threads) {
     const int groups = K / G, chunks = K / 32, ntiles = N / 16, units = (ntiles + UNIT - 1) / UNIT;
     if (M == 0) return 0;
     const int exact = M <= EXACT_ROWS || !amx;  /* the tiles' exact path or the vector path: per-row group sums */
-    float *own = NULL;
-    if (exact && M > EXACT_ROWS) {  /* the caller's scratch holds sums for up to EXACT_ROWS rows */
-        own = malloc(sizeof(float) * (size_t)M * groups);
-        if (own == NULL) return -1;
-        xsum = own;
-    }
+    float *xsum = exact ? malloc(sizeof(float) * (size_t)M * groups) : NULL;
+    if (exact && xsum == NULL) return -1;
     for (int m = 0; m < (exact ? M : 0); m++)  /* per-row group sums: the exact scaling's zero term */
         for (int g = 0; g < groups; g++) {  /* G is a multiple of 32: two 16-wide fp32 partial sums */
             const uint16_t *xg = x + (size_t)m * K + (size_t)g * G;
@@ -279,7 +275,7 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_
             vec_tiles(x, packed, scales_zeros, xsum, y, M, N, K, G, (int)((long)ntiles * i / n),
                       (int)((long)ntiles * (i + 1) / n), table);
         }
-        free(own);
+        free(xsum);
         return 0;
     }
     int failed = 0;
@@ -326,5 +322,6 @@ int int4_amx_gemm(const uint16_t *x, const uint8_t *packed, const float *scales_
         if (configured >= 0) _tile_release();
         free(wide);
     }
+    free(xsum);
     return failed ? -1 : 0;
 }

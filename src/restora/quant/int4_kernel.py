@@ -63,14 +63,14 @@ VEC_MAX_ROWS = 768
 @functools.cache
 def _library() -> tuple[ctypes.CDLL, bool] | None:
     """The loaded kernel and whether its tile (AMX) path is on: off where the CPU lacks AMX or the OS refuses
-    its tile state (an old kernel, a seccomp policy), and the vector path then serves up to EXACT_ROWS rows."""
+    its tile state (an old kernel, a seccomp policy), and the vector path then serves up to VEC_MAX_ROWS rows (`max_rows`)."""
     lib = native.load(SOURCE, FLAGS, CPU_FLAGS, "the int4 kernel")
     if lib is None:
         return None
     p, i = ctypes.c_void_p, ctypes.c_int
     lib.int4_amx_init.argtypes = [i]
     amx = bool(lib.int4_amx_init(int(set(AMX_FLAGS) <= native.cpu_flags())))
-    native.bind(lib, "int4_amx_gemm", [p, p, p, p, p, p, i, i, i, i, i], "restora::int4_amx_mm", _int4_amx_mm)
+    native.bind(lib, "int4_amx_gemm", [p, p, p, p, p, i, i, i, i, i], "restora::int4_amx_mm", _int4_amx_mm)
     return lib, amx
 
 
@@ -124,10 +124,9 @@ def _int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tens
     x = x.contiguous()
     M, K = x.shape
     y = torch.empty((M, out_features), dtype=torch.bfloat16)
-    xsum = torch.empty((M if M <= EXACT_ROWS else 0, K // group), dtype=torch.float32)  # the exact path's
     levels = levels.float().contiguous()
     rc = loaded[0].int4_amx_gemm(x.data_ptr(), packed.data_ptr(), scales_zeros.data_ptr(), levels.data_ptr(),
-                                 y.data_ptr(), xsum.data_ptr(), M, out_features, K, group, torch.get_num_threads())
+                                 y.data_ptr(), M, out_features, K, group, torch.get_num_threads())
     if rc:
         raise MemoryError(f"restora::int4_amx_mm: no memory for the widened codes or row sums of a ({out_features}, "
                           f"{K}) layer")
