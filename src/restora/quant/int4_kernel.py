@@ -63,7 +63,7 @@ VEC_MAX_ROWS = 768
 @functools.cache
 def _library() -> tuple[ctypes.CDLL, bool] | None:
     """The loaded kernel and whether its tile (AMX) path is on: off where the CPU lacks AMX or the OS refuses
-    its tile state (an old kernel, a seccomp policy), and the vector path then serves up to VEC_MAX_ROWS rows (`max_rows`)."""
+    its tile state (an old kernel, a seccomp policy), and the vector path then serves up to VEC_MAX_ROWS rows."""
     lib = native.load(SOURCE, FLAGS, CPU_FLAGS, "the int4 kernel")
     if lib is None:
         return None
