@@ -55,9 +55,11 @@ AMX_FLAGS = ("amx_tile", "amx_bf16")
 EXACT_ROWS = 64  # int4_amx.c: up to this many rows the tile path scales exactly per group (the vector path always)
 ANY_ROWS = 1 << 62
 # Without AMX, the most rows a call sends down the vector path: its cost grows with the rows, dequantize + GEMM's
-# mostly does not (SmolLM2-135M's 210 layers, 2 threads, AMD EPYC: 22 / 80 / 412 ms for 64 / 256 / 1,024 rows,
-# against 142 / 191 / 390 for dequantize + bf16 GEMM; benchmarks/int4_kernel.py, session 9): they cross near 1,000.
-VEC_MAX_ROWS = 768
+# mostly does not. SmolLM2-135M's 210 layers, 2 threads, AMD EPYC (benchmarks/int4_kernel.py, session 10, with
+# restora.quant.dequant4 dequantizing): RTN4 21 / 40 / 59 / 77 / 184 ms for 64 / 128 / 192 / 256 / 512 rows
+# against 33 / 48 / 62 / 77 / 134 for dequantize + bf16 GEMM; NF4 at 128 / 256 rows 46 / 89 against 47 / 76.
+# They cross near 200 rows (near 1,000 in session 9, when dequantizing alone took ~120 ms).
+VEC_MAX_ROWS = 192
 
 
 @functools.cache
