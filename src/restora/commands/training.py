@@ -141,7 +141,7 @@ def train(
         from ..quant.model import cast_unquantized
 
         # the parts left unquantized (embeddings, tied head, norms) held in bf16 as a bf16 base holds them, so that
-        # the two bases differ only in their linear layers (an fp32 residual stream cost a 4-bit step ~3%)
+        # the two bases differ only in their linear layers (an fp32 residual stream cost a 4-bit step ~2%)
         cast_unquantized(m, torch.bfloat16)
     torch.manual_seed(seed)  # adapter init must not depend on how the base was built (cache or not)
     if adapter == "lora":
