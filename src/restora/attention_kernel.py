@@ -100,10 +100,7 @@ def attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: t
     B, Hq, T, D = q.shape
     q = q.to(keys.dtype)
     if _native_fits(q, keys, values, mask):
-        if torch.compiler.is_compiling() or native.cpp_kernels():
-            out = torch.ops.restora.attention_decode(q, keys, values, mask, scale)
-        else:  # eager: skip the dispatcher's round trip into Python
-            out = _attention_decode(q, keys, values, mask, scale)
+        out = native.call(torch.ops.restora.attention_decode, _attention_decode, q, keys, values, mask, scale)
         return out.reshape(B, T, Hq * D)
     a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=scale, enable_gqa=gqa)  # (B, Hq, T, D)
     return a.transpose(1, 2).reshape(B, T, Hq * D)

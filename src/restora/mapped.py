@@ -86,10 +86,9 @@ def release(tensors: Iterable[torch.Tensor]) -> int:
     return releaser()(tensors)
 
 
-@torch.no_grad()
-def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """`model.to(dtype)` (floating tensors only, the same conversion), dropping each source's mapped pages."""
-
+def converter(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
+    """For `nn.Module._apply`: floating tensors to `dtype` (others as they are), each source's mapped pages
+    dropped as it converts."""
     drop = releaser()
 
     def convert(t: torch.Tensor) -> torch.Tensor:
@@ -99,4 +98,10 @@ def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         drop([t])
         return out
 
-    return model._apply(convert)
+    return convert
+
+
+@torch.no_grad()
+def to_dtype(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model.to(dtype)` (floating tensors only, the same conversion), dropping each source's mapped pages."""
+    return model._apply(converter(dtype))

@@ -105,6 +105,5 @@ def dequantize4(codes: torch.Tensor, scales: torch.Tensor, in_features: int, gro
     mode = UNIFORM if zeros is not None else TABLE
     b = zeros if zeros is not None else _NO_ZEROS
     lv = levels if levels is not None else _NO_LEVELS
-    if torch.compiler.is_compiling() or native.cpp_kernels():  # a graph needs the op (its fake gives the shape)
-        return torch.ops.restora.dequantize4(codes, scales, b, lv, in_features, group, mode, high_first)
-    return _dequantize4(codes, scales, b, lv, in_features, group, mode, high_first)
+    return native.call(torch.ops.restora.dequantize4, _dequantize4, codes, scales, b, lv, in_features, group, mode,
+                       high_first)

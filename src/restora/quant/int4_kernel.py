@@ -52,7 +52,6 @@ FLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mav
          "-mamx-bf16"]
 CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")  # the vector path; the tile path needs AMX_FLAGS too
 AMX_FLAGS = ("amx_tile", "amx_bf16")
-EXACT_ROWS = 64  # int4_amx.c: up to this many rows the tile path scales exactly per group (the vector path always)
 ANY_ROWS = 1 << 62
 # Without AMX, the most rows a call sends down the vector path: its cost grows with the rows, dequantize + GEMM's
 # mostly does not. SmolLM2-135M's 210 layers, 2 threads, AMD EPYC (benchmarks/int4_kernel.py, session 10, with
@@ -145,11 +144,8 @@ def int4_amx_mm(x: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tenso
                 levels: torch.Tensor = UNIFORM_LEVELS) -> torch.Tensor:
     """y (M, out_features) bf16 = x (M, K) bf16 @ W^T, W packed by `pack`; `levels` (16,) are what the codes
     stand for (0..15 for uniform formats, the code table for NF4/FP4)."""
-    if torch.compiler.is_compiling() or native.cpp_kernels():  # a graph needs the op (its fake gives the shape)
-        return torch.ops.restora.int4_amx_mm(x, packed, scales_zeros, levels, out_features, group)
-    # eager with only the Python kernel: call it without the dispatcher's round trip into Python (`linear` on a
-    # 16 x 64 layer: 13 -> 10 us a call, measured; the ctypes call alone is 2.6)
-    return _int4_amx_mm(x, packed, scales_zeros, levels, out_features, group)
+    return native.call(torch.ops.restora.int4_amx_mm, _int4_amx_mm, x, packed, scales_zeros, levels, out_features,
+                       group)
 
 
 def linear(x: torch.Tensor, layout: tuple[torch.Tensor, torch.Tensor], out_features: int, group: int,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..mapped import releaser
+from ..mapped import converter, releaser
 from .base import QuantizedWeight
 from .linear import QuantLinear, is_linear, linear_shape
 from .spec import QuantSpec
@@ -98,18 +98,9 @@ def cast_unquantized(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     whose other parts (embeddings, tied head, norms, biases) are held as a float base's are. Quantized weights
     keep their formats (fp16 scales, fp32 absmax and code tables included). Parameters keep their identity, so
     tied weights stay tied; each fp32 source's mapped pages are dropped as it converts (restora.mapped)."""
-    drop = releaser()
+    convert = converter(dtype)
     quantized = {id(m) for q in model.modules() if isinstance(q, QuantizedWeight) for m in q.modules()}
     for module in model.modules():
-        if id(module) in quantized:
-            continue
-        for p in module.parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                old = p.data
-                p.data = old.to(dtype)
-                drop([old])
-        for name, b in list(module.named_buffers(recurse=False)):
-            if b is not None and b.is_floating_point() and b.dtype != dtype:
-                module._buffers[name] = b.to(dtype)
-                drop([b])
+        if id(module) not in quantized:
+            module._apply(convert, recurse=False)  # as model.to does, one module at a time
     return model
