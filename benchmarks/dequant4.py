@@ -3,7 +3,7 @@
 What a 4-bit base's training step pays beyond a bf16 base's is this pass over every weight (compiled blocks keep
 its output for the backward). One pass dequantizes all 210 layers once, each to a fresh bf16 tensor:
 
-    restora kernel     QuantizedWeight.dequantize(bf16): restora::dequantize4 (restora.quant.dequant4)
+    restora kernel     QuantizedWeight.dequantize(bf16): restora::dequantize4 (restora.kernels.dequant4)
     torch, compiled    the formats' torch formulas under torch.compile, as compiled training ran them before
                        the kernel (and still does where it cannot run)
     torch, eager       the same formulas op by op
@@ -32,8 +32,9 @@ def main() -> None:
     ap.add_argument("--passes", type=int, default=9)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from restora.models import load_model
-    from restora.quant import QuantSpec, dequant4, quantize_model
+    from restora.models.load import load_model
+    from restora.kernels import dequant4
+    from restora.quant import QuantSpec, quantize_model
     from restora.quant.base import QuantizedWeight
 
     if not dequant4.available():

@@ -6,12 +6,12 @@ stop strings to restora, whose count is the tokens it generated), in one process
 compute on CPU:
 
     hf generate (bf16)              model.generate(..., do_sample=False) on the bf16 model
-    restora (bf16)                  restora.generate.greedy_generate on the same bf16 model: lean
-                                    static-cache forward (restora.decode), weights pre-packed for
-                                    oneDNN (restora.packed) -- what `restora eval/generate` do
+    restora (bf16)                  restora.infer.generate.greedy_generate on the same bf16 model: lean
+                                    static-cache forward (restora.infer.decode), weights pre-packed for
+                                    oneDNN (restora.kernels.packed) -- what `restora eval/generate` do
     restora (bf16, hf forward)      the same loop through transformers' forward (lean=False)
     restora (rtn 4-bit)             greedy_generate over a 4-bit RTN base: restora's AMX int4 kernel
-                                    for 2+ rows (restora.quant.int4_kernel), torch's int4 GEMV for 1
+                                    for 2+ rows (restora.kernels.int4), torch's int4 GEMV for 1
     restora (rtn 4-bit, compiled)   the same with compile=True (decoding steps as one graph);
                                     its one-time compile happens in the warm-up run
     restora (nf4)                   over an NF4 base (blocks of 64, no double quantization): the
@@ -40,8 +40,8 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from restora.data import get_task, task_split
-    from restora.generate import greedy_generate
-    from restora.models import load_model
+    from restora.infer.generate import greedy_generate
+    from restora.models.load import load_model
     from restora.quant import QuantSpec, quantize_model
 
     loaded = load_model("smollm2-135m")
@@ -62,7 +62,7 @@ def main() -> None:
                              pad_token_id=tok.pad_token_id, **kw)
         return (out.shape[1] - enc["input_ids"].shape[1]) * len(batch)
 
-    from restora.decode import LeanDecoder
+    from restora.infer.decode import LeanDecoder
 
     forwards: list[int] = []  # rows fed per lean forward after the prompt pass, for tokens/step
     lean_forward = LeanDecoder.forward

@@ -27,9 +27,10 @@ def main() -> None:
     ap.add_argument("--format", default="rtn", choices=["rtn", "nf4"])
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    from restora import native
-    from restora.models import load_model
-    from restora.quant import QuantSpec, int4_kernel, quantize_model
+    from restora.kernels import native
+    from restora.models.load import load_model
+    from restora.kernels import int4 as int4_kernel
+    from restora.quant import QuantSpec, quantize_model
     from restora.quant.base import QuantizedWeight
 
     if not int4_kernel.available():

@@ -37,7 +37,7 @@ from torch import nn
 
 from restora.adapters import LoRAConfig, adapter_modules, add_lora, remove_adapters, save_adapter
 from restora.adapters.batched import BASE, load_adapters
-from restora.models import load_model
+from restora.models.load import load_model
 
 SQL = Path("/work/shared/data/sql_create_context/train.jsonl")
 

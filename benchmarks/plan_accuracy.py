@@ -1,15 +1,15 @@
-"""How close is restora's memory planner (restora.plan) to measured peak RSS on SmolLM2-135M?
+"""How close is restora's memory planner (restora.restore.plan) to measured peak RSS on SmolLM2-135M?
 
 Each setting runs in a fresh subprocess (one thread), so settings cannot contaminate each
-other. The subprocess builds the model the way restora does (restora.bases.build_base,
+other. The subprocess builds the model the way restora does (restora.models.bases.build_base,
 adapters from restora.adapters), returns freed memory to the OS (gc + malloc_trim), then
 resets the kernel's peak-RSS counter (`echo 5 > /proc/self/clear_refs`) and runs the
 workload:
 
-    serve  restora.generate's decoding calls: bf16 autocast, one prefill pass over a
+    serve  restora.infer.generate's decoding calls: bf16 autocast, one prefill pass over a
            left-aligned batch of `prompt` random tokens, then `seq - prompt` one-token
            steps with the KV cache; one LoRA adapter (all targets, r 16) on the base
-    train  two optimizer steps of restora.train's inner loop: completion_loss under bf16
+    train  two optimizer steps of restora.train.loop's inner loop: completion_loss under bf16
            autocast, backward, gradient clipping, AdamW step (the second step runs with
            the optimizer states present, i.e. the steady state); every position labelled
 
@@ -86,9 +86,9 @@ def measure_overhead() -> dict:
     from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
     import restora.adapters  # noqa: F401
-    import restora.generate  # noqa: F401
-    import restora.train  # noqa: F401
-    from restora.models import resolve_source
+    import restora.infer.generate  # noqa: F401
+    import restora.train.loop  # noqa: F401
+    from restora.models.load import resolve_source
 
     AutoTokenizer.from_pretrained(str(resolve_source(MODEL)))
     return {"rss": _settle()}
@@ -101,7 +101,7 @@ def measure(setting: dict) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     from restora.adapters import LoRAConfig, add_lora
-    from restora.bases import BaseChoice, build_base
+    from restora.models.bases import BaseChoice, build_base
     from restora.quant.spec import QuantSpec
 
     spec = QuantSpec(format=setting["format"], bits=setting["bits"], group_size=64)
@@ -134,12 +134,12 @@ def measure(setting: dict) -> dict:
         kv = {str(t.dtype) for layer in cache.layers for t in (layer.keys, layer.values)}
         extra = {"kv_dtypes": sorted(kv)}
     else:
-        from restora.train import completion_loss
+        from restora.train.loop import completion_loss
 
-        if setting.get("compiled"):  # as restora.train on CPU: its training attention, then compiled blocks
-            from restora.attention import training_attention
-            from restora.compiled import compiled_blocks
-            from restora.train import _set_attention
+        if setting.get("compiled"):  # as restora.train.loop on CPU: its training attention, then compiled blocks
+            from restora.kernels.attention import training_attention
+            from restora.kernels.compiled import compiled_blocks
+            from restora.train.loop import _set_attention
 
             _set_attention(model, training_attention(model, recompute=not setting["ckpt"]))
         if setting["ckpt"]:
@@ -171,8 +171,8 @@ def measure(setting: dict) -> dict:
 
 
 def estimate(setting: dict) -> object:
-    from restora.models import resolve_source
-    from restora.plan import plan_memory
+    from restora.models.load import resolve_source
+    from restora.restore.plan import plan_memory
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(resolve_source(MODEL)))

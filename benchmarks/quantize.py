@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from restora.models import load_model
+from restora.models.load import load_model
 from restora.quant import QuantSpec, quantize_model
 
 SQL = Path("/work/shared/data/sql_create_context/train.jsonl")

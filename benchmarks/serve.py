@@ -1,6 +1,6 @@
 """restora serve under load: 8 distinct adapters in one continuous batch vs the same load on the base.
 
-The server (`restora.serve.command.serve`, SmolLM2-135M, float base, bf16 autocast) runs in a
+The server (`restora.serve.server.serve`, SmolLM2-135M, float base, bf16 autocast) runs in a
 subprocess; this process is the load generator: C closed-loop clients (threads, plain HTTP),
 each sending R completions of SQL Create Context prompts with max_tokens N and `ignore_eos`
 (so every request generates exactly N tokens and both loads do the same work). Two loads:
@@ -42,7 +42,7 @@ def write_adapters(n: int, rank: int, root: Path) -> list[str]:
     import torch
 
     from restora.adapters import LoRAConfig, adapter_modules, add_lora, save_adapter
-    from restora.models import load_model
+    from restora.models.load import load_model
 
     loaded = load_model("smollm2-135m")
     names = []
@@ -117,7 +117,7 @@ def main() -> None:
             port = s.getsockname()[1]
     kw = dict(adapters_root=str(root), bits="16", memory_budget="16GiB", port=port, max_batch=args.clients,
               max_loaded_adapters=args.clients, bf16=not args.fp32)
-    code = f"import sys; from restora.serve.command import serve; sys.exit(serve('smollm2-135m', **{kw!r}))"
+    code = f"import sys; from restora.commands.serving import serve; sys.exit(serve('smollm2-135m', **{kw!r}))"
     log = open(root / "server.log", "w")
     server = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT)
     try:

@@ -8,7 +8,7 @@ is per configuration, and prints one table with the ratios:
     restora nf4 base       same adapter over restora's NF4 (blockwise 64) base
     restora rtn4 base      same over uniform 4-bit (group 64)
     restora ... eager      the same without torch.compile (`--compile off`)
-    restora ... padded     the same with the padded forward (restora.unpadded switched off)
+    restora ... padded     the same with the padded forward (restora.kernels.unpadded switched off)
     restora ... ckpt       the same with activation checkpointing of whole decoder blocks
                            (`restora train --grad-checkpointing`)
     peft bf16              transformers + peft LoRA, bf16 model, HF loss (labels, prompt masked)
@@ -52,7 +52,7 @@ def _rows(tok, n: int = 64):
 
 def _batches(enc, bsz: int):
 
-    from restora.train import _collate
+    from restora.train.loop import _collate
 
     out = []
     for a in range(0, len(enc) - bsz + 1, bsz):
@@ -65,11 +65,11 @@ def build(name: str):
     import torch
 
     if name.startswith("restora"):
-        from restora.runtime import release_freed_memory
+        from restora.commands.runtime import release_freed_memory
 
         release_freed_memory()  # only with RESTORA_MALLOC=release, as the restora CLI
     torch.manual_seed(0)
-    from restora.models import load_model
+    from restora.models.load import load_model
 
     kept: list[object] = []
     loaded = load_model("smollm2-135m")
@@ -78,14 +78,14 @@ def build(name: str):
     if name.startswith("restora"):
         from restora.adapters import LoRAConfig, add_lora
         from restora.quant import QuantSpec, quantize_model
-        from restora import train as restora_train
-        from restora.train import completion_loss
+        from restora.train import loop as restora_train
+        from restora.train.loop import completion_loss
 
         if name.endswith("-padded"):
             restora_train.can_unpad = lambda model: False  # the padded forward, for comparison
 
         if name.startswith("restora-bf16"):
-            from restora.mapped import to_dtype
+            from restora.core.mapped import to_dtype
 
             to_dtype(model, torch.bfloat16)  # as `restora train`: the fp32 file's pages dropped as they convert
         else:
@@ -95,8 +95,8 @@ def build(name: str):
 
             cast_unquantized(model, torch.bfloat16)  # as `restora train`: the unquantized parts as a bf16 base's
         add_lora(model, LoRAConfig(r=16, alpha=32, target_modules="all"))
-        from restora.attention import training_attention
-        from restora.train import _set_attention
+        from restora.kernels.attention import training_attention
+        from restora.train.loop import _set_attention
 
         ckpt = name.endswith("-ckpt")
         _set_attention(model, training_attention(model, recompute=not ckpt))  # what restora's trainer does on CPU
@@ -104,7 +104,7 @@ def build(name: str):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.enable_input_require_grads()
         if not name.endswith("-eager"):
-            from restora.compiled import compiled_blocks
+            from restora.kernels.compiled import compiled_blocks
 
             compiling = compiled_blocks(model)
             compiling.__enter__()  # for the rest of this process, as during `restora train`

@@ -72,7 +72,7 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def smollm():
     """The real SmolLM2-135M (float reference), loaded once per session."""
-    from restora.models import load_model
+    from restora.models.load import load_model
 
     return load_model("smollm2-135m")
 
@@ -81,7 +81,7 @@ def make_tiny_llama_dir(path, num_hidden_layers: int = 2):
     """A tiny random Llama saved with SmolLM2's tokenizer (for CLI and end-to-end tests)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from restora.models import resolve_source
+    from restora.models.load import resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
     torch.manual_seed(0)

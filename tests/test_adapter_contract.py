@@ -31,7 +31,7 @@ from restora.adapters import (
 )
 from restora.adapters.lora import requantize_spec
 from restora.quant import QuantLinear, QuantSpec, quantize_model, quantize_weight, weight_of
-from restora.quant.model import set_module
+from restora.core.modules import set_module
 
 KINDS = {
     "lora": lambda: LoRAConfig(r=4, alpha=8),

@@ -1,4 +1,4 @@
-"""restora.attention_kernel: the native decoding attention against an fp32 reference, and its fallbacks."""
+"""restora.kernels.attention_decode: the native decoding attention against an fp32 reference, and its fallbacks."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from restora import attention_kernel as ak
+from restora.kernels import attention_decode as ak
 
 needs_native = pytest.mark.skipif(not ak.available(), reason="no AVX-512 BF16 CPU or compiler here")
 
@@ -129,8 +129,9 @@ def test_without_the_cpp_kernels_python_kernels_serve_the_operators(tmp_path):
 import warnings, torch
 warnings.simplefilter("always")
 with warnings.catch_warnings(record=True) as caught:
-    from restora import attention_kernel as ak, native
-    from restora.quant import int4_kernel as ik
+    from restora.kernels import attention_decode as ak
+    from restora.kernels import native
+    from restora.kernels import int4 as ik
     ok = ak.available()
 print("cpp", native.cpp_kernels(), "warned", any("C++ kernels did not build" in str(w.message) for w in caught))
 g = torch.Generator().manual_seed(0)
@@ -155,16 +156,16 @@ if ik.available():
     assert out.returncode == 0, out.stderr[-2000:]
     assert "cpp False warned True" in out.stdout
     assert "attention True" in out.stdout
-    from restora.quant import int4_kernel as ik
+    from restora.kernels import int4 as ik
     if ik.available():
         assert "int4 True" in out.stdout
 
 
 def test_the_operators_run_cpp_kernels_where_they_build():
-    from restora import native
+    from restora.kernels import native
     if not ak.available() or not native.cpp_kernels():
         pytest.skip("no C++ compiler or native kernel here")
-    from restora.quant import int4_kernel as ik
+    from restora.kernels import int4 as ik
     ik.available()
     for op in ("restora::attention_decode", "restora::int4_amx_mm"):
         cpu = [line for line in torch._C._dispatch_dump(op).splitlines() if line.startswith("CPU:")]

@@ -7,8 +7,8 @@ import torch
 from conftest import right_padded_batch, tiny_llama, with_trained_lora
 from torch import nn
 
-from restora.attention import RECOMPUTE, register, training_attention
-from restora.train import _set_attention, completion_loss
+from restora.kernels.attention import RECOMPUTE, register, training_attention
+from restora.train.loop import _set_attention, completion_loss
 
 B, T = 3, 13
 

@@ -8,9 +8,10 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from restora.models import source_hash
+from restora.models.load import source_hash
 from restora.quant import QuantLinear, QuantSpec, quantize_model
-from restora.quant.checkpoint import check_source_hash, load_quantized, read_manifest, save_quantized
+from restora.models.quantized import load_quantized
+from restora.quant.checkpoint import check_source_hash, read_manifest, save_quantized
 
 
 class _Tok:

@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_llama
 
 from restora.adapters import LoRAConfig, add_lora
-from restora.compiled import compiled_blocks, resolve_compile
+from restora.kernels.compiled import compiled_blocks, resolve_compile
 from restora.quant import QuantSpec, quantize_model
-from restora.quant.model import decoder_blocks
-from restora.train import TrainConfig, train
+from restora.core.modules import decoder_blocks
+from restora.train.loop import TrainConfig, train
 
 
 def _rows(n: int, seed: int) -> list[dict[str, list[int]]]:
@@ -95,7 +95,7 @@ def test_resolve_compile(monkeypatch):
     assert resolve_compile("on", tiny) is True and resolve_compile("off", tiny) is False
     with pytest.raises(ValueError, match="compile must be auto, on or off, got 'yes'"):
         resolve_compile("yes", tiny)  # type: ignore[arg-type]
-    import restora.compiled as compiled
+    import restora.kernels.compiled as compiled
 
     monkeypatch.setattr(compiled, "AUTO_MIN_PARAMS", 0)  # every model "large enough"
     assert resolve_compile("auto", tiny) is True and resolve_compile("auto", tiny, sharded=True) is False

@@ -338,7 +338,7 @@ def test_encode_example_masks_prompt_and_appends_eos():
 def test_encode_rows_with_smollm2_tokenizer(data_env):
     from transformers import AutoTokenizer
 
-    from restora.models import resolve_source
+    from restora.models.load import resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))
     task = get_task("sql")

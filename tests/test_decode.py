@@ -8,9 +8,9 @@ from conftest import tiny_llama
 from torch import nn
 
 from restora.adapters import LoRAConfig, add_lora
-from restora.decode import LeanDecoder, supports
-from restora.generate import greedy_generate
-from restora.packed import PackedLinear, can_pack, forget_packed, packed_linears
+from restora.infer.decode import LeanDecoder, supports
+from restora.infer.generate import greedy_generate
+from restora.kernels.packed import PackedLinear, can_pack, forget_packed, packed_linears
 from restora.quant import QuantSpec, quantize_model
 
 
@@ -171,7 +171,7 @@ def test_packed_copies_are_reused_until_the_weight_changes():
 def test_packed_linear_op_uses_the_live_copy_of_unchanged_weights(monkeypatch):
     """restora::packed_linear (what compiled graphs call) computes with the copy packed from exactly the
     weight and bias it is given; outside the `with`, or after the weight changed, it computes unpacked."""
-    import restora.packed as packed
+    import restora.kernels.packed as packed
 
     calls = []
     pack_call = packed._Pack.__call__
@@ -206,7 +206,7 @@ def test_compiled_steps_run_the_packed_layers(monkeypatch, kind):
     and its logits match the eager lean forward's to bf16 rounding; also with biases (Qwen2) and with
     LoRA adapters around the packed base layers."""
     pytest.importorskip("torch._inductor")
-    import restora.packed as packed
+    import restora.kernels.packed as packed
 
     calls = []
     pack_call = packed._Pack.__call__
@@ -267,12 +267,12 @@ def _compiled_and_eager_logits(model: nn.Module, bf16: bool = False) -> tuple[to
 
 @pytest.mark.parametrize("kind", ["float", "rtn4-lora"])
 def test_a_compiled_step_serves_every_model_of_its_structure_with_that_models_tensors(kind):
-    """Compiled steps skip dynamo's per-step guards on the model's modules (restora.decode._compiled_step): a graph
+    """Compiled steps skip dynamo's per-step guards on the model's modules (restora.infer.decode._compiled_step): a graph
     is shared by models of one structure digest and reads each caller's own tensors -- weights, kernel layouts,
     adapter factors. A model that differs in anything but tensor values (here a LoRA scaling, an RMSNorm eps)
     gets its own graph."""
     pytest.importorskip("torch._inductor")
-    from restora import decode
+    from restora.infer import decode
 
     def build(seed: int) -> nn.Module:
         model = tiny_llama(seed=seed)
@@ -307,12 +307,12 @@ def test_a_compiled_step_serves_every_model_of_its_structure_with_that_models_te
 
 
 def test_compiled_decoding_has_room_for_more_variants(tiny_dir, monkeypatch):
-    """Compiled decoding runs with dynamo's recompile limit raised (restora.compiled.room_for_variants): batch 1
+    """Compiled decoding runs with dynamo's recompile limit raised (restora.kernels.compiled.room_for_variants): batch 1
     or more and 1 or more tokens a step are variants of one function, shared by every model in the process."""
     pytest.importorskip("torch._inductor")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from restora.compiled import RECOMPILE_LIMIT
+    from restora.kernels.compiled import RECOMPILE_LIMIT
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_dir)
@@ -329,7 +329,7 @@ def test_compiled_decoding_has_room_for_more_variants(tiny_dir, monkeypatch):
 
 @pytest.mark.skipif(not can_pack(torch.device("cpu")), reason="this CPU/torch has no oneDNN bf16")
 def test_packing_is_skipped_when_memory_is_short(monkeypatch):
-    import restora.packed as packed
+    import restora.kernels.packed as packed
 
     model = tiny_llama()
     monkeypatch.setattr(packed, "_available_bytes", lambda: 4 * 2 * 64 * 64)  # a quarter holds less than the weights
@@ -339,7 +339,7 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch):
 
 def test_compiled_steps_keep_the_most_recently_used_structures(monkeypatch):
     """A long-lived process keeps STEPS_KEPT compiled step functions, dropping the least recently used."""
-    from restora import decode
+    from restora.infer import decode
 
     monkeypatch.setattr(decode, "STEPS_KEPT", 2)
     monkeypatch.setattr(decode, "_STEPS", decode.collections.OrderedDict())

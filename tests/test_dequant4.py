@@ -1,4 +1,4 @@
-"""restora's 4-bit dequantization kernel (restora.quant.dequant4): bit for bit the formats' torch formulas, for
+"""restora's 4-bit dequantization kernel (restora.kernels.dequant4): bit for bit the formats' torch formulas, for
 uniform codes and code tables (NF4, FP4, double quantized or not), row slices, denormal results, compiled graphs,
 its Python and C++ kernels, bad input, and the torch path where it cannot run."""
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from restora.quant import QuantSpec
-from restora.quant import dequant4
+from restora.kernels import dequant4
 from restora.quant.linear import quantize_weight
 from restora.quant.nf4 import NF4Weight
 from restora.quant.uniform import UniformWeight

@@ -1,4 +1,4 @@
-"""restora.derived: a copy made from frozen tensors is reused until they change, and goes with its module."""
+"""restora.kernels.derived: a copy made from frozen tensors is reused until they change, and goes with its module."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import gc
 import torch
 from torch import nn
 
-from restora.derived import Derived
+from restora.kernels.derived import Derived
 
 
 def test_reused_until_a_source_changes():

@@ -18,9 +18,9 @@ import torch
 
 from restora.adapters import IA3Config, LoRAConfig, add_ia3, add_lora, save_adapter
 from restora.cli import main
-from restora.models import load_model
+from restora.models.load import load_model
 from restora.quant import QuantSpec, quantize_model
-from restora.restore import restore_base
+from restora.restore.plr import restore_base
 
 IDS = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3], [1, 2, 3, 4, 5, 6, 7, 8]])
 TRAIN = QuantSpec("rtn", 4, group_size=64)
@@ -122,8 +122,8 @@ def test_peft_export_restora_round_trip_and_plain_peft_input(cache, tmp_path, ca
 
 @pytest.mark.smollm
 def test_alias_names_the_converted_folder():
-    from restora.export import served_source
-    from restora.models import resolve_source
+    from restora.restore.export import served_source
+    from restora.models.load import resolve_source
 
     assert served_source("smollm2-135m") == str(resolve_source("smollm2-135m").resolve())
     assert (Path(served_source("smollm2-135m")) / "config.json").is_file()
@@ -173,7 +173,7 @@ def test_merged_hf_bias_corrected_loads_plainly(cache, tmp_path, capsys):
     """Bias correction adds biases a Llama config does not declare; the export declares them."""
     from transformers import AutoModelForCausalLM
 
-    from restora.restoration import RestorationMode, restore_with_mode
+    from restora.restore.modes import RestorationMode, restore_with_mode
 
     adapter = make_adapter(cache, tmp_path / "ad")
     out = tmp_path / "merged"
@@ -224,7 +224,7 @@ def test_refusals_before_loading_a_model(tmp_path, capsys):
 
 
 def test_check_servable_names_the_value(tmp_path):
-    from restora.export import check_servable
+    from restora.restore.export import check_servable
 
     ok = {"peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": ["q_proj", "v_proj"], "bias": "none"}
     check_servable(ok, tmp_path)

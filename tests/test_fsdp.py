@@ -47,7 +47,7 @@ def _losses(folder: Path) -> list[dict]:
 
 
 def test_refuses_a_format_it_cannot_shard(tiny_model):
-    from restora.fsdp import check_fsdp_formats
+    from restora.train.fsdp import check_fsdp_formats
     from restora.quant.base import QuantizedWeight
     from restora.quant.linear import QuantLinear
 
@@ -65,8 +65,8 @@ def test_refuses_a_format_it_cannot_shard(tiny_model):
                                             ({"batch_size": 9, "micro_batch_size": 3}, "batch_size 9 must be a multiple")])
 def test_refuses_what_fsdp_cannot_split(tiny_model, tmp_path, cfg, match):
     from restora.adapters import LoRAConfig, add_lora
-    from restora.distributed import DistInfo
-    from restora.train import TrainConfig, train
+    from restora.train.distributed import DistInfo
+    from restora.train.loop import TrainConfig, train
 
     add_lora(tiny_model, LoRAConfig(r=2))
     rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}] * 9
@@ -144,7 +144,7 @@ def _build(fmt: str, bits: int, double_quant: bool, act_order: bool, bf16: bool)
     from conftest import tiny_llama
 
     from restora.adapters import LoRAConfig, add_lora
-    from restora.quant.model import quantize_model
+    from restora.quant.quantize import quantize_model
     from restora.quant.spec import QuantSpec
 
     m = tiny_llama(num_hidden_layers=3)
@@ -170,10 +170,10 @@ def _worker() -> None:
     from torch.distributed.tensor import DTensor
 
     from restora.adapters.inject import adapter_state_dict
-    from restora.distributed import DistInfo
-    from restora.fsdp import full_tensor, gathered_adapter, shard_as, shard_for_training
-    from restora.quant.model import decoder_blocks
-    from restora.train import completion_loss
+    from restora.train.distributed import DistInfo
+    from restora.train.fsdp import full_tensor, gathered_adapter, shard_as, shard_for_training
+    from restora.core.modules import decoder_blocks
+    from restora.train.loop import completion_loss
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo")

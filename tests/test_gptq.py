@@ -15,7 +15,8 @@ from torch import nn
 
 from restora.quant.gptq import gptq_codes, gptq_quantize, gptq_quantize_model, hessian_of
 from restora.quant.linear import QuantLinear
-from restora.quant.model import quantizable_layers, quantize_model
+from restora.quant.model import quantizable_layers
+from restora.quant.quantize import quantize_model
 from restora.quant.spec import QuantSpec
 from restora.quant.uniform import UniformWeight, rtn_quantize
 
@@ -164,7 +165,7 @@ def test_model_rejects_bad_calibration() -> None:
 
 @pytest.mark.smollm
 def test_smollm_layers_gptq_beats_rtn() -> None:
-    from restora.models import load_model
+    from restora.models.load import load_model
 
     loaded = load_model("smollm2-135m")
     model, tok = loaded.model.eval(), loaded.tokenizer

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from restora.head_loss import frozen_head, frozen_head_ce
+from restora.kernels.head_loss import frozen_head, frozen_head_ce
 
 
 def _case(bias: bool = False) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
@@ -53,7 +53,7 @@ def test_bf16_autocast_matches_autograd_rounding():
 
 
 def test_fp32_head_under_autocast_is_cast_once_and_recast_when_changed():
-    import restora.head_loss as hl
+    import restora.kernels.head_loss as hl
 
     head, h, y = _case()
 
@@ -89,7 +89,7 @@ def test_which_heads_are_frozen():
 def test_compiled_elementwise_part_matches(monkeypatch):
     """Large chunks run the element-wise part compiled: same loss and gradient."""
     pytest.importorskip("torch._inductor")
-    import restora.head_loss as hl
+    import restora.kernels.head_loss as hl
 
     head, h, y = _case()
     want_loss, want_grad = _reference(head, h, y)
@@ -104,7 +104,7 @@ def test_compiled_elementwise_part_matches(monkeypatch):
 
 
 def test_a_failing_compile_falls_back_to_the_same_arithmetic(monkeypatch):
-    import restora.head_loss as hl
+    import restora.kernels.head_loss as hl
 
     def broken(*args, **kwargs):
         raise RuntimeError("no compiler here")

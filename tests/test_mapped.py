@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from restora.mapped import release, to_dtype
+from restora.core.mapped import release, to_dtype
 from restora.quant import QuantSpec, quantize_model
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release is Linux-only")

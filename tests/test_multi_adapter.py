@@ -26,7 +26,7 @@ from torch import nn
 from conftest import tiny_llama
 from restora.adapters import IA3Config, LoRAConfig, adapter_modules, add_ia3, add_lora, load_adapter, save_adapter
 from restora.adapters.batched import BASE, MultiAdapterModel, MultiLoRALinear, load_adapters, set_rows
-from restora.generate import greedy_generate
+from restora.infer.generate import greedy_generate
 from restora.quant import QuantSpec, quantize_model
 
 ADAPTERS = {

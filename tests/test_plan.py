@@ -1,4 +1,4 @@
-"""Memory planner (restora.plan): storage formulas against real QuantizedWeights, activation
+"""Memory planner (restora.restore.plan): storage formulas against real QuantizedWeights, activation
 counts against autograd's saved tensors, plan choice, budget parsing and error text."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ import torch
 from transformers import LlamaConfig
 
 from restora.adapters import LoRAConfig, add_lora
-from restora.optim8bit import AdamW8bit
-from restora.plan import (
+from restora.train.optim8bit import AdamW8bit
+from restora.restore.plan import (
     ModelShape,
     _layer_activation_bytes,
     _optimizer_bytes,
@@ -17,12 +17,13 @@ from restora.plan import (
     parse_budget,
     plan_memory,
 )
-from restora.plan_choice import choose_plan, plan, serve_candidates
+from restora.restore.plan_choice import choose_plan, serve_candidates
+from restora.commands.planning import plan
 from restora.quant.linear import quantize_weight
-from restora.quant.model import quantize_model
+from restora.quant.quantize import quantize_model
 from restora.quant.spec import QuantSpec
 from restora.quant.uniform import UniformWeight
-from restora.train import completion_loss
+from restora.train.loop import completion_loss
 from tests.conftest import tiny_llama
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -202,7 +203,7 @@ def test_compiled_training_plan():
     """Compiled blocks save each distinct input once: 18,280 B per token and layer for SmolLM2's shape (all-linear
     LoRA r16, bf16), the count saved-tensor hooks gave on compiled SmolLM2 blocks; plus compile state and a 4-bit
     base's dequantized weights."""
-    from restora.plan import COMPILE_BYTES, ModelShape, _compiled_layer_activation_bytes, plan_memory
+    from restora.restore.plan import COMPILE_BYTES, ModelShape, _compiled_layer_activation_bytes, plan_memory
 
     shape = ModelShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True)
     assert _compiled_layer_activation_bytes(shape, "lora", 16, "all", 2, 2, 0.0) == 18280
@@ -217,7 +218,7 @@ def test_compiled_training_plan():
 def test_serve_plan_counts_the_int4_kernel_layouts_decoding_builds() -> None:
     """The "4-bit kernel layouts" line == the bytes of the layouts a bf16 decode of a real 4-bit model builds
     (one-row and multi-row calls), where this CPU has restora's int4 kernel; none for float and 8-bit bases."""
-    from restora.quant import int4_kernel
+    from restora.kernels import int4 as int4_kernel
 
     plans = {(f, b): {i.name: i.bytes for i in plan_memory(SMOL, "serve", format=f, bits=b).items}
              for f, b in [("float", 16), ("int8", 8), ("rtn", 4), ("nf4", 4), ("rtn", 3)]}

@@ -8,8 +8,8 @@ import torch
 
 from restora.cli import main
 from restora.quant import QuantLinear
-from restora.restoration import RestorationMode, restore_with_mode
-from restora.restore import restore_base
+from restora.restore.modes import RestorationMode, restore_with_mode
+from restora.restore.plr import restore_base
 
 pytestmark = pytest.mark.smollm  # the tiny model borrows SmolLM2's tokenizer
 
@@ -92,7 +92,7 @@ def test_auto_picks_the_validation_minimum(adapter):
     keep = next(e for e in rec["evidence"] if e["candidate"] == "keep k-bit base")
     assert rec["val_loss"] <= keep["val_loss"]
     from restora.data import encode_rows, split_rows
-    from restora.train import evaluate_loss
+    from restora.train.loop import evaluate_loss
 
     enc = encode_rows("sql", got.tokenizer, split_rows("sql", 0).validation[:8], 512)
     assert evaluate_loss(got.model, enc, got.tokenizer.pad_token_id, 8, True) == pytest.approx(rec["val_loss"], rel=1e-5)
@@ -111,8 +111,8 @@ def test_auto_keeps_the_k_bit_base_unless_a_restoration_gains_min_gain(adapter):
 def test_cli_offers_exactly_the_library_modes():
     from typing import get_args
 
-    from restora.commands.training import RestoreModeName
-    from restora.restoration import MODES
+    from restora.restore.modes import RestoreModeName
+    from restora.restore.modes import MODES
 
     assert get_args(RestoreModeName) == MODES
 
@@ -166,7 +166,7 @@ def _layer_outputs(model, tok, texts, names):
 
 def test_mean_match_keeps_every_restored_layers_mean_output_along_the_network(adapter):
     """Unlike the first-order bias, mean matching holds in deep layers too, whose inputs drift."""
-    from restora.corrections import BiasedLinear
+    from restora.restore.corrections import BiasedLinear
 
     texts = _calib_texts(4)
     own, _ = restore_base(adapter, 3, "rtn")

@@ -12,8 +12,8 @@ import torch
 from restora.adapters import load_adapter, save_adapter
 from restora.adapters.lora import adapter_modules
 from restora.cli import main
-from restora.restoration import RestorationMode, restore_with_mode
-from restora.restore import restore_base
+from restora.restore.modes import RestorationMode, restore_with_mode
+from restora.restore.plr import restore_base
 
 pytestmark = pytest.mark.smollm  # the tiny model borrows SmolLM2's tokenizer
 
@@ -65,9 +65,9 @@ def test_identity_at_train_bits(loftq_adapter):
 
 @pytest.mark.parametrize("bits", [4, 8])
 def test_untrained_adapter_gives_the_loftq_target_at_l_bits(untrained, tiny, bits):
-    from restora.bases import build_loftq_base
+    from restora.models.bases import build_loftq_base
     from restora.quant.spec import QuantSpec
-    from restora.restore import restore_spec
+    from restora.restore.plr import restore_spec
 
     got, info, rec = restore_with_mode(untrained, bits, RestorationMode("loftq"), "rtn")
     prov = json.loads((untrained / "restora.json").read_text())
@@ -128,7 +128,7 @@ def test_non_loftq_adapter_is_refused(tiny, tmp_path):
 
 
 def test_generate_cli_uses_the_restore_mode(loftq_adapter, tiny, capsys):
-    from restora.generate import greedy_generate
+    from restora.infer.generate import greedy_generate
 
     capsys.readouterr()
     assert main(["generate", str(tiny), "--adapter", str(loftq_adapter), "--bits", "16", "--restore-mode", "loftq",

@@ -1,7 +1,7 @@
 """restora serve over real HTTP on 127.0.0.1: a tiny random Llama with SmolLM2's tokenizer and four
-LoRA adapters saved by restora, the server in a subprocess (`restora.serve.command.serve`).
+LoRA adapters saved by restora, the server in a subprocess (`restora.serve.server.serve`).
 
-Checked against offline `restora.generate.greedy_generate` (fp32 both sides):
+Checked against offline `restora.infer.generate.greedy_generate` (fp32 both sides):
   - greedy completions through the server equal offline decoding, for the base and each adapter,
     with and without a stop string; streaming (SSE) equals non-streaming; the openai client works
   - 36 concurrent clients over 4 adapters and the base all get their own complete answer
@@ -47,7 +47,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from restora.adapters import LoRAConfig, adapter_modules, add_lora, save_adapter
-    from restora.models import load_model, resolve_source
+    from restora.models.load import load_model, resolve_source
 
     tok = AutoTokenizer.from_pretrained(resolve_source("smollm2-135m"))  # from the user's cache (converted once)
     base = tmp_path_factory.mktemp("serve")
@@ -98,7 +98,7 @@ def _free_port() -> int:
 def _start(setup: dict, **kw) -> tuple[subprocess.Popen, int]:
     port = _free_port()
     args = dict(adapters_root=str(setup["root"]), port=port, bf16=False, max_loaded_adapters=4, **kw)
-    code = f"import sys; from restora.serve.command import serve; sys.exit(serve({str(setup['tiny'])!r}, **{args!r}))"
+    code = f"import sys; from restora.commands.serving import serve; sys.exit(serve({str(setup['tiny'])!r}, **{args!r}))"
     log = open(setup["root"].parent / f"server-{port}.log", "w")  # a file, not a pipe nobody drains
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -148,9 +148,9 @@ _MODELS: dict = {}
 
 def _offline(setup: dict, adapter: str | None, prompts: list[str], max_tokens: int, stop: tuple = (),
              chat: bool = False) -> list[str]:
-    """The reference: restora.generate.greedy_generate on the base with `adapter` loaded alone (fp32)."""
+    """The reference: restora.infer.generate.greedy_generate on the base with `adapter` loaded alone (fp32)."""
     from restora.adapters import load_adapter
-    from restora.generate import greedy_generate
+    from restora.infer.generate import greedy_generate
 
     if adapter not in _MODELS:
         _MODELS[adapter] = copy.deepcopy(setup["loaded"].model)
@@ -339,7 +339,7 @@ def test_engine_packs_only_the_head_while_it_runs():
 
     from torch import nn
 
-    from restora.packed import PackedLinear, can_pack
+    from restora.kernels.packed import PackedLinear, can_pack
     from restora.serve.engine import Engine, EngineConfig
 
     from conftest import tiny_llama

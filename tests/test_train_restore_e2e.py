@@ -69,7 +69,7 @@ def test_train_eval_restore_merge(tiny_dir, tmp_path):
     assert main(["restore", str(ad), "--bits", "16", "--merge", "--out", str(merged)]) == 0
     from transformers import AutoModelForCausalLM
 
-    from restora.restore import restore_base
+    from restora.restore.plr import restore_base
 
     plain = AutoModelForCausalLM.from_pretrained(merged).eval()
     ours, info = restore_base(ad, 16)
@@ -140,8 +140,8 @@ def test_resume_with_other_settings_names_the_setting(tiny_dir, tmp_path, capsys
 def test_own_base_is_rebuilt_exactly(tiny_dir, tmp_path, fmt, bits, extra):
     """Restoring to the training precision reproduces the trained model: same validation loss."""
     from restora.data import encode_rows, split_rows
-    from restora.restore import restore_base
-    from restora.train import evaluate_loss
+    from restora.restore.plr import restore_base
+    from restora.train.loop import evaluate_loss
 
     ad = tmp_path / "adapter"
     assert main(["train", str(tiny_dir), "--out", str(ad), "--format", fmt, "--bits", str(bits), "--epochs", "1",

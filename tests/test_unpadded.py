@@ -7,10 +7,11 @@ import torch
 from conftest import right_padded_batch, tiny_llama, with_trained_lora
 from torch import nn
 
-from restora import train as restora_train
-from restora.attention import register
-from restora.train import _set_attention, completion_loss, evaluate_loss
-from restora.unpadded import BUCKET, can_unpad, pad_heads, unpad, unpad_heads
+from restora.train import loop as restora_train
+from restora.kernels.attention import register
+from restora.train.loop import _set_attention, completion_loss, evaluate_loss
+from restora.kernels.unpadded import BUCKET, pad_heads, unpad, unpad_heads
+from restora.kernels.attention import can_unpad
 
 B, T = 3, 13
 

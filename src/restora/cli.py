@@ -20,7 +20,14 @@ import typing
 from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
+from restora import commands
+from restora.commands.runtime import release_freed_memory
+
 __all__ = ["main", "build_parser"]
+
+# Commands whose peak memory is a promise (a budget, the planner's figure) and which do not train: freed memory goes
+# back to the OS at once (restora.commands.runtime). Training keeps glibc's default, which is faster there.
+RELEASE_BY_DEFAULT = {"serve", "quantize", "restore", "export"}
 
 
 def _param_docs(fn: Callable[..., Any]) -> tuple[str, dict[str, str]]:
@@ -80,7 +87,7 @@ def _add_command(sub: Any, name: str, fn: Callable[..., Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import commands
+
 
     parser = argparse.ArgumentParser(prog="restora", description="LoRA on quantized bases, and Post LoRA Restoration.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -90,11 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import release_freed_memory
+
 
     parser = build_parser()
     args = vars(parser.parse_args(argv))
-    release_freed_memory(default=args.get("command") == "serve")
+    release_freed_memory(default=args.get("command") in RELEASE_BY_DEFAULT)
     fn = args.pop("_fn")
     args.pop("command")
     try:

@@ -1,15 +1,15 @@
 """Adapters over any base format: LoRA, (IA)³ (+ T-Few losses), target injection, PEFT-compatible folders."""
 
-from .batched import BASE, MultiAdapterModel, MultiLoRALinear, load_adapters, set_rows
-from .files import AdapterInfo, load_adapter, read_adapter_config, save_adapter
-from .ia3 import (
+from restora.adapters.batched import BASE, MultiAdapterModel, MultiLoRALinear, load_adapters, set_rows
+from restora.adapters.files import AdapterInfo, load_adapter, read_adapter_config, save_adapter
+from restora.adapters.ia3 import (
     IA3Config, IA3Linear, choice_scores, length_normalized_choice_loss, token_log_probs, unlikelihood_loss,
 )
-from .inject import (
+from restora.adapters.inject import (
     add_ia3, add_lora, adapter_state_dict, linear_layers, load_adapter_state_dict, mark_only_adapters_trainable,
     remove_adapters, select_targets, target_names,
 )
-from .lora import AdapterModule, LoRAConfig, LoRALinear, adapter_modules, disable_adapters, replace_weight
+from restora.adapters.lora import AdapterModule, LoRAConfig, LoRALinear, adapter_modules, disable_adapters, replace_weight
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "IA3Config", "IA3Linear", "AdapterModule", "AdapterInfo",

@@ -27,7 +27,7 @@ the same slot the gather is skipped and one plain (B·T, in) matmul serves all r
 format works and `swap_base` (PLR) is one assignment. `MultiAdapterModel` loads restora or
 PEFT folders by name into free slots, removes them (a server's load / unload / LRU) and
 unwraps layers no adapter uses any more. `set_rows(model, ids)` is the callback
-`restora.generate.greedy_generate` takes; ids are slots from `adapter_index(name)`, and
+`restora.infer.generate.greedy_generate` takes; ids are slots from `adapter_index(name)`, and
 `BASE` (0) means the base alone. Layers an adapter does not target hold zeros for it.
 """
 
@@ -43,12 +43,12 @@ from safetensors.torch import load_file
 from torch import nn
 
 from restora.quant.linear import linear_shape
-from restora.quant.model import set_module
+from restora.core.modules import set_module
 
-from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterInfo, read_adapter_config, read_provenance
-from .ia3 import IA3Config
-from .inject import PEFT_PREFIX, feedforward_paths, select_targets
-from .lora import LoRAConfig, adapter_modules
+from restora.adapters.files import CONFIG_NAME, WEIGHTS_NAME, AdapterInfo, read_adapter_config, read_provenance
+from restora.adapters.ia3 import IA3Config
+from restora.adapters.inject import PEFT_PREFIX, feedforward_paths, select_targets
+from restora.adapters.lora import LoRAConfig, adapter_modules
 
 __all__ = ["BASE", "MultiLoRALinear", "MultiAdapterModel", "load_adapters", "set_rows"]
 
@@ -60,7 +60,7 @@ class MultiLoRALinear(nn.Module):
     """base_layer with every loaded adapter stacked in slots; row b of the input uses slot rows[b]."""
 
     # Its forward branches in Python on the current rows (one adapter for all, or a gather), which changes
-    # between decoding steps: compiled decoding keeps dynamo's guards on it (restora.decode._compiled_step).
+    # between decoding steps: compiled decoding keeps dynamo's guards on it (restora.infer.decode._compiled_step).
     NEEDS_GUARDS = True
 
     def __init__(self, base_layer: nn.Module, num_slots: int = 1) -> None:
@@ -268,7 +268,7 @@ class MultiLoRALinear(nn.Module):
 def set_rows(model: nn.Module, ids: torch.Tensor | Sequence[int]) -> None:
     """Give every multi-adapter layer of `model` the slot of each batch row (BASE = 0: no adapter).
 
-    This is the `set_rows` callback of restora.generate.greedy_generate.
+    This is the `set_rows` callback of restora.infer.generate.greedy_generate.
     """
     layers = [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
     rows = torch.as_tensor(ids, dtype=torch.long)

@@ -32,11 +32,11 @@ from restora import __version__
 from restora.quant.linear import QuantLinear
 from restora.quant.spec import QuantSpec
 
-from .ia3 import IA3Config, IA3Linear
-from .inject import (
+from restora.adapters.ia3 import IA3Config, IA3Linear
+from restora.adapters.inject import (
     add_ia3, add_lora, adapter_state_dict, load_adapter_state_dict, remove_adapters, target_names,
 )
-from .lora import LoRAConfig, LoRALinear, adapter_modules
+from restora.adapters.lora import LoRAConfig, LoRALinear, adapter_modules
 
 __all__ = ["AdapterInfo", "save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME",
            "PROVENANCE_NAME"]

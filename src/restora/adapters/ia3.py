@@ -28,7 +28,7 @@ from torch import nn
 
 from restora.quant.linear import linear_shape, weight_of
 
-from .lora import replace_weight
+from restora.adapters.lora import replace_weight
 
 __all__ = [
     "IA3Config", "IA3Linear", "token_log_probs", "choice_scores", "length_normalized_choice_loss",

@@ -24,10 +24,10 @@ import torch
 from torch import nn
 
 from restora.quant.linear import is_linear
-from restora.quant.model import decoder_blocks, set_module
+from restora.core.modules import decoder_blocks, set_module
 
-from .ia3 import IA3Config, IA3Linear
-from .lora import AdapterModule, LoRAConfig, LoRALinear, adapter_modules
+from restora.adapters.ia3 import IA3Config, IA3Linear
+from restora.adapters.lora import AdapterModule, LoRAConfig, LoRALinear, adapter_modules
 
 __all__ = [
     "PEFT_PREFIX", "PRESETS", "linear_layers", "select_targets", "target_names", "add_lora", "add_ia3", "feedforward_paths",

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from restora.quant.base import QuantizedWeight
 from restora.quant.linear import QuantLinear, linear_shape, quantize_weight, weight_of
-from restora.quant.model import decoder_blocks, quantizable_layers, set_module
+from restora.quant.model import quantizable_layers
+from restora.core.modules import decoder_blocks, set_module
 from restora.quant.spec import QuantSpec
 
 __all__ = ["LoftQConfig", "LoftQResult", "loftq_init", "loftq_init_model", "low_rank_svd", "lora_scaling"]

@@ -4,13 +4,13 @@ Each function takes plain typed arguments (documented under "Args:"), does its w
 through the library API, prints a human summary and returns an exit code.
 """
 
-from ..plan_choice import plan
-from ..serve.command import serve
-from .checkpoints import generate, info, quantize
-from .experiments import demo, grid
-from .exporting import export
-from .restoring import restore
-from .training import eval, train
+from restora.commands.planning import plan
+from restora.commands.serving import serve
+from restora.commands.checkpoints import generate, info, quantize
+from restora.commands.experiments import demo, grid
+from restora.commands.exporting import export
+from restora.commands.restoring import restore
+from restora.commands.training import eval, train
 
 COMMANDS = {
     "quantize": quantize,

@@ -3,21 +3,26 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from ..models import load_model
-from ..quant.checkpoint import save_quantized
-from ..quant.model import quantize_model
-from ..quant.spec import QuantSpec
-from .training import RestoreModeName
+from restora.infer.perplexity import StreamedNLL
+from restora.models.bases import stream_quantize
+from restora.models.load import MANIFEST, load_model, open_source, resolve_source
+from restora.quant.model import check_spec_fits
+from restora.quant.checkpoint import save_quantized
+from restora.quant.spec import QuantSpec
+from restora.restore.modes import RestoreModeName
 
 __all__ = ["quantize", "info", "generate", "human_bytes"]
 
 Format = Literal["nf4", "fp4", "int8", "rtn", "gptq"]
+EVAL_SAMPLES = 64  # rows of the perplexity report by default
+EVAL_MAX_PARAMS = 1_500_000_000  # above it (past 1B models) the report is off unless asked for
 
 
 def human_bytes(n: float) -> str:
@@ -30,7 +35,7 @@ def human_bytes(n: float) -> str:
 
 def _task_texts(task: str, data_dir: str | None, n: int, seed: int, split: str) -> list[str]:
     """Full prompt+completion texts of `n` rows of a task split (train: seeded draw for calibration)."""
-    from ..data import calibration_rows, get_task, task_split
+    from restora.data import calibration_rows, get_task, task_split
 
     t = get_task(task)
     rows = calibration_rows(t, n, seed, data_dir) if split == "train" else task_split(t, split, seed, data_dir, limit=n)
@@ -49,7 +54,7 @@ def quantize(
     calib_task: str = "sql",
     calib_samples: int = 500,
     calib_max_len: int = 256,
-    eval_samples: int = 64,
+    eval_samples: int | None = None,
     seed: int = 0,
     data_dir: str | None = None,
 ) -> int:
@@ -66,18 +71,25 @@ def quantize(
         calib_task: task whose train split calibrates gptq and whose held-out rows measure perplexity (sql, gsm8k or PATH.jsonl).
         calib_samples: calibration rows for gptq (500 in the PLR report).
         calib_max_len: token cap per calibration row.
-        eval_samples: held-out rows (validation split) for the perplexity report; 0 skips it.
+        eval_samples: held-out rows (validation split) for the perplexity report, scored under bf16 as the weights
+            stream (source and quantized in one pass); 0 skips it (default: 64 up to 1B parameters, else 0).
         seed: seed for drawing calibration and evaluation rows.
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
     spec = QuantSpec(format=format, bits=bits, group_size=group_size, double_quant=double_quant, act_order=act_order)
-    loaded = load_model(model)
-    if loaded.manifest is not None:
+    where = resolve_source(model)
+    if isinstance(where, Path) and (where / MANIFEST).is_file():
         raise ValueError(f"{model} is already a quantized checkpoint: quantize its source model instead")
-    m, tok = loaded.model, loaded.tokenizer
-    from ..quant.model import check_spec_fits
-
-    check_spec_fits(m, spec)
+    source = open_source(model)
+    load = source.start()
+    check_spec_fits(load.model, spec)
+    digest = source.digest(load.model)
+    tok = source.tokenizer()
+    n_params = sum(p.numel() for p in load.model.parameters())
+    if eval_samples is None:
+        eval_samples = EVAL_SAMPLES if n_params <= EVAL_MAX_PARAMS else 0
+        if not eval_samples:
+            print(f"perplexity report skipped ({n_params / 1e9:.1f}B parameters; pass --eval-samples N to ask for it)")
     calibration: list[torch.Tensor] | None = None
     calib_info = None
     if spec.format == "gptq":
@@ -85,21 +97,27 @@ def quantize(
         calibration = [tok(t, return_tensors="pt", truncation=True, max_length=calib_max_len)["input_ids"][0] for t in texts]
         calib_info = {"task": calib_task, "samples": len(texts), "max_len": calib_max_len, "seed": seed, "split": "train"}
     eval_texts = _task_texts(calib_task, data_dir, eval_samples, seed, "validation") if eval_samples else []
-    from ..perplexity import perplexity
-
-    ppl_source = perplexity(m, tok, eval_texts) if eval_texts else None
+    nll = None
+    if eval_texts:
+        load.outside_blocks()
+        rows = [tok(t, return_tensors="pt", truncation=True, max_length=512)["input_ids"][0] for t in eval_texts]
+        nll = StreamedNLL(load.model, rows)
     t0 = time.perf_counter()
-    quantize_model(m, spec, calibration)
+    m = stream_quantize(load, spec, calibration, before_block=nll.float_block if nll else None,
+                        after_block=nll.quantized_block if nll else None)
     seconds = time.perf_counter() - t0
-    ppl_quant = perplexity(m, tok, eval_texts) if eval_texts else None
+    ppl_source = ppl_quant = None
+    if nll is not None:
+        ppl_source, ppl_quant = (math.exp(v) for v in nll.result())
     provenance = {
-        "source": loaded.source,
-        "source_hash": loaded.source_hash,
+        "source": model,
+        "source_hash": digest,
         "calibration": calib_info,
         "quantize_seconds": round(seconds, 2),
         "perplexity": None
         if ppl_source is None
-        else {"task": calib_task, "split": "validation", "rows": len(eval_texts), "source": ppl_source, "quantized": ppl_quant},
+        else {"task": calib_task, "split": "validation", "rows": len(eval_texts), "source": ppl_source,
+              "quantized": ppl_quant, "compute": "bf16"},
     }
     folder = save_quantized(m, tok, out, spec, provenance)
     sizes = json.loads((folder / "restora_manifest.json").read_text())["sizes"]
@@ -119,7 +137,7 @@ def info(folder: str) -> int:
     Args:
         folder: a folder written by `restora quantize`.
     """
-    from ..quant.checkpoint import read_manifest
+    from restora.quant.checkpoint import read_manifest
 
     manifest = read_manifest(Path(folder))
     layers = manifest.pop("layers")
@@ -165,18 +183,18 @@ def generate(
         restore_modules: partial: attn, mlp, or a regex over layer names.
         speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
     """
-    from ..generate import greedy_generate
+    from restora.infer.generate import greedy_generate
 
     if restore_mode != "plain" and (adapter is None or bits is None):
         raise ValueError(f"--restore-mode {restore_mode} needs --adapter and --bits (the restore level)")
     if bits is not None or format is not None:
         if adapter is None:
-            from ..bases import BaseChoice, build_base
-            from ..restore import restore_spec
+            from restora.models.bases import BaseChoice, build_base
+            from restora.restore.plr import restore_spec
 
             loaded = build_base(model, BaseChoice(restore_spec(None, bits or 16, format)))
         else:
-            from .restoring import restored
+            from restora.restore.adapter import restored
 
             loaded, _, _ = restored(adapter, bits or 16, format, group_size=None, model=model, base="source",
                                     force=force, calib_samples=500, restore_mode=restore_mode,
@@ -185,7 +203,7 @@ def generate(
     else:
         loaded = load_model(model)
         if adapter is not None:
-            from ..adapters import load_adapter
+            from restora.adapters import load_adapter
 
             load_adapter(loaded.model, adapter, expected_source_hash=loaded.source_hash, force=force)
             loaded.model.eval()

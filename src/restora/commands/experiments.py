@@ -7,7 +7,7 @@ from pathlib import Path
 __all__ = ["grid", "demo", "DEMO_CONFIG"]
 
 # The demo grid: 16-bit LoRA, GPTQ QLoRA at 4 and 3 bits, each restored to 16 bits: plain PLR16
-# and PLR16 with bias correction (restora.restoration).
+# and PLR16 with bias correction (restora.restore.modes).
 # Sizes are chosen to finish in about 15 minutes on 2 CPU cores (see README).
 DEMO_CONFIG = """
 model = "smollm2-135m"
@@ -51,12 +51,12 @@ def grid(config: str, *, out: str, shard: str | None = None, collect: bool = Fal
     """Run the PLR grid in CONFIG (TOML): methods × train bits × restore bits × tasks × seeds.
 
     Args:
-        config: grid config file (see restora.grid for the keys).
+        config: grid config file (see restora.experiments.grid for the keys).
         out: results folder (adapters/, cells/, results.csv, results.json, table.md, plr.png).
         shard: run only shard i/n (0-based); default from SLURM_ARRAY_TASK_ID/COUNT or PBS_ARRAY_INDEX.
         collect: only merge finished cells (e.g. from all shards) into the tables and plot.
     """
-    from .. import grid as g
+    from restora.experiments import grid as g
 
     cfg = g.load_grid_config(config)
     if not collect:

@@ -1,12 +1,12 @@
-"""The `export` command: an adapter as a folder vLLM and SGLang serve (restora.export)."""
+"""The `export` command: an adapter as a folder vLLM and SGLang serve (restora.restore.export)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from .restoring import restored
-from .training import RestoreModeName
+from restora.restore.adapter import restored
+from restora.restore.modes import RestoreModeName
 
 __all__ = ["TARGETS", "export"]
 
@@ -16,7 +16,7 @@ TARGETS = ("peft", "merged-hf")
 def _serve_hint(out: Path) -> str:
     import json
 
-    from ..export import VLLM_MAX_LORA_RANKS
+    from restora.restore.export import VLLM_MAX_LORA_RANKS
 
     cfg = json.loads((out / "adapter_config.json").read_text())
     rank = next(r for r in VLLM_MAX_LORA_RANKS if r >= int(cfg["r"]))
@@ -65,8 +65,8 @@ def export(
     """
     import torch
 
-    from ..adapters import read_adapter_config
-    from ..export import export_merged_hf, export_peft
+    from restora.adapters import read_adapter_config
+    from restora.restore.export import export_merged_hf, export_peft
 
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is unknown: expected peft or merged-hf")

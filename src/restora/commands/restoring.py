@@ -2,45 +2,16 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .training import RestoreModeName
+from restora.restore.adapter import restored
+from restora.restore.modes import RestoreModeName
 
 if TYPE_CHECKING:
-    from ..models import LoadedModel
-    from ..restore import RestoreInfo
+    pass
 
-__all__ = ["restore", "restored"]
-
-
-def restored(
-    adapter_dir: str, bits: int, format: str | None, group_size: int | None, model: str | None, base: str, force: bool,
-    calib_samples: int, restore_mode: str, restore_layers: str | None, restore_modules: str | None, calib_rows: int,
-    data_dir: str | None, auto_min_gain: float = 0.0, calib_task: str | None = None, seed: int = 0,
-    quiet: bool = False,
-) -> tuple[LoadedModel, RestoreInfo, dict | None]:
-    """The adapter on its base at `bits`: plain PLR (or the trained control), or a restoration mode.
-
-    Returns the model, what was restored, and the restoration mode's record (None for plain PLR),
-    which is also printed to stderr unless `quiet`.
-    """
-    from ..restore import restore_base
-
-    if restore_mode == "plain" or base == "trained":
-        loaded, info = restore_base(adapter_dir, bits, format, group_size, model, base, force, calib_task=calib_task,
-                                    calib_samples=calib_samples, seed=seed, data_dir=data_dir)
-        return loaded, info, None
-    from ..restoration import RestorationMode, restore_with_mode
-
-    mode = RestorationMode(restore_mode, restore_layers, restore_modules, calib_rows, auto_bits=(bits,),
-                           min_gain=auto_min_gain)
-    loaded, info, record = restore_with_mode(adapter_dir, bits, mode, format, model, force, data_dir, seed=seed)
-    if not quiet:
-        print(f"restoration: {json.dumps({k: v for k, v in record.items() if k != 'evidence'})}", file=sys.stderr)
-    return loaded, info, record
+__all__ = ["restore"]
 
 
 def restore(
@@ -82,10 +53,10 @@ def restore(
         auto_min_gain: auto: restore only if that beats keeping the k-bit base by this fraction of its validation loss.
         data_dir: folder laid out like ../shared/data (for GPTQ calibration and restoration modes).
     """
-    from ..adapters import save_adapter
-    from ..export import carried_provenance, write_hf_folder
-    from ..quant.checkpoint import save_quantized
-    from ..restore import merge_and_unload
+    from restora.adapters import save_adapter
+    from restora.restore.export import carried_provenance, write_hf_folder
+    from restora.quant.checkpoint import save_quantized
+    from restora.restore.plr import merge_and_unload
 
     loaded, info, _ = restored(adapter_dir, bits, format, group_size, model, base, force, calib_samples, restore_mode,
                             restore_layers, restore_modules, calib_rows, data_dir, auto_min_gain)
@@ -103,7 +74,7 @@ def restore(
                                             "merged_adapter": str(adapter_dir)})
         print(f"wrote {dest}: merged {label} checkpoint (merging into a quantized base rounds)")
         return 0
-    from ..adapters import remove_adapters
+    from restora.adapters import remove_adapters
 
     save_adapter(m, dest / "adapter", carried_provenance(info, loaded))
     remove_adapters(m)

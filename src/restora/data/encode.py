@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from .tasks import Task, get_task
+from restora.data.tasks import Task, get_task
 
 __all__ = ["IGNORE_INDEX", "encode_example", "encode_rows"]
 

@@ -23,7 +23,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .tasks import Task, get_task
+from restora.data.tasks import Task, get_task
 
 __all__ = ["Splits", "SPLITS", "split_rows", "task_split", "calibration_rows"]
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .metrics import gsm8k_correct, text_exact_match
-from .sources import load_hub, read_jsonl, resolve_data_dir
-from .sql import sql_execution_match, sql_exact_match
+from restora.data.metrics import gsm8k_correct, text_exact_match
+from restora.data.sources import load_hub, read_jsonl, resolve_data_dir
+from restora.data.sql import sql_execution_match, sql_exact_match
 
 __all__ = ["Task", "TASKS", "get_task", "jsonl_task", "known_tasks"]
 

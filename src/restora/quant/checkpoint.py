@@ -18,17 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .. import __version__
-from ..atomic import atomic_dir
-from .linear import QuantLinear, empty_weight
-from .model import set_module
-from .spec import QuantSpec
+from restora import __version__
+from restora.core.atomic import atomic_dir
+from restora.core.safetensors_file import write_file
+from restora.quant.linear import QuantLinear
+from restora.quant.spec import QuantSpec
 
-__all__ = ["save_quantized", "load_quantized", "storage_sizes", "check_source_hash", "MANIFEST", "WEIGHTS"]
+__all__ = ["save_quantized", "read_manifest", "storage_sizes", "check_source_hash", "MANIFEST", "WEIGHTS"]
 
 MANIFEST = "restora_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -86,7 +84,7 @@ def save_quantized(
         "layers": layers,
     }
     with atomic_dir(out) as tmp:
-        save_file(_unique_state_dict(model), str(tmp / WEIGHTS), metadata={"format": "pt", "restora": __version__})
+        write_file(_unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt", "restora": __version__})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -115,48 +113,3 @@ def check_source_hash(manifest: dict[str, Any], expected: str, where: str = "che
     got = manifest.get("source_hash")
     if got != expected:
         raise ValueError(f"{where} was made from source weights {got}, but the model given has {expected}")
-
-
-def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, expected_source_hash: str | None = None):
-    """Rebuild a model from a quantized checkpoint folder. Returns a restora LoadedModel."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from ..models import LoadedModel
-
-    folder = Path(folder)
-    manifest = read_manifest(folder)
-    if expected_source_hash is not None:
-        check_source_hash(manifest, expected_source_hash, str(folder))
-    weights = folder / WEIGHTS
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights} is missing")
-    try:
-        state = load_file(str(weights))
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{weights} is not a readable safetensors file ({e}); it may be truncated") from None
-    config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    for name, meta in manifest["layers"].items():
-        qw = empty_weight(meta["out_features"], meta["in_features"], meta)
-        bias = torch.zeros(meta["out_features"], dtype=dtype) if meta.get("bias") else None
-        set_module(model, name, QuantLinear(qw, bias))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if getattr(config, "tie_word_embeddings", False) else set()
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
-        raise ValueError(f"{weights}: tensors do not match the manifest ({what})")
-    if tied:
-        model.tie_weights()
-    model.eval()
-    tok = AutoTokenizer.from_pretrained(folder)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return LoadedModel(
-        model=model,
-        tokenizer=tok,
-        source=manifest.get("source", str(folder)),
-        source_hash=manifest["source_hash"],
-        folder=folder,
-        manifest=manifest,
-    )

@@ -50,16 +50,19 @@ sequential scheme.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .linear import QuantLinear, linear_shape, weight_of
-from .model import check_spec_fits, decoder_blocks, quantizable_layers, set_module
-from .spec import QuantSpec
-from .uniform import UniformWeight, quantize_with, uniform_params
+from restora.quant.blockwise import StopForward, capture_block_inputs, run_block
+from restora.quant.linear import QuantLinear, linear_shape, weight_of
+from restora.quant.model import check_spec_fits, quantizable_layers
+from restora.core.modules import decoder_blocks, set_module
+from restora.quant.spec import QuantSpec
+from restora.quant.uniform import UniformWeight, quantize_with, uniform_params
 
 __all__ = ["gptq_quantize", "gptq_codes", "gptq_quantize_model", "GPTQCodes", "hessian_of"]
 
@@ -194,45 +197,12 @@ def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, spec: QuantSpec) 
 # -- whole model, block by block ------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised by the pre-hook on block 0 once its inputs are captured."""
-
-
-def _capture_block0(
-    model: nn.Module, block0: nn.Module, calibration: list[torch.Tensor], device: torch.device
-) -> list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]]:
-    """(hidden states, other args, kwargs) that block 0 receives for each calibration row."""
-    captured: list[tuple[torch.Tensor, tuple[Any, ...], dict[str, Any]]] = []
-
-    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, tuple(args[1:]), kwargs))
-        raise _StopForward
-
-    handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for ids in calibration:
-            try:
-                model(input_ids=ids.view(1, -1).to(device), use_cache=False)  # (1, T)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block: nn.Module, hidden: torch.Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(hidden, *args, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 class _InputCollector:
     """Forward pre-hooks on a block's linear layers gathering their inputs, once per distinct tensor.
 
     Layers called with the very same tensor object within a row (q/k/v, gate/up) share one
     `leader` whose inputs stand for all of them. Once every layer has seen its input, the rest of
-    the block (the last projection, the residual) is skipped by raising _StopForward.
+    the block (the last projection, the residual) is skipped by raising StopForward.
     """
 
     def __init__(self, layers: dict[str, nn.Module]) -> None:
@@ -247,8 +217,8 @@ class _InputCollector:
         """One calibration row through the float block, hooks gathering."""
         self._row, self._fired = [], set()
         try:
-            _run_block(block, hidden, args, kwargs)
-        except _StopForward:
+            run_block(block, hidden, args, kwargs)
+        except StopForward:
             pass
         self._row = []
 
@@ -264,7 +234,7 @@ class _InputCollector:
                 raise RuntimeError(f"gptq: layer {name} changed which layers share its input between rows")
             self._fired.add(name)
             if len(self._fired) == self._n:
-                raise _StopForward
+                raise StopForward
 
         return fn
 
@@ -287,11 +257,19 @@ def _dense_standin(q: QuantLinear, dtype: torch.dtype) -> nn.Linear:
 
 @torch.no_grad()
 def gptq_quantize_model(
-    model: nn.Module, spec: QuantSpec, calibration: list[torch.Tensor], progress: bool = True
+    model: nn.Module,
+    spec: QuantSpec,
+    calibration: list[torch.Tensor],
+    progress: bool = True,
+    before_block: Callable[[int, nn.Module], None] | None = None,
+    after_block: Callable[[int, nn.Module], None] | None = None,
 ) -> nn.Module:
     """Replace every decoder linear layer of `model` by a GPTQ QuantLinear, in place.
 
     `calibration` is a list of 1-D token-id tensors (any lengths). Returns the model.
+    Block by block: `before_block(b, block)` runs first (a streaming load fills the block's float weights there,
+    restora.models.stream, so only that block's are ever resident), `after_block(b, block)` once it is quantized.
+    The calibration rows' hidden states are carried from block to block in the model's dtype.
     """
     if spec.format != "gptq":
         raise ValueError(f"gptq_quantize_model needs a gptq spec, got format {spec.format!r}")
@@ -310,9 +288,11 @@ def gptq_quantize_model(
     was_training = model.training
     model.eval()
     try:
-        rows = _capture_block0(model, blocks[0], calibration, device)
+        rows = capture_block_inputs(model, blocks[0], calibration, device)
         bar = tqdm(total=len(names), desc=f"gptq {spec.label()}", disable=not progress, leave=False)
         for b, block in enumerate(blocks):
+            if before_block is not None:
+                before_block(b, block)
             mine = [n for n in names if n.startswith(f"{prefix}.{b}.")]
             layers = {n: model.get_submodule(n) for n in mine}
             collector = _InputCollector(layers)
@@ -346,9 +326,12 @@ def gptq_quantize_model(
 
             for n, q in quantized.items():  # outputs of the quantized block feed the next block
                 set_module(model, n, _dense_standin(q, layers[n].weight.dtype))
-            rows = [(_run_block(block, hidden, args, kwargs), args, kwargs) for hidden, args, kwargs in rows]
+            rows = [(run_block(block, hidden, args, kwargs), args, kwargs) for hidden, args, kwargs in rows]
             for n, q in quantized.items():
                 set_module(model, n, q)
+            del layers
+            if after_block is not None:
+                after_block(b, block)
         bar.close()
     finally:
         model.train(was_training)

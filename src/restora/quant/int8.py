@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from .base import QuantizedWeight
+from restora.quant.base import QuantizedWeight
 
 __all__ = ["Int8Weight"]
 
@@ -39,10 +39,12 @@ class Int8Weight(QuantizedWeight):
     def quantize(cls, weight: torch.Tensor, blocksize: int = 64) -> "Int8Weight":
         out_f, in_f = weight.shape
         q = cls(out_f, in_f, blocksize).to(weight.device)
-        w = weight.detach().float().view(out_f, -1, q._group)  # (out, groups, group)
-        scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
-        q.q.copy_(torch.round(w / scale).clamp(-127, 127).view(out_f, in_f))
-        q.scale.copy_(scale.squeeze(-1))
+        step = max(1, (1 << 20) // in_f)  # rows at a time: fp32 temporaries of ~1M weights, not of the whole weight
+        for r in range(0, out_f, step):
+            w = weight[r : r + step].detach().float().view(-1, in_f // q._group, q._group)  # (rows, groups, group)
+            scale = w.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 127.0
+            q.q[r : r + step] = torch.round(w / scale).clamp(-127, 127).view(-1, in_f)
+            q.scale[r : r + step] = scale.squeeze(-1)
         return q
 
     def dequantize(self, dtype: torch.dtype = torch.float32, start: int = 0, stop: int | None = None) -> torch.Tensor:

@@ -14,11 +14,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import QuantizedWeight
-from .int8 import Int8Weight
-from .nf4 import NF4Weight
-from .spec import QuantSpec
-from .uniform import UniformWeight, rtn_quantize
+from restora.quant.base import QuantizedWeight
+from restora.quant.int8 import Int8Weight
+from restora.quant.nf4 import NF4Weight
+from restora.quant.spec import QuantSpec
+from restora.quant.uniform import UniformWeight, rtn_quantize
 
 __all__ = ["QuantLinear", "quantize_weight", "empty_weight", "weight_of", "linear_shape", "is_linear"]
 
@@ -62,7 +62,8 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Module, spec: QuantSpec) -> "QuantLinear":
-        w = weight_of(linear)
+        # the weight as held (every format reads it in fp32 a chunk at a time), not an fp32 copy of all of it
+        w = linear.weight.detach() if isinstance(linear, nn.Linear) else weight_of(linear)
         bias = getattr(linear, "bias", None)
         return cls(quantize_weight(w, spec), bias)
 

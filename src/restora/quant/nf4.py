@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from . import dequant4, int4_kernel
-from .base import QuantizedWeight
-from .packing import interleave
+from restora.kernels import dequant4, int4
+from restora.quant.base import QuantizedWeight
+from restora.quant.packing import interleave
 
 __all__ = ["NF4_CODE", "FP4_CODE", "dynamic_map", "quantize_blockwise", "NF4Weight"]
 
@@ -104,9 +104,28 @@ def quantize_blockwise_8bit(x: torch.Tensor, code: torch.Tensor, blocksize: int)
     return idx.to(torch.uint8), absmax
 
 
+CHUNK_BLOCKS = 16384  # blocks quantized at once: bounds the fp32 / int64 temporaries (~30 B a weight) to ~30 MB
+
+
 def quantize_blockwise(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat blockwise absmax quantization of `x` to indices into `code` (any tail block)."""
-    flat = x.reshape(-1).float()
+    """Flat blockwise absmax quantization of `x` to indices into `code` (any tail block).
+
+    Blocks are independent, so they are quantized CHUNK_BLOCKS at a time: the same codes, without temporaries the
+    size of the whole weight (a 58M-weight layer would otherwise need ~1.6 GB for a moment)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    nblocks = -(-n // blocksize)
+    idx = torch.empty(n, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(nblocks, dtype=torch.float32, device=x.device)
+    for b0 in range(0, nblocks, CHUNK_BLOCKS):
+        b1 = min(nblocks, b0 + CHUNK_BLOCKS)
+        lo, hi = b0 * blocksize, min(n, b1 * blocksize)
+        idx[lo:hi], absmax[b0:b1] = _quantize_blocks(flat[lo:hi].float(), code, blocksize)
+    return idx, absmax
+
+
+def _quantize_blocks(flat: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """quantize_blockwise of one fp32 run of whole blocks (the last may be a tail)."""
     n = flat.numel()
     nblocks = -(-n // blocksize)
     padded = torch.nn.functional.pad(flat, (0, nblocks * blocksize - n))
@@ -206,7 +225,7 @@ class NF4Weight(QuantizedWeight):
         absmax = self.block_absmax()[start * per_row : stop * per_row].view(stop - start, per_row, 1)
         return (vals * absmax).view(stop - start, self.in_features).to(dtype)
 
-    # Inference fast path: restora's AMX int4 kernel (int4_kernel.py) with the code table as its levels, for
+    # Inference fast path: restora's AMX int4 kernel (int4.py) with the code table as its levels, for
     # bf16 inputs on CPU, any number of rows; otherwise every call dequantizes the whole weight. Its layout of
     # the codes (as large as the codes, plus fp32 absmax) is kept by QuantizedWeight._layout.
     LAYOUTS = ("_amx",)
@@ -216,21 +235,21 @@ class NF4Weight(QuantizedWeight):
             return None
         if torch.compiler.is_compiling() and getattr(self, "_amx", None) is None:
             return None  # a graph uses only layouts built before it (compiled training): no guard on the rows
-        if x.numel() // self.in_features > int4_kernel.max_rows():
+        if x.numel() // self.in_features > int4.max_rows():
             return None
         layout = self._layout("_amx", self._build_amx)
-        return None if layout is None else int4_kernel.linear(x, layout, self.out_features, self.blocksize, self.code)
+        return None if layout is None else int4.linear(x, layout, self.out_features, self.blocksize, self.code)
 
     def _amx_fits(self) -> bool:
-        return (self.codes.device.type == "cpu" and int4_kernel.available()
-                and int4_kernel.supports_shape(self.out_features, self.in_features, self.blocksize))
+        return (self.codes.device.type == "cpu" and int4.available()
+                and int4.supports_shape(self.out_features, self.in_features, self.blocksize))
 
     @torch.no_grad()
     def _build_amx(self) -> tuple[torch.Tensor, torch.Tensor]:
         with torch.autocast("cpu", enabled=False):
             idx = interleave([self.codes >> 4, self.codes & 0xF]).reshape(self.out_features, self.in_features)
             absmax = self.block_absmax().reshape(self.out_features, -1)  # (out, blocks per row)
-            return int4_kernel.pack(idx, absmax, None, self.blocksize)
+            return int4.pack(idx, absmax, None, self.blocksize)
 
     def prepare_fast(self) -> None:
         if self._amx_fits():

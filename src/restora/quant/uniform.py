@@ -20,11 +20,19 @@ from typing import Any
 
 import torch
 
-from . import dequant4, int4_kernel
-from .base import QuantizedWeight
-from .packing import pack_codes, unpack_codes
+from restora.kernels import dequant4, int4
+from restora.quant.base import QuantizedWeight
+from restora.quant.packing import pack_codes, unpack_codes
 
-__all__ = ["UniformWeight", "uniform_params", "quantize_with", "rtn_quantize"]
+__all__ = ["chunk_rows", "UniformWeight", "uniform_params", "quantize_with", "rtn_quantize"]
+
+
+CHUNK_WEIGHTS = 1 << 20  # weights quantized or packed at once (their fp32 / int64 temporaries: ~10-20 MB)
+
+
+def chunk_rows(in_features: int) -> int:
+    """Rows of an (out, in) weight per chunk of about CHUNK_WEIGHTS weights."""
+    return max(1, CHUNK_WEIGHTS // in_features)
 
 
 def uniform_params(w: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,7 +97,9 @@ class UniformWeight(QuantizedWeight):
         """Pack integer codes (out, in) with per-group scales/zeros (out, groups)."""
         out_f, in_f = codes.shape
         q = cls(out_f, in_f, bits, group_size, method, act_order=g_idx is not None).to(codes.device)
-        q.qweight.copy_(pack_codes(codes.to(torch.uint8), bits))
+        step = chunk_rows(in_f)
+        for r in range(0, out_f, step):  # rows pack independently; chunks bound 3-bit packing's int64 temporaries
+            q.qweight[r : r + step] = pack_codes(codes[r : r + step].to(torch.uint8), bits)
         q.scales.copy_(scales.half())
         q.zeros.copy_(zeros.to(torch.uint8))
         if g_idx is not None:
@@ -118,7 +128,7 @@ class UniformWeight(QuantizedWeight):
     # Inference fast paths for 4-bit codes and bf16 inputs on CPU, each keeping its own layout of the codes
     # (QuantizedWeight._layout: built on first eager use or by prepare_fast, and kept; the size of the codes,
     # plus scales). One of them per layer:
-    # - restora's int4 kernel (int4_kernel.py) wherever it runs (AVX-512 BF16), for as many rows as it takes
+    # - restora's int4 kernel (int4.py) wherever it runs (AVX-512 BF16), for as many rows as it takes
     #   (`max_rows`: any with AMX; up to VEC_MAX_ROWS without), prompts included: with AMX its cost barely grows
     #   (SmolLM2-135M's block layers, 2 threads: 5.6 ms for 2 rows, 6.2 for 8, 76 for 640, against 8.4, 10.6
     #   and -- dequantize + matmul -- 234 before), and its vector path matches torch's one-row kernel;
@@ -133,9 +143,9 @@ class UniformWeight(QuantizedWeight):
         if kernel and torch.compiler.is_compiling() and getattr(self, "_amx", None) is None:
             return None  # a graph uses only layouts built before it (compiled training): no guard on the rows
         rows = x.numel() // self.in_features
-        if kernel and rows <= int4_kernel.max_rows():
+        if kernel and rows <= int4.max_rows():
             layout = self._layout("_amx", self._build_amx)
-            return None if layout is None else int4_kernel.linear(x, layout, self.out_features, self._group)
+            return None if layout is None else int4.linear(x, layout, self.out_features, self._group)
         if kernel or rows > self.FAST_ROWS or not self._gemv_fits():
             return None
         layout = self._layout("_int4pack", self._build_gemv)
@@ -145,8 +155,8 @@ class UniformWeight(QuantizedWeight):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def _amx_fits(self) -> bool:
-        return (self.bits == 4 and not self.act_order and self.qweight.device.type == "cpu" and int4_kernel.available()
-                and int4_kernel.supports_shape(self.out_features, self.in_features, self._group))
+        return (self.bits == 4 and not self.act_order and self.qweight.device.type == "cpu" and int4.available()
+                and int4.supports_shape(self.out_features, self.in_features, self._group))
 
     def _gemv_fits(self) -> bool:
         return (self.bits == 4 and not self.act_order and self.qweight.device.type == "cpu"
@@ -157,7 +167,7 @@ class UniformWeight(QuantizedWeight):
     @torch.no_grad()
     def _build_amx(self) -> tuple[torch.Tensor, torch.Tensor]:
         codes = unpack_codes(self.qweight, 4, self.in_features)  # (out, in)
-        return int4_kernel.pack(codes, self.scales, self.zeros, self._group)
+        return int4.pack(codes, self.scales, self.zeros, self._group)
 
     @torch.no_grad()
     def _build_gemv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,7 +203,13 @@ def rtn_quantize(weight: torch.Tensor, bits: int, group_size: int = 64) -> Unifo
     """Round-to-nearest: each group's own min/max grid, every weight to its nearest level."""
     out_f, in_f = weight.shape
     g = in_f if group_size == -1 else group_size
-    w = weight.detach().float().view(out_f, in_f // g, g)  # (out, groups, group)
-    scale, zero = uniform_params(w, bits)  # (out, groups)
-    codes = quantize_with(w, scale.unsqueeze(-1), zero.unsqueeze(-1), bits).view(out_f, in_f)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=weight.device)
+    scale = torch.empty(out_f, in_f // g, device=weight.device)
+    zero = torch.empty(out_f, in_f // g, device=weight.device)
+    step = chunk_rows(in_f)
+    for r in range(0, out_f, step):  # rows are independent: fp32 temporaries of a chunk, not of the whole weight
+        w = weight[r : r + step].detach().float().view(-1, in_f // g, g)  # (rows, groups, group)
+        scale[r : r + step], zero[r : r + step] = uniform_params(w, bits)  # (rows, groups)
+        codes[r : r + step] = quantize_with(w, scale[r : r + step].unsqueeze(-1), zero[r : r + step].unsqueeze(-1),
+                                            bits).view(-1, in_f)
     return UniformWeight.from_codes(codes, scale, zero, bits, group_size, "rtn")

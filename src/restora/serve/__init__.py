@@ -1,9 +1,6 @@
-"""Serving: an OpenAI-compatible HTTP API over one base and many LoRA adapters (restora serve).
+"""Serving: an OpenAI-compatible HTTP API over one base and many LoRA adapters (`restora serve`).
 
 app.py (FastAPI endpoints), engine.py (continuous batching across adapters),
-adapters_root.py (safe adapter names, LRU residency), command.py (the `serve` command).
+adapters_root.py (safe adapter names, LRU residency), server.py (builds the app for a model, a budget and an
+adapter root). The command itself is restora.commands.serving.
 """
-
-from .command import build_server, serve
-
-__all__ = ["serve", "build_server"]

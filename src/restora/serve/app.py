@@ -28,8 +28,8 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .adapters_root import AdapterBusyError, AdapterPathError
-from .engine import Engine, EngineStoppedError, QueueFullError, Request as GenRequest, SamplingParams
+from restora.serve.adapters_root import AdapterBusyError, AdapterPathError
+from restora.serve.engine import Engine, EngineStoppedError, QueueFullError, Request as GenRequest, SamplingParams
 
 __all__ = ["ServeLimits", "ServerInfo", "APIError", "create_app"]
 

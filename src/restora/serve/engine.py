@@ -18,7 +18,7 @@ zeros to max(T, T') (mask 0 there), like the running cache, and concatenated on 
 axis. Every row keeps its own position ids, so a row decodes as it would alone: masked
 columns contribute nothing to attention. Columns no row uses any more are cut off the left
 when rows leave. This is exact up to float summation order, which is why greedy output
-through the server equals restora.generate.greedy_generate.
+through the server equals restora.infer.generate.greedy_generate.
 
 Rows finish at EOS, at a stop string (text cut before it), or after max_tokens; sampling is
 per row: temperature 0 = greedy (argmax), else softmax(logits / T) restricted to the top-p
@@ -40,9 +40,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..generate import greedy_tokens
-from ..packed import can_pack, packed_linears
-from .adapters_root import ResidentAdapters
+from restora.infer.generate import greedy_tokens
+from restora.kernels.packed import can_pack, packed_linears
+from restora.serve.adapters_root import ResidentAdapters
 
 __all__ = ["SamplingParams", "EngineConfig", "Request", "Engine", "QueueFullError", "EngineStoppedError"]
 
@@ -84,7 +84,7 @@ class EngineConfig:
     max_batch: int = 32  # rows decoded together
     max_queue: int = 256  # requests waiting to join the batch
     max_prefill_tokens: int = 2048  # rows x padded length of one prefill (one longer prompt still goes alone)
-    bf16: bool = True  # bf16 autocast on CPU, as restora.generate
+    bf16: bool = True  # bf16 autocast on CPU, as restora.infer.generate
 
     def __post_init__(self) -> None:
         if min(self.max_batch, self.max_queue, self.max_prefill_tokens) < 1:
@@ -226,7 +226,7 @@ class Engine:
             self._serve()
 
     def _packed_head(self) -> AbstractContextManager[int]:
-        """The LM head as a packed bf16 copy while the engine runs (restora.packed), on a CPU with bf16 under
+        """The LM head as a packed bf16 copy while the engine runs (restora.kernels.packed), on a CPU with bf16 under
         autocast: otherwise every step casts a float head anew (57 MB for SmolLM2's tied fp32 head; the planner's
         "LM head bf16 copy" item). The decoder's layers stay as they are: packing them would copy the base."""
         decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None

@@ -1,0 +1,229 @@
+"""restora at the sizes users fine-tune: Llama-3.2-1B, 3.2-3B and 3.1-8B shapes, stage by stage, peak RSS.
+
+The models have random bf16 weights (vocab 49,152 so SmolLM2's tokenizer fits) and are written shard by shard,
+never whole in memory. Their quality numbers mean nothing, so none is reported.
+
+Each stage runs in a fresh process; its peak RSS comes from wait4's rusage, its wall time from the clock:
+
+    quantize-nf4     restora quantize MODEL --format nf4 --eval-samples 0
+    quantize-gptq4   restora quantize MODEL --format gptq --bits 4 --calib-samples 16
+    train-nf4        restora train MODEL --format nf4 (the given steps, micro-batch and length)
+    restore-8        restora restore ADAPTER --bits 8      (int8 base rebuilt by streaming the source)
+    restore-16       restora restore ADAPTER --bits 16     (the source dtype: bf16)
+    serve            restora serve start-up and one chat completion
+    peer-bnb-load    transformers + bitsandbytes load_in_4bit on the CPU
+    peer-peft-train  PEFT LoRA on that bitsandbytes model, the same steps
+
+Beside each restora stage, the planner's figure (`restora plan --mode train|serve|quantize`) and
+measured / planned.
+
+    python benchmarks/scale.py --shapes 1b [3b 8b] [--stages ...] [--root /tmp/restora-scale]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+SHAPES = {  # Llama-3.2-1B, Llama-3.2-3B, Llama-3.1-8B, with SmolLM2's vocabulary
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=True),
+    "3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+               num_key_value_heads=8, tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, tie_word_embeddings=False),
+}
+VOCAB = 49_152
+SHARD_BYTES = 1 << 30
+STAGES = ["quantize-nf4", "quantize-gptq4", "train-nf4", "restore-8", "restore-16", "serve", "peer-bnb-load",
+          "peer-peft-train"]
+GiB = 1 << 30
+
+
+def write_model(shape: str, folder: Path) -> Path:
+    """A random-weight Llama of `shape` in bf16 safetensors shards (one shard's tensors in memory at a time)."""
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from restora.models.load import resolve_source
+    from restora.models.stream import empty_model
+
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    config = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, rope_theta=500000.0, torch_dtype="bfloat16",
+                         bos_token_id=1, eos_token_id=2, **SHAPES[shape])
+    model = empty_model(config, torch.bfloat16)  # names and shapes only: every parameter on meta
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    g = torch.Generator().manual_seed(0)
+    shard: dict[str, torch.Tensor] = {}
+    weight_map: dict[str, str] = {}
+    size = total = 0
+    files: list[str] = []
+
+    def flush() -> None:
+        nonlocal shard, size
+        name = f"model-{len(files) + 1:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        files.append(name)
+        weight_map.update({k: name for k in shard})
+        shard, size = {}, 0
+
+    for name, p in model.state_dict().items():
+        if name in tied:
+            continue
+        if name.endswith("norm.weight"):
+            t = torch.ones(p.shape, dtype=torch.bfloat16)
+        else:
+            t = (torch.randn(p.shape, generator=g) * 0.02).to(torch.bfloat16)
+        nbytes = t.numel() * 2
+        if shard and size + nbytes > SHARD_BYTES:
+            flush()
+        shard[name] = t
+        size += nbytes
+        total += nbytes
+    flush()
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    config.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(resolve_source("smollm2-135m")).save_pretrained(folder)
+    return folder
+
+
+def run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
+    """`cmd` under /usr/bin/time -v: peak RSS as the kernel counts it (Maximum resident set size)."""
+    t0 = time.perf_counter()
+    wrapped = ["/usr/bin/time", "-v", *cmd]
+    try:
+        p = subprocess.run(wrapped, env=env, capture_output=True, text=True, timeout=timeout)
+        out, err, code = p.stdout, p.stderr, p.returncode
+    except subprocess.TimeoutExpired as e:
+        out, err, code = str(e.stdout or ""), str(e.stderr or ""), -9
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", err)
+    return {"seconds": time.perf_counter() - t0, "peak_rss": int(m.group(1)) * 1024 if m else None, "code": code,
+            "tail": (out + err)[-3000:]}
+
+
+def plan_figure(args: list[str], env: dict[str, str]) -> int | None:
+    """The total of `restora plan ...` (bytes)."""
+    p = subprocess.run([sys.executable, "-m", "restora", "plan", *args], env=env, capture_output=True, text=True)
+    m = re.search(r"^\s*total\s+([\d.]+) (GiB|MiB)", p.stdout, re.M)
+    if not m:
+        print(p.stdout[-1500:], p.stderr[-1500:], file=sys.stderr)
+        return None
+    return int(float(m.group(1)) * (GiB if m.group(2) == "GiB" else 1 << 20))
+
+
+PEER_LOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=q, device_map="cpu", dtype=torch.bfloat16)
+print("loaded", sum(p.numel() for p in m.parameters()))
+"""
+
+PEER_TRAIN = """
+import sys, time, torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+m = AutoModelForCausalLM.from_pretrained(sys.argv[1], quantization_config=q, device_map="cpu", dtype=torch.bfloat16)
+m = get_peft_model(m, LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=2e-4)
+steps, batch, length = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+ids = torch.randint(0, 49152, (batch, length))
+for _ in range(steps):
+    t = time.perf_counter()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(input_ids=ids, labels=ids).loss
+    loss.backward(); opt.step(); opt.zero_grad()
+    print("step", time.perf_counter() - t, loss.item(), flush=True)
+"""
+
+
+def stages(model: Path, work: Path, args: argparse.Namespace) -> dict[str, tuple[list[str], list[str] | None]]:
+    """stage -> (command, plan arguments or None)."""
+    py = [sys.executable, "-m", "restora"]
+    train = ["--format", "nf4", "--task", "gsm8k", "--batch-size", str(args.batch), "--micro-batch-size",
+             str(args.batch), "--max-len", str(args.seq), "--targets", "attn", "--max-steps", str(args.steps),
+             "--val-samples", "8", "--max-samples", str(max(8, args.batch * args.steps))]
+    adapter = work / "adapter"
+    plan_common = [str(model), "--budget", "24GiB", "--targets", "attn", "--float-dtype", "bf16"]
+    return {
+        "quantize-nf4": ([*py, "quantize", str(model), "--format", "nf4", "--eval-samples", "0", "--out",
+                          str(work / "nf4")], [*plan_common, "--mode", "quantize", "--format", "nf4"]),
+        "quantize-gptq4": ([*py, "quantize", str(model), "--format", "gptq", "--bits", "4", "--calib-samples", "16",
+                            "--calib-max-len", "128", "--eval-samples", "0", "--out", str(work / "gptq4")],
+                           [*plan_common, "--mode", "quantize", "--format", "gptq", "--calib-samples", "16",
+                            "--seq-len", "128"]),
+        "train-nf4": ([*py, "train", str(model), *train, "--out", str(adapter)],
+                      [*plan_common, "--mode", "train", "--format", "nf4", "--batch-size", str(args.batch),
+                       "--seq-len", str(args.seq)]),
+        "restore-8": ([*py, "restore", str(adapter), "--model", str(model), "--bits", "8", "--out",
+                       str(work / "plr8")], None),
+        "restore-16": ([*py, "restore", str(adapter), "--model", str(model), "--bits", "16", "--out",
+                        str(work / "plr16")], None),
+        "peer-bnb-load": ([sys.executable, "-c", PEER_LOAD, str(model)], None),
+        "peer-peft-train": ([sys.executable, "-c", PEER_TRAIN, str(model), str(args.steps), str(args.batch),
+                             str(args.seq)], None),
+    }
+
+
+def fmt(n: float | None) -> str:
+    return "-" if n is None else f"{n / GiB:.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="+", default=["1b"], choices=list(SHAPES))
+    ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
+    ap.add_argument("--root", default="/tmp/restora-scale")
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--timeout", type=float, default=7200)
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
+    results = []
+    for shape in args.shapes:
+        t0 = time.perf_counter()
+        model = write_model(shape, Path(args.root) / f"llama-{shape}")
+        print(f"# {shape}: model at {model} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        work = Path(args.root) / f"work-{shape}"
+        work.mkdir(parents=True, exist_ok=True)
+        table = stages(model, work, args)
+        for stage in args.stages:
+            if stage == "serve":
+                continue  # measured by benchmarks/serve.py's harness; not part of this table yet
+            cmd, plan_args = table[stage]
+            if "--out" in cmd:
+                shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)  # each run starts from nothing
+            r = run_measured(cmd, env, args.timeout)
+            planned = plan_figure(plan_args, env) if plan_args else None
+            row = {"shape": shape, "stage": stage, **r, "planned": planned,
+                   "command": " ".join(shlex.quote(c) for c in cmd[2:] if "\n" not in c)}
+            results.append(row)
+            ratio = f"{r['peak_rss'] / planned:.2f}" if planned and r["peak_rss"] else "-"
+            status = "ok" if r["code"] == 0 else f"FAILED ({r['code']})"
+            print(f"| {shape} | {stage} | {fmt(r['peak_rss'])} | {fmt(planned)} | {ratio} | {r['seconds']:.0f} | "
+                  f"{status} |", flush=True)
+            if r["code"] != 0:
+                print(r["tail"], file=sys.stderr, flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

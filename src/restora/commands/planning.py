@@ -1,0 +1,90 @@
+"""`restora plan`: memory for training at k bits or serving at l bits (PLR) within a budget, from the config alone."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from transformers import AutoConfig
+
+from restora.models.load import resolve_source
+from restora.restore.plan import MemoryPlan, format_bytes, parse_budget, plan_memory
+from restora.restore.plan_choice import best_train_setting, choose_plan, compiles, serve_candidates, train_candidates
+
+__all__ = ["plan"]
+
+
+def plan(
+    model: str,
+    budget: str = "8GiB",
+    mode: Literal["train", "serve"] = "serve",
+    format: Literal["auto", "float", "nf4", "fp4", "int8", "rtn", "gptq"] = "auto",
+    group_size: int = 64,
+    float_dtype: Literal["fp32", "bf16"] = "fp32",
+    adapter: Literal["lora", "ia3"] = "lora",
+    rank: int = 16,
+    targets: str = "all",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    adapters: int = 1,
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
+    grad_checkpointing: bool = False,
+    compile: Literal["auto", "on", "off"] = "auto",
+    dropout: float = 0.0,
+) -> int:
+    """Plan memory for training at k bits or serving at l bits (PLR) within BUDGET, from the config alone.
+
+    Args:
+        model: hub id, local HF folder, .gguf file, or smollm2-135m (only config.json is read).
+        budget: memory available, e.g. 8GiB, 512MiB, 4GB, or bytes.
+        mode: serve (pick the highest restore bits l that fits) or train (which k, rank, micro-batch fit).
+        format: restrict the candidates to one format family (auto: float, int8, nf4, rtn 4/3/2).
+        group_size: quantization group size.
+        float_dtype: storage of embeddings, norms, LM head and float bases (restora loads fp32 on CPU;
+            `restora train` with bf16 on, its default, holds them in bf16 for every base: plan it with bf16).
+        adapter: lora or ia3.
+        rank: LoRA rank r.
+        targets: attn (q,k,v,o) or all (every linear layer of the blocks).
+        batch_size: serve: concurrent sequences; train: micro-batch rows.
+        seq_len: tokens per sequence (serve: prompt + generated, all of it prompt in the worst case).
+        adapters: serve: adapters held at once.
+        optimizer: train: adamw (fp32 moments) or adamw8bit.
+        grad_checkpointing: train: recompute decoder activations in the backward pass.
+        compile: train: plan compiled blocks (as `restora train --compile`); auto = on for models of 50M+
+            parameters when a C++ compiler is installed, as restora train decides.
+        dropout: train: LoRA dropout (restora train's default is 0; dropout keeps a noise mask per adapter input).
+    """
+    limit = parse_budget(budget)
+    config = AutoConfig.from_pretrained(str(resolve_source(model)))
+    kw: dict[str, Any] = dict(group_size=group_size, float_dtype=float_dtype, adapter=adapter, rank=rank,
+                              targets=targets, seq_len=seq_len)
+    fmt = None if format == "auto" else format
+    print(f"{model}: {mode}, budget {format_bytes(limit)}")
+    if mode == "serve":
+        plans = serve_candidates(config, fmt, batch_size=batch_size, adapters=adapters, **kw)
+        for p in plans:
+            print(f"  {p.label:<60} {format_bytes(p.total):>10}  {'fits' if p.total <= limit else '-'}")
+        chosen = choose_plan(plans, limit)
+        print(f"\nPLR choice: restore to {chosen.label.split(' base')[0]} (l = {chosen.bits})\n")
+        print(chosen.table(limit))
+        return 0
+    kw.update(optimizer=optimizer, compiled=compiles(compile, config), dropout=dropout)
+    asked = train_candidates(config, fmt, batch_size=batch_size, grad_checkpointing=grad_checkpointing, **kw)
+    print(f"  {'base k':<14} {'as asked':>10}  {'fits with':<30} {'largest rank':>12}")
+    best: list[MemoryPlan] = []
+    for p in asked:
+        opt = best_train_setting(config, p.format, p.bits, batch_size, grad_checkpointing, limit, **kw)
+        how, top_rank = "-", "-"
+        if opt is not None:
+            best.append(opt)
+            s = opt.settings
+            how = f"micro-batch {s['batch_size']}{', checkpointing' if s['grad_checkpointing'] else ''}"
+            ranks = [r for r in (2**i for i in range(9)) if plan_memory(config, **{**s, "rank": r}).total <= limit]
+            top_rank = str(max(ranks)) if ranks else "-"
+        name = p.label.split(" base")[0]
+        print(f"  {name:<14} {format_bytes(p.total):>10}  {how:<30} {top_rank:>12}")
+    if not best:  # the smallest plan there is: 2-bit base, micro-batch 1, checkpointing
+        choose_plan(train_candidates(config, fmt, batch_size=1, grad_checkpointing=True, **kw), limit)
+    chosen = best[0]
+    print(f"\ntraining base k = {chosen.bits}: {chosen.label}\n")
+    print(chosen.table(limit))
+    return 0

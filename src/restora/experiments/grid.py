@@ -1,0 +1,315 @@
+"""The PLR experiment grid: methods × train bits × restore bits × tasks (× seeds).
+
+    for each (task, method, train bits k, seed):       one training run ("unit")
+        train an adapter on the k-bit base             (skipped when already done)
+        for each restore level l in {k} ∪ {l ≥ k}:     one evaluation ("cell")
+            evaluate the same adapter on the l-bit base (skipped when already done)
+
+Quantized bases are cached by restora.models.bases (one quantization per model/format/bits),
+every unit and cell writes its result atomically, and a rerun skips finished work, so a
+killed grid resumes. `--shard i/n` (or a Slurm / PBS array index) runs every n-th unit.
+`collect` merges whatever cells exist into results.csv / results.json, a table laid out
+like seed 000's Table 1, and plr.png.
+
+Config (TOML):
+
+    model = "smollm2-135m"
+    tasks = ["sql"]
+    seeds = [0]
+    restore_bits = [3, 4, 8, 16]          # l levels tried above each k
+    [[methods]]                           # one entry per method
+    name = "gptq"  format = "gptq"  bits = [4, 3]  init = "default"
+    train = { epochs = 3, targets = "all" }   # optional: this method's overrides of [train]
+    [train]                               # restora train settings (rank, alpha, targets, epochs, lr, ...)
+    [eval]                                # split, limit, max_new_tokens, batch_size, generate, compile
+                                          # (compile: decoding steps as one compiled graph, compiled once
+                                          # per process and reused by every cell of the same model)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+__all__ = ["GridConfig", "Unit", "load_grid_config", "plan_units", "run_grid", "collect", "parse_shard"]
+
+_TOP = {"model", "tasks", "seeds", "restore_bits", "methods", "train", "eval", "data_dir"}
+_METHOD = {"name", "format", "bits", "init", "group_size", "train"}
+_TRAIN = {
+    "adapter", "rank", "alpha", "dropout", "rslora", "targets", "loftq_iters", "epochs", "max_steps", "lr",
+    "batch_size", "micro_batch_size", "schedule", "warmup_ratio", "optimizer", "bf16", "grad_checkpointing",
+    "compile", "max_samples", "val_samples", "max_len", "chat", "calib_samples",
+}
+_EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize", "restore_modes",
+         "auto_min_gain", "compile"}
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    format: str
+    bits: tuple[int, ...]
+    init: str = "default"
+    group_size: int = 64
+    train: tuple[tuple[str, Any], ...] = ()  # overrides of the config's [train] for this method
+
+
+@dataclass
+class GridConfig:
+    model: str
+    tasks: list[str]
+    methods: list[Method]
+    seeds: list[int] = field(default_factory=lambda: [0])
+    restore_bits: list[int] = field(default_factory=lambda: [16])
+    train: dict[str, Any] = field(default_factory=dict)
+    eval: dict[str, Any] = field(default_factory=dict)
+    data_dir: str | None = None
+
+
+def _check_keys(where: str, got: dict[str, Any], allowed: set[str], path: str) -> None:
+    extra = sorted(set(got) - allowed)
+    if extra:
+        raise ValueError(f"{path}: unknown key {where}{extra[0]!r}: expected one of {sorted(allowed)}")
+
+
+def load_grid_config(path: str | Path) -> GridConfig:
+    """Parse and check a grid TOML file; errors name the offending key."""
+    p = Path(path)
+    try:
+        raw = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"grid config {p} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"{p}: not valid TOML ({e})") from None
+    _check_keys("", raw, _TOP, str(p))
+    for key in ("model", "tasks", "methods"):
+        if key not in raw:
+            raise ValueError(f"{p}: key {key!r} is missing")
+    if not isinstance(raw["tasks"], list) or not raw["tasks"]:
+        raise ValueError(f"{p}: key 'tasks' must be a non-empty list")
+    methods = []
+    for i, m in enumerate(raw["methods"]):
+        _check_keys(f"methods[{i}].", m, _METHOD, str(p))
+        for key in ("name", "format", "bits"):
+            if key not in m:
+                raise ValueError(f"{p}: key methods[{i}].{key} is missing")
+        bits = m["bits"] if isinstance(m["bits"], list) else [m["bits"]]
+        if m["format"] == "float" and bits != [16]:
+            raise ValueError(f"{p}: key methods[{i}].bits must be [16] for format float")
+        overrides = m.get("train", {})
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{p}: key methods[{i}].train must be a table of [train] settings")
+        _check_keys(f"methods[{i}].train.", overrides, _TRAIN, str(p))
+        if any(prev.name == m["name"] for prev in methods):
+            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice: method names must be unique")
+        methods.append(Method(m["name"], m["format"], tuple(int(b) for b in bits), m.get("init", "default"),
+                              int(m.get("group_size", 64)), tuple(sorted(overrides.items()))))
+    _check_keys("train.", raw.get("train", {}), _TRAIN, str(p))
+    _check_keys("eval.", raw.get("eval", {}), _EVAL, str(p))
+    return GridConfig(
+        model=raw["model"], tasks=list(raw["tasks"]), methods=methods, seeds=list(raw.get("seeds", [0])),
+        restore_bits=sorted(int(b) for b in raw.get("restore_bits", [16])), train=dict(raw.get("train", {})),
+        eval=dict(raw.get("eval", {})), data_dir=raw.get("data_dir"),
+    )
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One training run and the restore levels it is evaluated at."""
+
+    task: str
+    method: Method
+    train_bits: int
+    seed: int
+    restore_levels: tuple[int, ...]
+
+    @property
+    def id(self) -> str:
+        return f"{Path(self.task).stem}-{self.method.name}-{self.train_bits}b-s{self.seed}"
+
+
+def plan_units(cfg: GridConfig) -> list[Unit]:
+    units = []
+    for task in cfg.tasks:
+        for method in cfg.methods:
+            for k in method.bits:
+                levels = (k,) + tuple(level for level in cfg.restore_bits if level > k)
+                for seed in cfg.seeds:
+                    units.append(Unit(task, method, k, seed, levels))
+    return units
+
+
+def parse_shard(shard: str | None) -> tuple[int, int]:
+    """'i/n' (0-based i), else SLURM_ARRAY_TASK_ID/COUNT or PBS_ARRAY_INDEX (+ RESTORA_SHARDS), else 0/1."""
+    if shard:
+        try:
+            i, n = (int(x) for x in shard.split("/"))
+        except ValueError:
+            raise ValueError(f"--shard must look like i/n (e.g. 0/4), got {shard!r}") from None
+    elif "SLURM_ARRAY_TASK_ID" in os.environ:
+        i = int(os.environ["SLURM_ARRAY_TASK_ID"]) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        n = int(os.environ.get("SLURM_ARRAY_TASK_COUNT", "1"))
+    elif "PBS_ARRAY_INDEX" in os.environ:
+        i, n = int(os.environ["PBS_ARRAY_INDEX"]), int(os.environ.get("RESTORA_SHARDS", "1"))
+    else:
+        return 0, 1
+    if not 0 <= i < n:
+        raise ValueError(f"shard index {i} is outside 0..{n - 1}")
+    return i, n
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _restore_format(unit: Unit, level: int, cfg: GridConfig) -> str:
+    if level == 16:
+        return "float"
+    if level == unit.train_bits:
+        return "rtn" if unit.method.init == "loftq" and unit.method.format == "gptq" else unit.method.format
+    fmt = cfg.eval.get("restore_format", unit.method.format)
+    from restora.quant.spec import SUPPORTED_BITS
+
+    return fmt if level in SUPPORTED_BITS.get(fmt, ()) else ("int8" if level == 8 else "rtn")
+
+
+def _train_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
+    """The config's [train] settings with this unit's method overrides applied."""
+    return {**cfg.train, **dict(unit.method.train)}
+
+
+def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
+    from restora.train.recipe import train_adapter as train
+
+    folder = out / "adapters" / unit.id
+    done = folder / "restora.json"
+    if done.is_file() and "steps" in (json.loads(done.read_text()).get("metrics") or {}):
+        return folder
+    t0 = time.perf_counter()
+    kwargs = _train_settings(unit, cfg)
+    resume = (folder / "checkpoint" / "trainer.json").is_file()
+    train(cfg.model, out=str(folder), task=unit.task, format=unit.method.format, bits=unit.train_bits,  # type: ignore[arg-type]
+          group_size=unit.method.group_size, init=unit.method.init, seed=unit.seed, resume=resume,  # type: ignore[arg-type]
+          data_dir=cfg.data_dir, **kwargs)
+    _write_json(folder / "grid_train.json", {"train_seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss_bytes()})
+    return folder
+
+
+def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str = "plain") -> dict[str, Any]:
+    from restora.data import task_split
+    from restora.infer.evaluate import evaluate_task
+    from restora.restore.plr import restore_base
+
+    e = cfg.eval
+    fmt = _restore_format(unit, level, cfg)
+    t0 = time.perf_counter()
+    restoration = None
+    if mode == "plain":
+        loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, calib_task=unit.task,
+                                    calib_samples=int(_train_settings(unit, cfg).get("calib_samples", 500)), seed=unit.seed,
+                                    data_dir=cfg.data_dir)
+    else:
+        from restora.restore.modes import RestorationMode, restore_with_mode
+
+        levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
+        rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,),
+                                min_gain=float(cfg.eval.get("auto_min_gain", 0.0)))
+        loaded, info, restoration = restore_with_mode(adapter, level, rmode, fmt if mode != "auto" else None,
+                                                      data_dir=cfg.data_dir, seed=unit.seed)
+        level = int(restoration["restore_bits"])
+    if e.get("materialize", True):  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
+        from restora.restore.plr import dequantize_model
+
+        dequantize_model(loaded.model, torch.bfloat16)
+    rows = task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=e.get("limit"))
+    res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, int(e.get("max_new_tokens", 96)),
+                        int(e.get("batch_size", 8)), generate=bool(e.get("generate", True)),
+                        use_chat_template=bool(_train_settings(unit, cfg).get("chat", False)), progress=False,
+                        compile=bool(e.get("compile", False)))
+    trained = json.loads((adapter / "restora.json").read_text())
+    gt = adapter / "grid_train.json"
+    train_info = json.loads(gt.read_text()) if gt.is_file() else {}
+    return {
+        "unit": unit.id, "task": unit.task, "method": unit.method.name, "init": unit.method.init,
+        "train_format": unit.method.format, "train_bits": unit.train_bits, "train_overrides": dict(unit.method.train), "restore_bits": level,
+        "restore_format": info.restore_spec.format, "restore_mode": mode, "seed": unit.seed,
+        "restoration": {k: v for k, v in (restoration or {}).items()},
+        "metrics": res.get("metrics", {}), "test_log_loss": res["log_loss"], "n": res["n"],
+        "val_loss": (trained.get("metrics") or {}).get("best_val_loss"),
+        "best_epoch": (trained.get("metrics") or {}).get("best_epoch"),
+        "train_seconds": train_info.get("train_seconds"), "eval_seconds": time.perf_counter() - t0,
+        "peak_rss_bytes": _peak_rss_bytes(), "examples": res.get("examples", [])[:2],
+        "compiled_decoding": res["compiled_decoding"],
+    }
+
+
+def run_grid(cfg: GridConfig, out: str | Path, shard: tuple[int, int] = (0, 1), progress: bool = True) -> list[Path]:
+    """Run this shard's units (training once, then every restore level); return the cell files."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    i, n = shard
+    units = [u for j, u in enumerate(plan_units(cfg)) if j % n == i]
+    written = []
+    modes = list(cfg.eval.get("restore_modes", ["plain"]))
+    for u_idx, unit in enumerate(units):
+        wanted = _cells(unit, modes)
+        pending = [(lvl, mode, cid) for lvl, mode, cid in wanted if not (out / "cells" / f"{cid}.json").is_file()]
+        if progress:
+            print(f"[grid {i}/{n}] unit {u_idx + 1}/{len(units)} {unit.id}: {len(pending)} cells to evaluate", flush=True)
+        if pending:
+            adapter = _train_unit(unit, cfg, out)
+            for level, mode, cid in pending:
+                cell = _eval_cell(unit, level, adapter, cfg, mode)
+                _write_json(out / "cells" / f"{cid}.json", cell)
+                if progress:
+                    m = ", ".join(f"{k} {100 * v['value']:.1f}" for k, v in cell["metrics"].items())
+                    print(f"  restore {cell['restore_bits']:>2} bits ({mode}): log loss {cell['test_log_loss']:.4f} {m}",
+                          flush=True)
+        written += [out / "cells" / f"{cid}.json" for _, _, cid in wanted]
+    return written
+
+
+def _cells(unit: Unit, modes: list[str]) -> list[tuple[int, str, str]]:
+    """(restore level, mode, cell id): the own base once, each higher level per mode, auto once."""
+    out = [(unit.train_bits, "plain", f"{unit.id}-l{unit.train_bits}")]
+    for level in unit.restore_levels[1:]:
+        for mode in modes:
+            if mode == "loftq" and unit.method.init != "loftq":
+                continue  # the loftq mode swaps LoftQ's init fit: only LoftQ units have one
+            if mode != "auto":
+                out.append((level, mode, f"{unit.id}-l{level}" + ("" if mode == "plain" else f"-{mode}")))
+    if "auto" in modes and len(unit.restore_levels) > 1:
+        out.append((unit.restore_levels[-1], "auto", f"{unit.id}-auto"))
+    return out
+
+
+def collect(out: str | Path) -> list[dict[str, Any]]:
+    """Merge all cell files under OUT/cells into results.json, results.csv, table.md and plr.png."""
+    from restora.experiments.report import write_reports
+
+    out = Path(out)
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
+    if not cells:
+        raise ValueError(f"{out}/cells holds no results yet: run the grid first")
+    write_reports(cells, out)
+    return cells

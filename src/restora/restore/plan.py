@@ -1,0 +1,414 @@
+"""Memory planner: how much memory a QLoRA training run or a PLR inference server needs.
+
+Post LoRA Restoration (SEEDS 000) picks the training base precision k by training memory
+and the inference base precision l > k by inference memory; the seed leaves open "how much
+spare memory PLR needs". This module answers it from a model's config alone (no weights
+are loaded), itemising:
+
+    train   framework + W0 at k bits + float parts + adapter + gradients + optimizer states
+            + saved activations for a micro-batch (B, T) + the largest backward transient
+    serve   framework + W0 at l bits + float parts + N adapters + KV cache (B, T)
+            + the prefill transient (logits of the whole prompt)
+
+Storage follows restora's formats exactly (quant/nf4.py, int8.py, uniform.py): see
+`linear_bytes`, which tests check against `QuantizedWeight.nbytes()`. Activation counts
+follow what autograd saves in a Llama-style decoder layer under restora's trainer (bf16
+autocast, frozen base whose QuantLinear saves nothing, LoRA saving its input); they were
+checked with `torch.autograd.graph.saved_tensors_hooks`. The framework constant and the
+checks against measured peak RSS are in benchmarks/plan_accuracy.py.
+
+The estimate is of live memory: it assumes freed tensors go back to the OS. glibc's default
+(a dynamic mmap threshold) keeps freed activation memory in the heap, so training RSS grows
+past the plan (by ~40% after two steps on SmolLM2); setting MALLOC_MMAP_THRESHOLD_=131072, or
+`mallopt(M_MMAP_THRESHOLD, 128 KiB)` at start-up, makes the process match it.
+
+The activation counts are those of eager, padded training unless `compiled=True`, which
+counts what compiled blocks (restora.kernels.compiled, the default of `restora train` for 50M+
+parameter models) save: each distinct block input once, the fused loss's bf16 logits and
+gradient, a 4-bit base's dequantized weights, and torch.compile's own state (measured). Rows
+are planned full length, so restora.kernels.unpadded's padding-free forward changes nothing there.
+Choosing among plans (the precision ladder, the budget, `restora plan`) is in
+restora.restore.plan_choice.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+__all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "linear_bytes", "plan_memory"]
+
+# Resident set of Python + torch + transformers + restora + a tokenizer, before any model
+# (benchmarks/plan_accuracy.py, "framework overhead measured", SmolLM2 tokenizer, CPU).
+FRAMEWORK_BYTES = 336 * 2**20
+LOGIT_CHUNK = 1024  # restora.train.loop.LOGIT_CHUNK: label positions projected to the vocabulary at once
+LOGIT_BYTES = 12  # bytes per (label, vocab) entry live while one chunk's CE is differentiated
+# compiled: the head's bf16 logits and bf16 gradient (restora.kernels.head_loss fuses the fp32 softmax in between)
+COMPILED_LOGIT_BYTES = 4
+# torch.compile's in-process state while training compiled blocks (dynamo, inductor, the compiled kernels):
+# the gap between measured peak and the plan without it, SmolLM2 float and RTN4 with checkpointing
+# (benchmarks/plan_accuracy.py, "compiled" rows)
+COMPILE_BYTES = 260 * 2**20
+ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # restora.train.optim8bit: smaller tensors keep fp32 moments
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+Mode = Literal["train", "serve"]
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes that decide memory, read from a transformers config."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    gated_mlp: bool = True  # Llama/Qwen2/Mistral/Gemma: gate, up, down; GPT-2: fc, proj
+    positions: int = 0  # learned position embeddings (GPT-2), else 0
+
+    def __post_init__(self) -> None:
+        for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "vocab"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a transformers PretrainedConfig (Llama-family names, or GPT-2's n_embd/n_layer/n_head)."""
+        get = lambda *names, default=None: next(  # noqa: E731
+            (getattr(config, n) for n in names if getattr(config, n, None) is not None), default
+        )
+        hidden = get("hidden_size", "n_embd")
+        heads = get("num_attention_heads", "n_head")
+        if hidden is None or heads is None or get("num_hidden_layers", "n_layer") is None:
+            raise ValueError(f"model config {type(config).__name__}: cannot find hidden size, heads and layers")
+        gpt2 = getattr(config, "model_type", "") == "gpt2"
+        return cls(
+            hidden=hidden,
+            intermediate=get("intermediate_size", "n_inner", default=None) or 4 * hidden,
+            layers=get("num_hidden_layers", "n_layer"),
+            heads=heads,
+            kv_heads=get("num_key_value_heads", default=heads),
+            head_dim=get("head_dim", default=None) or hidden // heads,
+            vocab=get("vocab_size"),
+            tied=bool(get("tie_word_embeddings", default=True)),
+            gated_mlp=not gpt2,
+            positions=get("n_positions", default=0) if gpt2 else 0,
+        )
+
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, out_features, in_features) of one block's linear layers."""
+        H, I, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
+        attn = [("q_proj", q, H), ("k_proj", kv, H), ("v_proj", kv, H), ("o_proj", H, q)]
+        mlp = [("gate_proj", I, H), ("up_proj", I, H), ("down_proj", H, I)] if self.gated_mlp else [
+            ("up_proj", I, H), ("down_proj", H, I)]
+        return attn + mlp
+
+    def targets(self, targets: str) -> list[tuple[str, int, int]]:
+        """The linear layers of one block an adapter preset wraps (restora.adapters.inject.PRESETS)."""
+        every = self.linears()
+        if targets == "all":
+            return every
+        if targets == "attn":
+            return every[:4]
+        if targets == "ia3":
+            return [t for t in every if t[0] in ("k_proj", "v_proj", "down_proj")]
+        raise ValueError(f"targets must be all, attn or ia3 for planning, got {targets!r}")
+
+    def linear_params(self) -> int:
+        return self.layers * sum(o * i for _, o, i in self.linears())
+
+
+def linear_bytes(out_f: int, in_f: int, format: str, bits: int, group_size: int = 64, double_quant: bool = False,
+                 act_order: bool = False, float_bytes: int = 4) -> int:
+    """Bytes of one (out, in) weight stored by restora's format (QuantizedWeight.nbytes())."""
+    n = out_f * in_f
+    if format == "float":
+        return n * float_bytes
+    if format in ("nf4", "fp4"):  # NF4Weight: packed codes + fp32 absmax (or 8-bit absmax + fp32 scales + offset)
+        blocks = n // group_size
+        scales = blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks
+        return n // 2 + scales
+    groups = 1 if group_size == -1 else in_f // group_size
+    if format == "int8":  # Int8Weight: int8 codes + fp32 scale per group
+        return n + 4 * out_f * groups
+    if format in ("rtn", "gptq"):  # UniformWeight: packed codes + fp16 scale + uint8 zero per group
+        return out_f * (in_f * bits // 8) + 3 * out_f * groups + (4 * in_f if act_order else 0)
+    raise ValueError(f"unknown format {format!r}: expected float, nf4, fp4, int8, rtn or gptq")
+
+
+@dataclass(frozen=True)
+class Item:
+    """One line of a plan: what, how many bytes, and how it was counted."""
+
+    name: str
+    bytes: int
+    note: str = ""
+    transient: bool = False  # live only during part of a step (counted in the peak)
+
+
+@dataclass
+class MemoryPlan:
+    """An itemised estimate of peak resident memory for one setting."""
+
+    mode: str
+    label: str  # e.g. "rtn-4b-g64, LoRA r16 all, micro-batch 8 x 256"
+    format: str
+    bits: int
+    items: list[Item] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(i.bytes for i in self.items)
+
+    @property
+    def static(self) -> int:
+        """Resident before the workload starts: framework, weights and adapters."""
+        return sum(i.bytes for i in self.items if i.name in _STATIC)
+
+    def table(self, budget: int | None = None) -> str:
+        w = max(len(i.name) for i in self.items)
+        rows = [f"{i.name:<{w}}  {format_bytes(i.bytes):>10}  {i.note}" for i in self.items]
+        rows.append(f"{'total (peak)':<{w}}  {format_bytes(self.total):>10}")
+        if budget is not None:
+            verdict = "fits" if self.total <= budget else "does NOT fit"
+            rows.append(f"{'budget':<{w}}  {format_bytes(budget):>10}  {verdict}, {format_bytes(abs(budget - self.total))}"
+                        f" {'spare' if self.total <= budget else 'short'}")
+        return "\n".join(rows)
+
+
+_STATIC = {"framework", "base linear weights", "float weights", "adapter parameters", "adapters"}
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_budget(text: str | int) -> int:
+    """"8GiB", "512MiB", "4GB", "1.5 GiB" or plain bytes -> bytes."""
+    if isinstance(text, int):
+        value = text
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+        unit = m.group(2).lower() if m else ""
+        if not m or unit not in _UNITS:
+            raise ValueError(f"budget {text!r} is not a size: expected e.g. 8GiB, 512MiB, 4GB or a number of bytes")
+        value = int(float(m.group(1)) * _UNITS[unit])
+    if value <= 0:
+        raise ValueError(f"budget {text!r} must be positive")
+    return value
+
+
+def _adapter_params(shape: ModelShape, adapter: str, rank: int, targets: str) -> list[int]:
+    """Element counts of every adapter tensor of one adapter."""
+    if adapter == "lora":
+        return [n for _, o, i in shape.targets(targets) for n in (rank * i, o * rank)] * shape.layers
+    if adapter == "ia3":  # one vector per target: input side for the down projection, else output side
+        return [i if name == "down_proj" else o for name, o, i in shape.targets("ia3")] * shape.layers
+    raise ValueError(f"adapter must be lora or ia3, got {adapter!r}")
+
+
+def _optimizer_bytes(sizes: list[int], optimizer: str) -> int:
+    if optimizer == "adamw":
+        return 8 * sum(sizes)
+    if optimizer in ("adamw8bit", "paged_adamw8bit"):  # 2 uint8 moments + fp32 absmax per 256 (restora.train.optim8bit)
+        return sum(2 * n + 8 * -(-n // ADAM8_BLOCK) if n >= ADAM8_MIN_SIZE else 8 * n for n in sizes)
+    raise ValueError(f"optimizer must be adamw, adamw8bit or paged_adamw8bit, got {optimizer!r}")
+
+
+def _layer_activation_bytes(shape: ModelShape, adapter: str, rank: int, targets: str, act: int, res: int,
+                            dropout: float) -> int:
+    """Bytes autograd saves per token in one decoder layer (no checkpointing)."""
+    H, I, d = shape.hidden, shape.intermediate, shape.head_dim
+    n = 2 * H * res + 2 * 4  # the two RMSNorms: residual input and 1/rms
+    n += (2 * shape.heads + 2 * shape.kv_heads) * d * act + 4 * shape.heads  # SDPA: q, k, v, output, logsumexp
+    n += (3 if shape.gated_mlp else 2) * I * act  # gate and up projections, their activation
+    if adapter == "lora":
+        for _, _, i in shape.targets(targets):  # LoRA A saves its input (cast to the compute dtype), B saves A x
+            n += i * act + rank * act + (4 * i if dropout > 0 else 0)  # CPU dropout keeps an fp32 noise mask
+    else:
+        n += sum(i if name == "down_proj" else o for name, o, i in shape.targets("ia3")) * act
+    return n
+
+
+def _compiled_layer_activation_bytes(shape: ModelShape, adapter: str, rank: int, targets: str, act: int, res: int,
+                                     dropout: float) -> int:
+    """Bytes a compiled block (restora.kernels.compiled) saves per token: each distinct input once.
+
+    Counted with saved_tensors_hooks on SmolLM2 (all-linear LoRA r16, bf16): the two residual
+    inputs of the norms, the two normed inputs (shared by q/k/v and by gate/up), the o_proj
+    input, q, k, v and the attention output, gate, up and the down input, each LoRA A output,
+    two 1/rms values: 18,280 bytes per token and layer, as this formula gives."""
+    if adapter != "lora":
+        return _layer_activation_bytes(shape, adapter, rank, targets, act, res, dropout)
+    H, I, d = shape.hidden, shape.intermediate, shape.head_dim
+    n = 2 * H * res + 2 * 4  # residual inputs of the two norms, their 1/rms
+    n += (2 * H + shape.heads * d) * act  # normed attention and MLP inputs, o_proj input
+    n += (2 * shape.heads + 2 * shape.kv_heads) * d * act  # q, attention output, k, v
+    n += (3 if shape.gated_mlp else 2) * I * act  # gate and up outputs, down input
+    for _, _, i in shape.targets(targets):
+        n += rank * act + (4 * i if dropout > 0 else 0)  # A x; CPU dropout keeps an fp32 noise mask
+    return n
+
+
+def _cached_value_bytes(float_bytes: int, act_bytes: int) -> int:
+    """Bytes per cached V entry in the server's transformers cache. K leaves RoPE in the float dtype (fp32 cos/sin
+    promote it); V is stored as v_proj made it from transformers 5.24 on (bf16 under autocast), in the float dtype
+    before (measured with 5.23 and 5.24: tests/test_plan.py checks the installed one against a real cache)."""
+    try:
+        import transformers
+        from packaging.version import Version
+
+        if Version(transformers.__version__).release < (5, 24):
+            return float_bytes
+    except (ImportError, ValueError):
+        pass
+    return act_bytes
+
+
+def _kernel_layout_bytes(shape: ModelShape, format: str, bits: int, group_size: int) -> int:
+    """What bf16 decoding of a 4-bit base keeps beside the stored weights (restora.kernels.int4, uniform.py):
+    restora's int4 kernel layout (codes + fp32 scales and zeros), or where that kernel cannot run, torch's int4
+    GEMV layout for uniform formats (codes + bf16 scale pairs, smaller). Counted as the kernel's whatever the CPU,
+    so a plan made elsewhere still fits a machine that has the kernel."""
+    if bits != 4 or format not in ("rtn", "gptq", "nf4", "fp4"):
+        return 0
+    n = shape.linear_params()
+    groups = shape.layers * sum(o * (i // (i if group_size == -1 else group_size)) for _, o, i in shape.linears())
+    return n // 2 + groups * 2 * 4
+
+
+def plan_memory(
+    config: Any,
+    mode: Mode = "serve",
+    format: str = "nf4",
+    bits: int = 4,
+    group_size: int = 64,
+    double_quant: bool = False,
+    float_dtype: str = "fp32",
+    batch_size: int = 8,
+    seq_len: int = 512,
+    adapter: str = "lora",
+    rank: int = 16,
+    targets: str = "all",
+    adapters: int = 1,
+    optimizer: str = "adamw",
+    grad_checkpointing: bool = False,
+    bf16: bool = True,
+    dropout: float = 0.05,
+    prompt_len: int | None = None,
+    framework_bytes: int = FRAMEWORK_BYTES,
+    compiled: bool = False,
+) -> MemoryPlan:
+    """Itemised peak memory of training (base at k = `bits`) or serving (base at l = `bits`).
+
+    config: a transformers config (or a ModelShape). train: one micro-batch of `batch_size`
+    rows x `seq_len` tokens, every position labelled (the worst case). serve: `adapters`
+    adapters, a KV cache of `batch_size` x `seq_len` tokens, prefill of `prompt_len`
+    (default seq_len) tokens. float_dtype: storage of embeddings, norms, LM head (and all
+    weights of a float base). bf16: compute under bf16 autocast, as restora does on CPU.
+    compiled: train with compiled blocks (`restora train --compile`), which save each
+    distinct input once and fuse the loss's element-wise work.
+    """
+    if mode not in ("train", "serve"):
+        raise ValueError(f"mode must be train or serve, got {mode!r}")
+    if float_dtype not in DTYPE_BYTES:
+        raise ValueError(f"float_dtype must be one of {', '.join(DTYPE_BYTES)}, got {float_dtype!r}")
+    for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
+        if v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+    if adapters < 0:
+        raise ValueError(f"adapters must be >= 0, got {adapters}")
+    if format != "float":
+        from restora.quant.spec import QuantSpec
+
+        QuantSpec(format=format, bits=bits, group_size=group_size, double_quant=double_quant)  # one-line errors
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    fb = DTYPE_BYTES[float_dtype]
+    act = 2 if bf16 else fb
+    H, V, L = shape.hidden, shape.vocab, shape.layers
+    label = "float" if format == "float" else f"{format}-{bits}b-g{group_size}" + ("-dq" if double_quant else "")
+    lin = L * sum(linear_bytes(o, i, format, bits, group_size, double_quant, float_bytes=fb) for _, o, i in shape.linears())
+    embed = V * H * (1 if shape.tied else 2) + shape.positions * H
+    norms = (2 * L + 1) * H
+    items = [
+        Item("framework", framework_bytes, "Python, torch, transformers, restora, tokenizer (measured)"),
+        Item("base linear weights", lin, f"{label}: {shape.linear_params() / 1e6:.1f}M weights, "
+             f"{8 * lin / shape.linear_params():.2f} bits each"),
+        Item("float weights", (embed + norms) * fb, f"embeddings{'' if shape.tied else ' + LM head'} + norms, {float_dtype}"),
+    ]
+    sizes = _adapter_params(shape, adapter, rank, targets)
+    what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
+    head_cast = V * H * 2 if bf16 and fb != 2 else 0  # the bf16 copy of a float LM head, kept once made
+    if head_cast:  # kept: the loss's cast in training (restora.kernels.head_loss), the server's packed head (restora.kernels.packed)
+        items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the float head under bf16 autocast"))
+    if mode == "serve":
+        P = seq_len if prompt_len is None else prompt_len
+        items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
+        layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 else 0
+        if layouts:
+            items.append(Item("4-bit kernel layouts", layouts, "codes re-laid for restora's int4 kernel, kept once "
+                              "built: codes + fp32 scales and zeros"))
+        vb = _cached_value_bytes(fb, act)
+        kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + vb)
+        items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
+                          f"{shape.head_dim} x (K at {fb} B + V at {vb} B)"))
+        prefill = batch_size * P * V * act + batch_size * P * (3 * shape.intermediate + 4 * H) * 4
+        items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {P} prompt tokens, "
+                          "one layer's work", transient=True))
+    else:
+        n_params = sum(sizes)
+        items.append(Item("adapter parameters", 4 * n_params, f"{what}: {n_params / 1e6:.2f}M fp32"))
+        items.append(Item("gradients", 4 * n_params, "adapter only, fp32"))
+        items.append(Item("optimizer states", _optimizer_bytes(sizes, optimizer), optimizer))
+        N = batch_size * seq_len
+        layer_bytes = _compiled_layer_activation_bytes if compiled else _layer_activation_bytes
+        per_layer = layer_bytes(shape, adapter, rank, targets, act, fb, dropout)
+        if grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+            saved = N * (L * H * fb + per_layer)
+            note = f"{batch_size} x {seq_len} tokens: layer inputs + one recomputed layer"
+        else:
+            saved = N * L * per_layer
+            note = f"{batch_size} x {seq_len} tokens x {L} layers x {per_layer / 1024:.1f} KiB/token"
+        saved += N * H * (fb + 4)  # final norm input, gathered label hidden states
+        if bf16 and fb != 2:  # autocast keeps a bf16 copy of each trainable weight until backward
+            saved += 2 * n_params
+        if format == "float" and bf16 and fb != 2:  # frozen float layers under autocast save their bf16 weight
+            saved += 2 * shape.linear_params()
+            note += " + bf16 weight copies"
+        elif compiled and format != "float" and not grad_checkpointing:  # compiled blocks keep dequantized weights
+            saved += 2 * shape.linear_params()
+            note += " + dequantized bf16 weights"
+        if compiled:
+            items.append(Item("compiler", COMPILE_BYTES, "torch.compile state in the process (measured)"))
+        items.append(Item("activations", saved, note, transient=True))
+        n_logit = min(batch_size * (seq_len - 1), LOGIT_CHUNK)
+        per_logit = COMPILED_LOGIT_BYTES if compiled else LOGIT_BYTES
+        items.append(Item("loss chunk", n_logit * V * per_logit,
+                          f"{n_logit} label positions x {V} vocab x {per_logit} B", transient=True))
+    settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, batch_size=batch_size, seq_len=seq_len,
+                    rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
+                    grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
+                    bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes,
+                    compiled=compiled)
+    if mode == "serve":
+        desc = f"{label} base, {adapters} x {what}, batch {batch_size} x {seq_len}"
+    else:
+        desc = f"{label} base, {what}, micro-batch {batch_size} x {seq_len}{', checkpointing' if grad_checkpointing else ''}"
+    return MemoryPlan(mode, desc, format, 16 if format == "float" else bits, items, settings)
+
+
+SERVE_LADDER: list[tuple[str, int]] = [("float", 16), ("int8", 8), ("nf4", 4), ("rtn", 4), ("rtn", 3), ("rtn", 2)]
