@@ -1,4 +1,4 @@
-"""How close is restora's memory planner (restora.restore.plan) to measured peak RSS on SmolLM2-135M?
+"""How close is restora's memory planner (restora.plan.memory) to measured peak RSS on SmolLM2-135M?
 
 Each setting runs in a fresh subprocess (one thread), so settings cannot contaminate each
 other. The subprocess builds the model the way restora does (restora.models.bases.build_base,
@@ -172,7 +172,7 @@ def measure(setting: dict) -> dict:
 
 def estimate(setting: dict) -> object:
     from restora.models.load import resolve_source
-    from restora.restore.plan import plan_memory
+    from restora.plan.memory import plan_memory
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(resolve_source(MODEL)))

@@ -114,14 +114,30 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
             "tail": (out + err)[-3000:]}
 
 
-def plan_figure(args: list[str], env: dict[str, str]) -> int | None:
-    """The total of `restora plan ...` (bytes)."""
-    p = subprocess.run([sys.executable, "-m", "restora", "plan", *args], env=env, capture_output=True, text=True)
-    m = re.search(r"^\s*total\s+([\d.]+) (GiB|MiB)", p.stdout, re.M)
-    if not m:
-        print(p.stdout[-1500:], p.stderr[-1500:], file=sys.stderr)
-        return None
-    return int(float(m.group(1)) * (GiB if m.group(2) == "GiB" else 1 << 20))
+def plan_figure(model: Path, stage: str, args: argparse.Namespace) -> int | None:
+    """The planner's peak for a stage, as `restora plan` computes it (restora.plan.memory.plan_memory)."""
+    from transformers import AutoConfig
+
+    from restora.models.bases import CALIB_MAX_LEN
+    from restora.plan.memory import plan_memory
+    from restora.plan.choice import compiles, source_dtype
+
+    config = AutoConfig.from_pretrained(model)
+    src = source_dtype(config)
+    if stage == "quantize-nf4":
+        return plan_memory(config, "quantize", format="nf4", bits=4, float_dtype=src, source_dtype=src).total
+    if stage == "quantize-gptq4":
+        return plan_memory(config, "quantize", format="gptq", bits=4, float_dtype=src, source_dtype=src,
+                           calib_tokens=16 * 128).total
+    if stage == "train-nf4":
+        return plan_memory(config, "train", format="nf4", bits=4, float_dtype="bf16", source_dtype=src,
+                           batch_size=args.batch, seq_len=args.seq, targets="attn", dropout=0.0,
+                           compiled=compiles("auto", config)).total
+    if stage in ("restore-8", "restore-16"):
+        fmt, bits = ("int8", 8) if stage == "restore-8" else ("float", 16)
+        return plan_memory(config, "serve", format=fmt, bits=bits, float_dtype=src, source_dtype=src, batch_size=1,
+                           seq_len=1, targets="attn", adapters=1, calib_tokens=500 * CALIB_MAX_LEN).total
+    return None
 
 
 PEER_LOAD = """
@@ -211,7 +227,7 @@ def main() -> None:
             if "--out" in cmd:
                 shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)  # each run starts from nothing
             r = run_measured(cmd, env, args.timeout)
-            planned = plan_figure(plan_args, env) if plan_args else None
+            planned = plan_figure(model, stage, args)
             row = {"shape": shape, "stage": stage, **r, "planned": planned,
                    "command": " ".join(shlex.quote(c) for c in cmd[2:] if "\n" not in c)}
             results.append(row)

@@ -1,24 +1,29 @@
 """One contract suite over adapter kind × base format (STYLE habits 9 and 10).
 
-Every adapter (LoRA, rsLoRA, (IA)³) on every base format (float, nf4, fp4, int8, RTN 2/3/4/8,
-GPTQ when restora.quant.gptq exists) of a tiny random Llama must:
+Every adapter kind (LoRA, rsLoRA, (IA)³, and the batched multi-adapter layer `MultiLoRALinear`
+holding a LoRA and an (IA)³ adapter, one per batch row) on every base format (float, nf4, fp4
+with and without double quant, int8, RTN 2/3/4/8, GPTQ) of a tiny random Llama must:
   - start as the identity (B = 0, vectors = 1): outputs equal the base's bit for bit
   - merge to the same outputs: within float rounding on a float base; on a quantized base
-    exactly what requantizing the effective weight gives, within a few quantization errors
-    of the unmerged outputs, with a warning; unmerge restores the base exactly
+    exactly what the base's format requantizes the effective weight to, within a few
+    quantization errors of the unmerged outputs, with a warning; unmerge restores the base
+    exactly; adapters cannot be disabled while merged
   - merge idempotently: merging twice equals merging once
   - save → load exactly (identical logits)
   - train only its own parameters: base weights and buffers are bit-identical after a step
   - survive a base swap (PLR): only the base's contribution changes
-A new format or adapter kind gets the whole suite by adding one row.
+  - step aside under disable_adapters: outputs equal the base's bit for bit
+A new format or adapter kind gets the whole suite by adding one row. An item that does not
+apply to a kind is listed in DOES_NOT_APPLY with the reason, and test_exclusions_hold checks it.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
+import tempfile
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,22 +31,27 @@ from torch import nn
 
 from conftest import tiny_llama
 from restora.adapters import (
-    IA3Config, IA3Linear, LoRAConfig, LoRALinear, adapter_modules, adapter_state_dict, add_ia3, add_lora,
-    disable_adapters, load_adapter, load_adapter_state_dict, save_adapter,
+    IA3Config, IA3Linear, LoRAConfig, LoRALinear, MultiLoRALinear, adapter_modules, adapter_state_dict, add_ia3,
+    add_lora, disable_adapters, load_adapter, load_adapter_state_dict, load_adapters, save_adapter,
 )
-from restora.adapters.lora import requantize_spec
 from restora.quant import QuantLinear, QuantSpec, quantize_model, quantize_weight, weight_of
 from restora.core.modules import set_module
 
-KINDS = {
+# Single-adapter kinds: how to configure each.
+SINGLE = {
     "lora": lambda: LoRAConfig(r=4, alpha=8),
     "rslora": lambda: LoRAConfig(r=4, alpha=8, use_rslora=True, init="gaussian"),
     "ia3": lambda: IA3Config(),
 }
+# The multi-adapter kind: slot i + 1 of every MultiLoRALinear holds BANK[i]'s adapter and batch row i
+# runs that slot, so one batch mixes a LoRA row and an (IA)³ row (inputs() has len(BANK) rows).
+BANK = ("lora", "ia3")
+KINDS = [*SINGLE, "multi"]
 FORMATS = {
     "float": None,
     "nf4": QuantSpec("nf4", 4, 64),
-    "fp4": QuantSpec("fp4", 4, 64, double_quant=True),
+    "fp4": QuantSpec("fp4", 4, 64),
+    "fp4-dq": QuantSpec("fp4", 4, 64, double_quant=True),
     "int8": QuantSpec("int8", 8, 64),
     "rtn2": QuantSpec("rtn", 2, 64),
     "rtn3": QuantSpec("rtn", 3, 64),
@@ -49,8 +59,23 @@ FORMATS = {
     "rtn8": QuantSpec("rtn", 8, 64),
     "gptq": QuantSpec("gptq", 4, 64),
 }
-CASES = [(k, f) for k in KINDS for f in FORMATS]
-IDS = [f"{k}-{f}" for k, f in CASES]
+# Contract items a kind does not have, and why. Its rows are left out of those items' tests;
+# test_exclusions_hold checks each reason.
+DOES_NOT_APPLY: dict[str, dict[str, str]] = {
+    "multi": {
+        "merge": "rows of one batch use different adapters, so no single base weight can hold them: merge() refuses,"
+                 " and there is nothing to merge twice, unmerge, or disable while merged",
+        "save_load": "a bank holds many adapters, each loaded by name from its own folder, which is saved from a"
+                     " single-adapter model (that the bank's rows then equal each folder loaded alone is"
+                     " tests/test_multi_adapter.py's mixed-batch test)",
+        "train": "it serves, it does not train: the slots are buffers, so it has no parameters of its own",
+    },
+}
+
+
+def cases(item: str) -> list:
+    """The (kind, format) rows of contract item `item`: every kind on every format, less DOES_NOT_APPLY."""
+    return [pytest.param(k, f, id=f"{k}-{f}") for k in KINDS for f in FORMATS if item not in DOES_NOT_APPLY.get(k, {})]
 
 _BASES: dict[str, nn.Module] = {}
 
@@ -67,8 +92,6 @@ def base_model(fmt: str) -> nn.Module:
         spec = FORMATS[fmt]
         model = copy.deepcopy(float_model())
         if fmt == "gptq":
-            if importlib.util.find_spec("restora.quant.gptq") is None:
-                pytest.skip("restora.quant.gptq is not written yet")
             calib = [torch.randint(0, 256, (32,), generator=torch.Generator().manual_seed(i)) for i in range(4)]
             quantize_model(model, spec, calibration=calib, progress=False)
         elif spec is not None:
@@ -91,9 +114,19 @@ def inputs() -> torch.Tensor:
 
 
 def attach(model: nn.Module, kind: str) -> list[str]:
+    """Add a fresh single adapter of `kind` (seeded)."""
     torch.manual_seed(0)
-    cfg = KINDS[kind]()
+    cfg = SINGLE[kind]()
     return add_ia3(model, cfg) if isinstance(cfg, IA3Config) else add_lora(model, cfg)
+
+
+def attach_bank(model: nn.Module, fmt: str, trained: bool) -> None:
+    """Wrap `model`'s layers in MultiLoRALinear holding BANK's adapters as `adapted` makes them on `fmt`
+    (saved, then loaded by name as a server does); batch row i runs BANK[i]'s slot."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folders = {k: save_adapter(adapted(k, fmt, trained), Path(tmp) / k) for k in BANK}
+        bank = load_adapters(model, folders)
+    bank.set_rows(bank.rows(list(BANK)))
 
 
 @torch.no_grad()
@@ -111,7 +144,11 @@ def train_like(model: nn.Module, seed: int = 0) -> None:
 
 
 def adapted(kind: str, fmt: str, trained: bool = True) -> nn.Module:
+    """A fresh `fmt` base with an adapter of `kind`: as initialised, or (trained) moved off the identity."""
     model = base_model(fmt)
+    if kind == "multi":
+        attach_bank(model, fmt, trained)
+        return model
     attach(model, kind)
     if trained:
         train_like(model)
@@ -131,14 +168,14 @@ def effective_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     return (layer(torch.eye(n_in)) - zero).T, zero  # rows of f(I) - f(0) are the columns of W
 
 
-@pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
+@pytest.mark.parametrize("kind,fmt", cases("identity"))
 def test_fresh_adapter_is_identity(kind: str, fmt: str) -> None:
     base = base_logits(fmt)
     model = adapted(kind, fmt, trained=False)
     assert torch.equal(logits(model), base)
 
 
-@pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
+@pytest.mark.parametrize("kind,fmt", cases("merge"))
 def test_merged_equals_unmerged(kind: str, fmt: str) -> None:
     model = adapted(kind, fmt)
     unmerged = logits(model)
@@ -153,13 +190,16 @@ def test_merged_equals_unmerged(kind: str, fmt: str) -> None:
         for m, (w, _) in zip(layers, expected):
             torch.testing.assert_close(weight_of(m.base_layer), w, atol=1e-6, rtol=1e-5)
     else:
-        with pytest.warns(UserWarning, match="requantizes the weight, which rounds"):
+        with pytest.warns(UserWarning, match="requantizes the weight, which rounds") as record:
             for m in layers:
                 m.merge()
+        assert {w.filename for w in record} == {__file__}  # the warning names the line that called merge()
         for m, (w, _) in zip(layers, expected):
             assert isinstance(m.base_layer, QuantLinear)
-            assert requantize_spec(m.base_layer) == requantize_spec(m._unmerged[0])  # same format settings
-            want = quantize_weight(w, requantize_spec(m.base_layer)).dequantize()
+            spec = m.base_layer.requantize_spec()
+            assert spec == m._unmerged[0].requantize_spec()  # the same format settings
+            assert spec.format == ("rtn" if fmt == "gptq" else FORMATS[fmt].format)  # no calibration data: RTN
+            want = quantize_weight(w, spec).dequantize()
             got = weight_of(m.base_layer)
             # the same requantization up to codes flipped by float rounding at a grid boundary
             assert (got - want).abs().gt(1e-6).float().mean() < 1e-3
@@ -174,7 +214,7 @@ def test_merged_equals_unmerged(kind: str, fmt: str) -> None:
         assert torch.equal(logits(model), unmerged)  # the original quantized base comes back
 
 
-@pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
+@pytest.mark.parametrize("kind,fmt", cases("merge"))
 def test_merge_twice_equals_merge_once(kind: str, fmt: str) -> None:
     model = adapted(kind, fmt)
     layers = [m for _, m in adapter_modules(model)]
@@ -192,7 +232,18 @@ def test_merge_twice_equals_merge_once(kind: str, fmt: str) -> None:
     assert all(torch.equal(weight_of(m.base_layer), w) for m, w in zip(layers, weights))
 
 
-@pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
+@pytest.mark.parametrize("kind,fmt", cases("merge"))
+def test_merged_adapters_cannot_be_disabled(kind: str, fmt: str) -> None:
+    model = adapted(kind, fmt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        next(m for _, m in adapter_modules(model)).merge()
+    with pytest.raises(ValueError, match="cannot disable merged adapters .*call unmerge"):
+        with disable_adapters(model):
+            pass
+
+
+@pytest.mark.parametrize("kind,fmt", cases("save_load"))
 def test_save_load_exact(kind: str, fmt: str, tmp_path) -> None:
     model = adapted(kind, fmt)
     out = save_adapter(model, tmp_path / "adapter", {"base_model": "tiny-llama", "source_hash": "h0"})
@@ -205,7 +256,7 @@ def test_save_load_exact(kind: str, fmt: str, tmp_path) -> None:
     assert torch.equal(logits(fresh), logits(model))
 
 
-@pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
+@pytest.mark.parametrize("kind,fmt", cases("train"))
 def test_only_adapter_parameters_train(kind: str, fmt: str) -> None:
     model = adapted(kind, fmt)
     adapter_ids = {id(p) for _, m in adapter_modules(model) for p in m.adapter_params()}
@@ -234,39 +285,53 @@ def restore_target(fmt: str, path: str) -> nn.Module:
     return copy.deepcopy(original)
 
 
-@pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
+def base_scales(m: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(l_in, l_out) with m(x) = l_out ⊙ base(l_in ⊙ x) + a term without the base; None for a vector of ones.
+
+    LoRA adds its update beside the base; (IA)³ scales its input (feedforward) or output; a
+    MultiLoRALinear does both, row b by its own slot's vectors."""
+    if isinstance(m, IA3Linear):
+        l = m.ia3_l.detach()
+        return (l, None) if m.is_feedforward else (None, l)
+    if isinstance(m, MultiLoRALinear):
+        per_row = lambda stack: None if stack is None else stack[m.rows][:, None, :]  # noqa: E731 - (B, 1, n)
+        return per_row(m.ia3_in), per_row(m.ia3_out)
+    return None, None
+
+
+@pytest.mark.parametrize("kind,fmt", cases("swap_base"))
 def test_swap_base_changes_only_the_base_contribution(kind: str, fmt: str) -> None:
     model = adapted(kind, fmt)
     g = torch.Generator().manual_seed(2)
     for path, m in list(adapter_modules(model)):
         params = [(p, p.detach().clone()) for p in m.adapter_params()]
-        x = torch.randn(2, 5, m.in_features, generator=g)
+        x = torch.randn(len(BANK), 5, m.in_features, generator=g)  # a bank runs one adapter per row
         with torch.no_grad():
             old_base = m.base_layer
-            out_old, old_base_out = m(x), old_base(x)
+            out_old = m(x)
             new_base = restore_target(fmt, path)
             assert m.swap_base(new_base) is old_base
-            out_new, new_base_out = m(x), new_base(x)
+            out_new = m(x)
+            l_in, l_out = base_scales(m)
+            xs = x if l_in is None else x * l_in
+            want = new_base(xs) - old_base(xs)  # the base's contribution, before any output scaling
+            want = want if l_out is None else want * l_out
         assert m.base_layer is new_base
         assert all(q is p and torch.equal(p, v) for (p, v), q in zip(params, m.adapter_params()))
-        if isinstance(m, LoRALinear):
-            torch.testing.assert_close(out_new - out_old, new_base_out - old_base_out, atol=1e-5, rtol=1e-5)
-        elif m.is_feedforward:  # the input-side vector now feeds the new base
-            with torch.no_grad():
-                torch.testing.assert_close(out_new, new_base(x * m.ia3_l), atol=1e-6, rtol=1e-6)
-        else:  # the output-side vector rescales the new base's output: l ⊙ (new - old)
-            torch.testing.assert_close(out_new - out_old, (new_base_out - old_base_out) * m.ia3_l.detach(),
-                                       atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out_new - out_old, want, atol=1e-5, rtol=1e-5)
     if fmt != "float":  # restoring every adapted layer equals adapting a model built with float layers there
         reference = base_model(fmt)
         for path, _ in adapter_modules(model):
             set_module(reference, path, copy.deepcopy(float_model().get_submodule(path)))
-        attach(reference, kind)
-        load_adapter_state_dict(reference, adapter_state_dict(model))
+        if kind == "multi":  # the same saved adapters, loaded into a bank over the reference
+            attach_bank(reference, fmt, trained=True)
+        else:
+            attach(reference, kind)
+            load_adapter_state_dict(reference, adapter_state_dict(model))
         torch.testing.assert_close(logits(model), logits(reference), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind,fmt", CASES, ids=IDS)
+@pytest.mark.parametrize("kind,fmt", cases("disable"))
 def test_disable_adapters(kind: str, fmt: str) -> None:
     base = base_logits(fmt)
     model = adapted(kind, fmt)
@@ -275,12 +340,26 @@ def test_disable_adapters(kind: str, fmt: str) -> None:
     with disable_adapters(model):
         assert torch.equal(logits(model), base)
     assert torch.equal(logits(model), adapted_out)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        next(m for _, m in adapter_modules(model)).merge()
-    with pytest.raises(ValueError, match="cannot disable merged adapters .*call unmerge"):
-        with disable_adapters(model):
-            pass
+
+
+def test_exclusions_hold() -> None:
+    """Each DOES_NOT_APPLY reason is what the kind does."""
+    assert set(DOES_NOT_APPLY) <= set(KINDS)
+    items = {"identity", "merge", "save_load", "train", "swap_base", "disable"}
+    assert all(set(excluded) <= items for excluded in DOES_NOT_APPLY.values())
+    model = adapted("multi", "float")
+    layers = [m for _, m in adapter_modules(model)]
+    assert layers and all(isinstance(m, MultiLoRALinear) for m in layers)
+    before = logits(model)
+    for m in layers:  # merge: refused, and nothing changed
+        with pytest.raises(ValueError, match="cannot merge a multi-adapter layer: rows use different adapters"):
+            m.merge()
+        assert not m.merged
+    assert torch.equal(logits(model), before)
+    with pytest.raises(ValueError, match="holds many adapters: save each one from its own model"):  # save_load
+        layers[0].peft_tensors()
+    for m in layers:  # train: no parameters of its own, only the base's
+        assert m.adapter_params() == [] and not list(m.parameters(recurse=False))
 
 
 # -- things that are not per format ------------------------------------------------------------

@@ -185,3 +185,37 @@ def test_smollm_layers_gptq_beats_rtn() -> None:
             q = gptq_quantize(w, hessian_of(x), QuantSpec("gptq", bits, 64))
             e_gptq, e_rtn = out_err(x, w, q.dequantize()), out_err(x, w, rtn_quantize(w, bits, 64).dequantize())
             assert e_gptq < e_rtn, (n, bits, e_gptq, e_rtn)
+
+
+def test_past_the_input_budget_the_hessian_accumulates(monkeypatch):
+    """Beyond INPUT_BYTES of kept inputs, GPTQ keeps a running Σ XᵀX: the same H up to summation order."""
+    import restora.quant.gptq as gptq
+    from conftest import tiny_llama
+
+    from restora.quant.quantize import quantize_model
+    from restora.quant.spec import QuantSpec
+
+    g = torch.Generator().manual_seed(2)
+    rows = [torch.randint(0, 256, (24,), generator=g) for _ in range(6)]
+    spec = QuantSpec("gptq", 4, group_size=32)
+    exact = quantize_model(tiny_llama(), spec, rows, progress=False)
+    seen = []
+    real = gptq._InputCollector._start_accumulating
+
+    def spy(self):
+        seen.append(True)
+        real(self)
+
+    monkeypatch.setattr(gptq, "INPUT_BYTES", 20_000)
+    monkeypatch.setattr(gptq._InputCollector, "_start_accumulating", spy)
+    streamed = quantize_model(tiny_llama(), spec, rows, progress=False)
+    assert seen  # the running sum was used
+    a, b = exact.state_dict(), streamed.state_dict()
+    differ = sum(int((a[n] != b[n]).sum()) for n in a if n.endswith("qweight"))
+    total = sum(a[n].numel() for n in a if n.endswith("qweight"))
+    assert differ / total < 0.01  # summation order moves a few codes at most
+    h = torch.randn(40, 8, generator=g)
+    c = gptq._InputCollector({})
+    c.inputs["x"] = [h[:15], h[15:]]
+    c._start_accumulating()
+    assert torch.allclose(c.hessian("x"), gptq.hessian_of(h), rtol=1e-5, atol=1e-6)

@@ -1,7 +1,7 @@
 """The package layout's import rules: each package imports only packages below it, with no import circles.
 
 The pipeline's packages, bottom to top (docs/architecture.md): core < kernels < quant < adapters < data <
-models < train < infer < restore < experiments < serve < commands < cli. Imports inside functions count too.
+models < plan < train < infer < restore < experiments < serve < commands < cli. Imports inside functions count too.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import restora
 
 ROOT = Path(restora.__file__).parent
-ORDER = ["core", "kernels", "quant", "adapters", "data", "models", "train", "infer", "restore", "experiments",
+ORDER = ["core", "kernels", "quant", "adapters", "data", "models", "plan", "train", "infer", "restore", "experiments",
          "serve", "commands", "cli", "__main__"]
 
 

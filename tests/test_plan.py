@@ -1,4 +1,4 @@
-"""Memory planner (restora.restore.plan): storage formulas against real QuantizedWeights, activation
+"""Memory planner (restora.plan.memory): storage formulas against real QuantizedWeights, activation
 counts against autograd's saved tensors, plan choice, budget parsing and error text."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from transformers import LlamaConfig
 
 from restora.adapters import LoRAConfig, add_lora
 from restora.train.optim8bit import AdamW8bit
-from restora.restore.plan import (
+from restora.plan.memory import (
     ModelShape,
     _layer_activation_bytes,
     _optimizer_bytes,
@@ -17,7 +17,7 @@ from restora.restore.plan import (
     parse_budget,
     plan_memory,
 )
-from restora.restore.plan_choice import choose_plan, serve_candidates
+from restora.plan.choice import choose_plan, serve_candidates
 from restora.commands.planning import plan
 from restora.quant.linear import quantize_weight
 from restora.quant.quantize import quantize_model
@@ -168,7 +168,7 @@ def test_parse_budget_errors(text: str) -> None:
 def test_bad_settings_are_one_line_errors() -> None:
     with pytest.raises(ValueError, match="does not support 5 bits"):
         plan_memory(SMOL, "serve", format="rtn", bits=5)
-    with pytest.raises(ValueError, match="mode must be train or serve"):
+    with pytest.raises(ValueError, match="mode must be train, serve or quantize"):
         plan_memory(SMOL, "infer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="targets must be all, attn or ia3"):
         plan_memory(SMOL, "train", targets="mlp")
@@ -203,7 +203,7 @@ def test_compiled_training_plan():
     """Compiled blocks save each distinct input once: 18,280 B per token and layer for SmolLM2's shape (all-linear
     LoRA r16, bf16), the count saved-tensor hooks gave on compiled SmolLM2 blocks; plus compile state and a 4-bit
     base's dequantized weights."""
-    from restora.restore.plan import COMPILE_BYTES, ModelShape, _compiled_layer_activation_bytes, plan_memory
+    from restora.plan.memory import COMPILE_BYTES, ModelShape, _compiled_layer_activation_bytes, plan_memory
 
     shape = ModelShape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, head_dim=64, vocab=49152, tied=True)
     assert _compiled_layer_activation_bytes(shape, "lora", 16, "all", 2, 2, 0.0) == 18280
@@ -239,3 +239,36 @@ def test_serve_plan_counts_the_int4_kernel_layouts_decoding_builds() -> None:
         planned = {i.name: i.bytes for i in plan_memory(model.config, "serve", format=fmt, bits=4,
                                                          group_size=32).items}["4-bit kernel layouts"]
         assert built == planned, fmt
+
+
+def test_loading_is_a_phase_of_its_own():
+    """Building the base streams the source: its transient counts only where it exceeds the working phase's."""
+    from restora.plan.memory import ModelShape, plan_memory
+
+    shape = ModelShape(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, vocab=49152,
+                       tied=True)
+    for mode in ("train", "serve", "quantize"):
+        plain = plan_memory(shape, mode, format="nf4", bits=4, float_dtype="bf16")
+        streamed = plan_memory(shape, mode, format="nf4", bits=4, float_dtype="bf16", source_dtype="bf16")
+        load = [i for i in streamed.items if i.phase == "load" and i.transient]
+        assert len(load) == 1 and load[0].bytes == 2048 * 8192 * 2 + 3 * 2048 * 8192 // 2 + 32 * 2**20
+        resident = sum(i.bytes for i in streamed.items if not i.transient)
+        step = sum(i.bytes for i in streamed.items if i.transient and i.phase == "step")
+        assert streamed.total == resident + max(step, load[0].bytes)
+        assert streamed.total >= plain.total
+    cached = plan_memory(shape, "train", format="nf4", bits=4, float_dtype="bf16", source_dtype="bf16", from_cache=True)
+    assert not any(i.phase == "load" and i.transient for i in cached.items)
+
+
+def test_gptq_loading_counts_a_block_and_switches_to_a_running_hessian():
+    from restora.plan.memory import GPTQ_INPUT_BYTES, ModelShape, load_items
+
+    shape = ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=49152,
+                       tied=False)
+    small, = load_items(shape, "gptq", 4, 2, calib_tokens=16 * 128)
+    big, = load_items(shape, "gptq", 4, 2, calib_tokens=500 * 256)
+    block = sum(o * i for _, o, i in shape.linears()) * 2
+    assert small.bytes > block
+    carried = 2 * (500 * 256 - 16 * 128) * 4096 * 2  # the rows' hidden states, in and out of a block, bf16
+    # the layer inputs are bounded by the running Hessians, not 500 x 256 rows of fp32 inputs
+    assert big.bytes - small.bytes - carried < GPTQ_INPUT_BYTES + 4 * (3 * 4096**2 + 14336**2)

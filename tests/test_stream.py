@@ -230,3 +230,16 @@ def test_the_safetensors_writer_and_reader_match_safetensors(tmp_path):
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) - 10])
     with pytest.raises(ValueError, match="cut.safetensors is not a readable safetensors file.*truncated"):
         read_header(tmp_path / "cut.safetensors")
+
+
+@pytest.mark.parametrize("shard_bytes", [1 << 30, 40_000], ids=["one-file", "sharded"])
+def test_save_hf_loads_back_in_transformers(shard_bytes, sharded_bf16, tmp_path):
+    from restora.models.save import save_hf
+
+    model = load_model(str(sharded_bf16)).model
+    save_hf(model, tmp_path / "out", shard_bytes=shard_bytes)
+    assert (tmp_path / "out" / "model.safetensors.index.json").is_file() == (shard_bytes < 1 << 20)
+    back = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16)
+    assert back.lm_head.weight.data_ptr() == back.model.embed_tokens.weight.data_ptr()  # stored once, tied again
+    for (n, a), (_, b) in zip(sorted(model.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), n

@@ -11,7 +11,8 @@ per block, initialised to ones, that rescale
 `IA3Linear` follows PEFT's semantics so that files interoperate: on a "feedforward" module
 the vector scales the layer's input (shape (in,)), on any other module its output (shape
 (out,)). Like LoRA it wraps any base layer and never looks inside it; merge / unmerge fold the
-vector into the weight only when asked (into a quantized base: dequantize, scale, requantize).
+vector into the weight only when asked, through `replace_weight` (a quantized base builds its
+successor with `with_weight`: its format requantizes the scaled weight).
 
 T-Few trains on multiple-choice data with, besides the usual LM loss, an unlikelihood loss
 pushing down the probability of the wrong choices' tokens and a softmax loss over the
@@ -73,12 +74,12 @@ class IA3Linear(nn.Module):
         self.base_layer = base_layer
         self.is_feedforward = is_feedforward
         self.in_features, self.out_features = in_features, out_features
-        w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # QuantLinear has buffers only
+        w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # a quantized base has buffers only
         size = in_features if is_feedforward else out_features
         self.ia3_l = nn.Parameter(torch.ones(size, device=w.device if w is not None else None))
         self.adapter_enabled = True
         self.merged = False
-        self._unmerged: list[nn.Module] = []  # the exact quantized base while merged (not a submodule)
+        self._unmerged: list[nn.Module] = []  # the base merging replaced, kept exact (not a submodule)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.adapter_enabled or self.merged:

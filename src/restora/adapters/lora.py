@@ -6,14 +6,15 @@ A starts Kaiming-uniform (a = sqrt(5), as loralib and PEFT) or Gaussian (std 1/r
 and B starts at zero, so the adapted model starts equal to the base (SEEDS 003).
 
 `LoRALinear` wraps its base as `self.base_layer` and only ever calls it: the base may be
-a float `nn.Linear`, a GPT-2 `Conv1D` or a restora `QuantLinear` of any format, and the
-adapter never looks inside (STYLE habit 3). Shapes come from `linear_shape`. Post LoRA
+a float `nn.Linear`, a GPT-2 `Conv1D` or a quantized layer of any format, and the adapter
+never looks inside (STYLE habit 3). Shapes come from `linear_shape`. Post LoRA
 Restoration is `swap_base`: one assignment, and the adapter does not notice (SEEDS 000).
 
 Merging changes weights, so it happens only when the caller asks (`merge` / `unmerge`):
-onto a float base it is an exact in-place add; onto a quantized base it is dequantize,
-add, requantize with the same settings, which rounds (and warns). The original quantized
-base is kept while merged, so `unmerge` restores it bit for bit.
+onto a float base it is an exact in-place add; a base that cannot change in place (a
+quantized one) offers `with_weight`, which builds a new base of its own format holding
+W0 + s·BA: the format decides how (requantizing rounds, and warns). The original base is
+kept while merged, so `unmerge` restores it bit for bit.
 
 Also here: the `AdapterModule` protocol every restora adapter (LoRA, (IA)³) satisfies,
 `replace_weight` (the single place that writes a dense weight into any base layer), and
@@ -23,7 +24,6 @@ the `disable_adapters` context manager.
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -32,12 +32,10 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from restora.quant.linear import QuantLinear, linear_shape, quantize_weight, weight_of
-from restora.quant.spec import QuantSpec
+from restora.quant.linear import linear_shape, weight_of
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "AdapterModule", "adapter_modules", "disable_adapters", "replace_weight",
-    "requantize_spec",
 ]
 
 _INITS = ("default", "gaussian")
@@ -108,37 +106,24 @@ class AdapterModule(Protocol):
     def swap_base(self, new_base: nn.Module) -> nn.Module: ...
 
 
-def requantize_spec(base: QuantLinear) -> QuantSpec:
-    """The spec that re-creates `base`'s format; GPTQ bases are requantized as RTN on the same grid."""
-    meta = base.qweight.meta()
-    fmt = "rtn" if meta["format"] == "gptq" else meta["format"]
-    return QuantSpec(
-        format=fmt, bits=int(meta["bits"]), group_size=int(meta["group_size"]),
-        double_quant=bool(meta.get("double_quant", False)),
-    )
-
-
 @torch.no_grad()
 def replace_weight(base: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Module:
     """Write the dense (out, in) `weight` (and `bias`, when given) into `base`; returns the layer now holding it.
 
-    Float layers (nn.Linear, Conv1D) are updated in place. A QuantLinear cannot be, so a new
-    QuantLinear of the same format is built (and a warning says it rounds).
+    Float layers (nn.Linear, Conv1D) are updated in place. A layer that cannot be offers
+    `with_weight`, which returns a new layer of its own format and leaves `base` as it was.
     """
-    if isinstance(base, QuantLinear):
-        spec = requantize_spec(base)
-        warnings.warn(
-            f"merging into a {spec.label()} base requantizes the weight, which rounds: merged outputs differ"
-            " slightly from unmerged ones",
-            stacklevel=3,
-        )
-        return QuantLinear(quantize_weight(weight.float(), spec), base.bias if bias is None else bias)
+    with_weight = getattr(base, "with_weight", None)
+    if with_weight is not None:
+        # Its warning names the line that called merge(), 5 frames up: this function, its no_grad
+        # wrapper, merge, merge's wrapper, then the caller.
+        return with_weight(weight, bias, stacklevel=5)
     if isinstance(base, nn.Linear):
         base.weight.copy_(weight.to(base.weight.dtype))
     elif type(base).__name__ == "Conv1D":  # GPT-2 stores (in, out)
         base.weight.copy_(weight.T.to(base.weight.dtype))
     else:
-        raise TypeError(f"cannot merge into a {type(base).__name__}: expected nn.Linear, Conv1D or QuantLinear")
+        raise TypeError(f"cannot merge into a {type(base).__name__}: expected nn.Linear, Conv1D or a quantized layer")
     if bias is not None:
         base.bias.copy_(bias.to(base.bias.dtype))
     return base
@@ -155,14 +140,14 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.r = config.r
         self.scaling = config.scaling
-        w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # QuantLinear has buffers only
+        w = next(iter([*base_layer.parameters(), *base_layer.buffers()]), None)  # a quantized base has buffers only
         device = w.device if w is not None else None
         self.lora_A = nn.Linear(in_features, config.r, bias=False, device=device)  # weight (r, in)
         self.lora_B = nn.Linear(config.r, out_features, bias=False, device=device)  # weight (out, r)
         self.lora_dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.adapter_enabled = True
         self.merged = False
-        self._unmerged: list[nn.Module] = []  # the exact quantized base while merged (not a submodule)
+        self._unmerged: list[nn.Module] = []  # the base merging replaced, kept exact (not a submodule)
         self.reset_parameters()
 
     @torch.no_grad()

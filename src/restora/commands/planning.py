@@ -7,8 +7,10 @@ from typing import Any, Literal
 from transformers import AutoConfig
 
 from restora.models.load import resolve_source
-from restora.restore.plan import MemoryPlan, format_bytes, parse_budget, plan_memory
-from restora.restore.plan_choice import best_train_setting, choose_plan, compiles, serve_candidates, train_candidates
+from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
+from restora.models.bases import CALIB_MAX_LEN
+from restora.plan.choice import (best_train_setting, choose_plan, compiles, ladder, serve_candidates, source_dtype,
+                                         train_candidates)
 
 __all__ = ["plan"]
 
@@ -16,10 +18,10 @@ __all__ = ["plan"]
 def plan(
     model: str,
     budget: str = "8GiB",
-    mode: Literal["train", "serve"] = "serve",
+    mode: Literal["train", "serve", "quantize"] = "serve",
     format: Literal["auto", "float", "nf4", "fp4", "int8", "rtn", "gptq"] = "auto",
     group_size: int = 64,
-    float_dtype: Literal["fp32", "bf16"] = "fp32",
+    float_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
     adapter: Literal["lora", "ia3"] = "lora",
     rank: int = 16,
     targets: str = "all",
@@ -30,17 +32,21 @@ def plan(
     grad_checkpointing: bool = False,
     compile: Literal["auto", "on", "off"] = "auto",
     dropout: float = 0.0,
+    double_quant: bool = False,
+    calib_samples: int = 500,
+    from_cache: bool = False,
 ) -> int:
     """Plan memory for training at k bits or serving at l bits (PLR) within BUDGET, from the config alone.
 
     Args:
         model: hub id, local HF folder, .gguf file, or smollm2-135m (only config.json is read).
         budget: memory available, e.g. 8GiB, 512MiB, 4GB, or bytes.
-        mode: serve (pick the highest restore bits l that fits) or train (which k, rank, micro-batch fit).
+        mode: serve (pick the highest restore bits l that fits), train (which k, rank, micro-batch fit) or
+            quantize (what `restora quantize` holds: one plan per precision).
         format: restrict the candidates to one format family (auto: float, int8, nf4, rtn 4/3/2).
         group_size: quantization group size.
-        float_dtype: storage of embeddings, norms, LM head and float bases (restora loads fp32 on CPU;
-            `restora train` with bf16 on, its default, holds them in bf16 for every base: plan it with bf16).
+        float_dtype: storage of embeddings, norms, LM head and float bases; auto = as `restora` holds them: the
+            checkpoint's dtype (config.json), and bf16 for training (`restora train --bf16`, its default).
         adapter: lora or ia3.
         rank: LoRA rank r.
         targets: attn (q,k,v,o) or all (every linear layer of the blocks).
@@ -52,13 +58,29 @@ def plan(
         compile: train: plan compiled blocks (as `restora train --compile`); auto = on for models of 50M+
             parameters when a C++ compiler is installed, as restora train decides.
         dropout: train: LoRA dropout (restora train's default is 0; dropout keeps a noise mask per adapter input).
+        double_quant: nf4/fp4 with double quantization of the absmax constants.
+        calib_samples: GPTQ calibration rows (quantize: at --seq-len tokens each; train and serve: 256 tokens).
+        from_cache: the base is in restora's cache of quantized bases already (no quantization while loading).
     """
     limit = parse_budget(budget)
     config = AutoConfig.from_pretrained(str(resolve_source(model)))
-    kw: dict[str, Any] = dict(group_size=group_size, float_dtype=float_dtype, adapter=adapter, rank=rank,
-                              targets=targets, seq_len=seq_len)
+    source = source_dtype(config)
+    if float_dtype == "auto":
+        float_dtype = "bf16" if mode == "train" else source
+    calib_len = seq_len if mode == "quantize" else CALIB_MAX_LEN
+    kw: dict[str, Any] = dict(group_size=group_size, float_dtype=float_dtype, source_dtype=source,
+                              calib_tokens=calib_samples * calib_len, from_cache=from_cache, double_quant=double_quant)
     fmt = None if format == "auto" else format
     print(f"{model}: {mode}, budget {format_bytes(limit)}")
+    if mode == "quantize":
+        plans = [plan_memory(config, "quantize", format=f, bits=b, **kw) for f, b in ladder(fmt) if f != "float"]
+        for p in plans:
+            print(f"  {p.label:<60} {format_bytes(p.total):>10}  {'fits' if p.total <= limit else '-'}")
+        chosen = choose_plan(plans, limit)
+        print(f"\n{chosen.label}\n")
+        print(chosen.table(limit))
+        return 0
+    kw.update(adapter=adapter, rank=rank, targets=targets, seq_len=seq_len)
     if mode == "serve":
         plans = serve_candidates(config, fmt, batch_size=batch_size, adapters=adapters, **kw)
         for p in plans:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from restora.models.save import save_hf
 from restora.restore.adapter import restored
 from restora.restore.modes import RestoreModeName
 
@@ -79,8 +80,7 @@ def restore(
     save_adapter(m, dest / "adapter", carried_provenance(info, loaded))
     remove_adapters(m)
     if spec.is_float:
-        m.save_pretrained(dest / "base")
-        tok.save_pretrained(dest / "base")
+        save_hf(m, dest / "base", tok)
     else:
         save_quantized(m, tok, dest / "base", spec, {"source": loaded.source, "source_hash": loaded.source_hash})
     print(f"wrote {dest}/base ({label}) and {dest}/adapter; run: restora generate {dest}/base --adapter {dest}/adapter ...")

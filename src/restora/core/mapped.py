@@ -1,8 +1,8 @@
 """Weights memory-mapped from a safetensors file: convert them without keeping the file resident.
 
-`load_model` leaves a float model's weights as views of the safetensors file, mapped
-copy-on-write: loading costs no memory, and a page enters the process's resident set
-(RSS) when it is first read. Converting the model reads every page: `.to(bfloat16)` or
+A model loaded with `mapped=True` (restora.models.stream; offloading, restora.models.offload) holds its
+weights as views of the safetensors file, mapped copy-on-write: loading costs no memory, and a page enters
+the process's resident set (RSS) when it is first read. Converting the model reads every page: `.to(bfloat16)` or
 quantizing the linear layers keeps all of the source file resident next to the new
 copy until the last view of the file dies. For SmolLM2-135M (a 538 MB fp32 file) that
 was a 1.11 GiB peak for the bf16 cast, and 0.49 GiB of fp32 pages kept for good by a
@@ -26,13 +26,13 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["release", "releaser", "to_dtype"]
+__all__ = ["clean_file_mappings", "release", "releaser", "to_dtype"]
 
 MADV_DONTNEED = 4
 _PAGE = mmap.PAGESIZE
 
 
-def _clean_file_mappings() -> list[tuple[int, int]]:
+def clean_file_mappings() -> list[tuple[int, int]]:
     """(start, end) of this process's file-backed mappings that hold no private (written) page."""
     out: list[tuple[int, int]] = []
     current: tuple[int, int] | None = None
@@ -60,7 +60,7 @@ def releaser() -> Callable[[Iterable[torch.Tensor]], int]:
     if not sys.platform.startswith("linux"):
         return lambda tensors: 0
     try:
-        mappings = _clean_file_mappings()
+        mappings = clean_file_mappings()
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
     except OSError:
         return lambda tensors: 0

@@ -32,7 +32,10 @@ from restora.quant.linear import QuantLinear
 from restora.quant.model import check_spec_fits, quantizable_layers
 from restora.quant.spec import QuantSpec
 
-__all__ = ["BaseChoice", "base_choice", "build_base", "build_loftq_base", "calibration_ids", "stream_quantize"]
+__all__ = ["CALIB_MAX_LEN", "BaseChoice", "base_choice", "build_base", "build_loftq_base", "calibration_ids", "stream_quantize"]
+
+
+CALIB_MAX_LEN = 256  # tokens per GPTQ calibration row of a training or restored base
 
 
 @dataclass(frozen=True)
@@ -42,7 +45,7 @@ class BaseChoice:
     spec: QuantSpec
     calib_task: str = "sql"
     calib_samples: int = 500
-    calib_max_len: int = 256
+    calib_max_len: int = CALIB_MAX_LEN
     seed: int = 0
 
     def key(self, source_hash: str) -> str:
@@ -180,4 +183,5 @@ def base_choice(format: str, bits: int, group_size: int, calib_task: str, calib_
     """The base for FORMAT/BITS (float = the 16-bit model) with GPTQ calibration on `calib_task`."""
     if format == "float":
         bits = 16
-    return BaseChoice(QuantSpec(format=format, bits=bits, group_size=group_size), calib_task, calib_samples, 256, seed)
+    return BaseChoice(QuantSpec(format=format, bits=bits, group_size=group_size), calib_task, calib_samples,
+                      CALIB_MAX_LEN, seed)

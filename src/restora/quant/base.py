@@ -1,9 +1,12 @@
 """The one interface every quantization format implements.
 
 A quantized weight is a small frozen type (STYLE habit 4). It stores a float matrix
-W of shape (out_features, in_features) in some compact form and offers five verbs:
+W of shape (out_features, in_features) in some compact form and offers these verbs:
 
     quantize   a classmethod building it from a float weight (per format)
+    requantize_spec
+               the QuantSpec that quantizes a new dense weight into this same format, so
+               that folding an adapter into a quantized base is the format's decision
     dequantize W back as a float tensor, optionally only rows [start, stop)
     forward    y = x @ W^T, dequantizing one tile of rows at a time, so that a full
                dequantized copy never exists and autograd saves none (the backward
@@ -22,6 +25,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+
+from restora.quant.spec import QuantSpec
 
 __all__ = ["QuantizedWeight", "TILE_ELEMENTS"]
 
@@ -76,6 +81,10 @@ class QuantizedWeight(nn.Module):
         """JSON-able settings needed (with the shape) to rebuild an empty instance."""
         raise NotImplementedError
 
+    def requantize_spec(self) -> QuantSpec:
+        """The spec that quantizes a new dense weight (e.g. W + an adapter's update) into this format."""
+        raise NotImplementedError
+
     @classmethod
     def empty(cls, out_features: int, in_features: int, meta: dict[str, Any]) -> "QuantizedWeight":
         """An instance with correctly shaped, uninitialised buffers (for loading)."""
@@ -125,10 +134,14 @@ class QuantizedWeight(nn.Module):
     # Runtime layouts of the stored weight that a format's fast path keeps (attribute names, e.g. "_amx"):
     # built on first eager use by `_layout`, dropped when a state dict brings new codes.
     LAYOUTS: ClassVar[tuple[str, ...]] = ()
+    # False when the stored weight must stay the only copy (an offloaded model pages it from its file)
+    keep_layouts: bool = True
 
     def _layout(self, name: str, build: Callable[[], Any]) -> Any:
         """The kept layout `name`, built now if missing -- except while torch.compile traces: a layout built
         then would change what the graph's guards saw, so the graph goes without it (None)."""
+        if not self.keep_layouts:
+            return None
         layout = getattr(self, name, None)
         if layout is None and not torch.compiler.is_compiling():
             layout = torch.utils._pytree.tree_map_only(torch.Tensor, _static, build())

@@ -64,6 +64,8 @@ from restora.core.modules import decoder_blocks, set_module
 from restora.quant.spec import QuantSpec
 from restora.quant.uniform import UniformWeight, quantize_with, uniform_params
 
+INPUT_BYTES = 512 * 2**20  # calibration inputs kept whole up to this; a running Σ XᵀX beyond it
+
 __all__ = ["gptq_quantize", "gptq_codes", "gptq_quantize_model", "GPTQCodes", "hessian_of"]
 
 
@@ -208,6 +210,12 @@ class _InputCollector:
     def __init__(self, layers: dict[str, nn.Module]) -> None:
         self.leader: dict[str, str] = {}
         self.inputs: dict[str, list[torch.Tensor]] = {}
+        # Inputs are kept whole up to INPUT_BYTES; past it (big calibration sets on big models) the collector keeps
+        # a running Σ XᵀX and row count per leader instead: the same H up to float summation order.
+        self.accumulate = False
+        self._bytes = 0
+        self._xtx: dict[str, torch.Tensor] = {}
+        self._count: dict[str, int] = {}
         self._row: list[tuple[torch.Tensor, str]] = []
         self._fired: set[str] = set()
         self._n = len(layers)
@@ -229,7 +237,17 @@ class _InputCollector:
             if lead is None:
                 lead = name
                 self._row.append((x, name))
-                self.inputs.setdefault(name, []).append(x.detach().reshape(-1, x.shape[-1]).float().clone())
+                rows = x.detach().reshape(-1, x.shape[-1]).float()  # (n, in)
+                if self.accumulate:
+                    self.inputs.setdefault(name, [])
+                    xtx = rows.T @ rows  # (in, in)
+                    self._xtx[name] = self._xtx[name].add_(xtx) if name in self._xtx else xtx
+                    self._count[name] = self._count.get(name, 0) + rows.shape[0]
+                else:
+                    self.inputs.setdefault(name, []).append(rows.clone())
+                    self._bytes += rows.numel() * 4
+                    if self._bytes > INPUT_BYTES:
+                        self._start_accumulating()
             if self.leader.setdefault(name, lead) != lead:
                 raise RuntimeError(f"gptq: layer {name} changed which layers share its input between rows")
             self._fired.add(name)
@@ -238,9 +256,31 @@ class _InputCollector:
 
         return fn
 
+    def _start_accumulating(self) -> None:
+        self.accumulate = True
+        for name, kept in self.inputs.items():
+            for rows in kept:
+                xtx = rows.T @ rows  # (in, in)
+                self._xtx[name] = self._xtx[name].add_(xtx) if name in self._xtx else xtx
+                self._count[name] = self._count.get(name, 0) + rows.shape[0]
+            self.inputs[name] = []
+
+    def hessian(self, lead: str) -> torch.Tensor:
+        """H = 2/n · Xᵀ X of the leader's inputs (from the running sum when accumulating); frees them."""
+        if self.accumulate:
+            return self._xtx.pop(lead).mul_(2.0 / max(1, self._count[lead]))
+        h = hessian_of(torch.cat(self.inputs[lead]))  # (in, in) from (n, in)
+        self.inputs[lead] = []
+        return h
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
+
+
+def prefix_of(model: nn.Module, blocks: nn.Module) -> str:
+    """The module name of the decoder block list (e.g. model.layers)."""
+    return next(n for n, m in model.named_modules() if m is blocks)
 
 
 def _dense_standin(q: QuantLinear, dtype: torch.dtype) -> nn.Linear:
@@ -283,7 +323,7 @@ def gptq_quantize_model(
     names = quantizable_layers(model)
     check_spec_fits(model, spec, names)
     blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks)
+    prefix = prefix_of(model, blocks)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -305,8 +345,7 @@ def gptq_quantize_model(
             quantized: dict[str, QuantLinear] = {}
             for lead in collector.inputs:
                 group = [n for n in mine if collector.leader.get(n) == lead]
-                h = hessian_of(torch.cat(collector.inputs[lead]))  # (in, in) from (n, in)
-                collector.inputs[lead] = []
+                h = collector.hessian(lead)
                 w = torch.cat([weight_of(layers[n]) for n in group])  # (Σ out, in): rows are independent
                 r = gptq_codes(w, h, spec)
                 start = 0

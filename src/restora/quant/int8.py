@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from restora.quant.base import QuantizedWeight
+from restora.quant.spec import QuantSpec
 
 __all__ = ["Int8Weight"]
 
@@ -55,6 +56,9 @@ class Int8Weight(QuantizedWeight):
 
     def meta(self) -> dict[str, Any]:
         return {"format": "int8", "bits": 8, "group_size": self.blocksize}
+
+    def requantize_spec(self) -> QuantSpec:
+        return QuantSpec("int8", 8, self.blocksize)
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, meta: dict[str, Any]) -> "Int8Weight":

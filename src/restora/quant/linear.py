@@ -1,14 +1,19 @@
 """QuantLinear: a frozen linear layer whose weight is a QuantizedWeight.
 
 It is a drop-in for `nn.Linear` inside a Hugging Face model (same in/out features,
-same call), so adapters can wrap it exactly as they wrap a float layer. Also here:
-the per-format dispatch (`quantize_weight`, `empty_weight`) and the two functions the
-rest of restora uses to look at any base layer without knowing its format:
-`weight_of` (dense float weight) and `linear_shape`.
+same call), so adapters can wrap it exactly as they wrap a float layer. A float layer
+takes a merged weight in place; a QuantLinear cannot, so it offers `with_weight`: a new
+layer of its own format holding the merged weight, requantized as its format decides.
+Adapters merge through that method and never ask which format a base has.
+
+Also here: the per-format dispatch (`quantize_weight`, `empty_weight`) and the functions
+the rest of restora uses to look at any base layer without knowing its format:
+`weight_of` (dense float weight), `linear_shape` and `quantization_of` (its settings).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -20,7 +25,9 @@ from restora.quant.nf4 import NF4Weight
 from restora.quant.spec import QuantSpec
 from restora.quant.uniform import UniformWeight, rtn_quantize
 
-__all__ = ["QuantLinear", "quantize_weight", "empty_weight", "weight_of", "linear_shape", "is_linear"]
+__all__ = [
+    "QuantLinear", "quantize_weight", "empty_weight", "weight_of", "linear_shape", "quantization_of", "is_linear",
+]
 
 
 def quantize_weight(weight: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
@@ -70,6 +77,29 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.qweight.dequantize(dtype)
 
+    def requantize_spec(self) -> QuantSpec:
+        """The spec a new weight for this layer is quantized with (its format decides; see QuantizedWeight)."""
+        return self.qweight.requantize_spec()
+
+    def with_weight(
+        self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, stacklevel: int = 1
+    ) -> "QuantLinear":
+        """A new layer of this format holding the dense (out, in) `weight` (and `bias`, else this one's).
+
+        This is how an adapter is merged into a quantized base: the codes cannot change in place,
+        and requantizing rounds, so it warns. The warning names the line `stacklevel` frames up
+        (1: the caller's), as warnings.warn does. This layer is left as it was, so whoever keeps
+        it can undo the merge exactly.
+        """
+        spec = self.requantize_spec()
+        warnings.warn(
+            f"merging into a {spec.label()} base requantizes the weight, which rounds: merged outputs differ"
+            " slightly from unmerged ones",
+            stacklevel=stacklevel + 1,
+        )
+        with torch.no_grad():
+            return QuantLinear(quantize_weight(weight.float(), spec), self.bias if bias is None else bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.qweight(x)
         if self.bias is not None:
@@ -92,6 +122,13 @@ def linear_shape(module: nn.Module) -> tuple[int, int]:
     if type(module).__name__ == "Conv1D":  # GPT-2: weight is (in, out)
         return int(module.nf), int(module.weight.shape[0])
     raise TypeError(f"{type(module).__name__} is not a linear layer restora can wrap")
+
+
+def quantization_of(module: nn.Module) -> dict[str, Any]:
+    """The settings of any supported base layer's weight: its format's `meta()`, or float at 16 bits."""
+    if isinstance(module, QuantLinear):
+        return dict(module.qweight.meta())
+    return {"format": "float", "bits": 16}
 
 
 def weight_of(module: nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from restora.kernels import dequant4, int4
 from restora.quant.base import QuantizedWeight
 from restora.quant.packing import interleave
+from restora.quant.spec import QuantSpec
 
 __all__ = ["NF4_CODE", "FP4_CODE", "dynamic_map", "quantize_blockwise", "NF4Weight"]
 
@@ -262,6 +263,9 @@ class NF4Weight(QuantizedWeight):
             "group_size": self.blocksize,
             "double_quant": self.double_quant,
         }
+
+    def requantize_spec(self) -> QuantSpec:
+        return QuantSpec(self.quant_type, 4, self.blocksize, double_quant=self.double_quant)
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, meta: dict[str, Any]) -> "NF4Weight":

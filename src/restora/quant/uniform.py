@@ -23,6 +23,7 @@ import torch
 from restora.kernels import dequant4, int4
 from restora.quant.base import QuantizedWeight
 from restora.quant.packing import pack_codes, unpack_codes
+from restora.quant.spec import QuantSpec
 
 __all__ = ["chunk_rows", "UniformWeight", "uniform_params", "quantize_with", "rtn_quantize"]
 
@@ -191,6 +192,11 @@ class UniformWeight(QuantizedWeight):
             "group_size": self.group_size,
             "act_order": self.act_order,
         }
+
+    def requantize_spec(self) -> QuantSpec:
+        """RTN on the same grid settings, GPTQ weights included: GPTQ needs the calibration data this
+        weight was made from, which a merge does not have."""
+        return QuantSpec("rtn", self.bits, self.group_size)
 
     @classmethod
     def empty(cls, out_features: int, in_features: int, meta: dict[str, Any]) -> "UniformWeight":

@@ -32,6 +32,7 @@ from restora.adapters.files import CONFIG_NAME
 from restora.core.atomic import atomic_dir
 from restora.models.load import resolve_source
 from restora.models.loaded import LoadedModel
+from restora.models.save import save_hf
 from restora.quant.model import quantizable_layers
 from restora.restore.plr import RestoreInfo, dequantize_model, merge_and_unload, restore_base
 
@@ -166,8 +167,7 @@ def write_hf_folder(model: nn.Module, tokenizer: Any, out: str | Path, dtype: to
     if dtype is not None:
         model.to(dtype)
     with atomic_dir(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_hf(model, tmp, tokenizer)
         if record is not None:
             (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return Path(out)

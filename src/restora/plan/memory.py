@@ -5,10 +5,15 @@ and the inference base precision l > k by inference memory; the seed leaves open
 spare memory PLR needs". This module answers it from a model's config alone (no weights
 are loaded), itemising:
 
-    train   framework + W0 at k bits + float parts + adapter + gradients + optimizer states
-            + saved activations for a micro-batch (B, T) + the largest backward transient
-    serve   framework + W0 at l bits + float parts + N adapters + KV cache (B, T)
-            + the prefill transient (logits of the whole prompt)
+    train     framework + W0 at k bits + float parts + adapter + gradients + optimizer states
+              + saved activations for a micro-batch (B, T) + the largest backward transient
+    serve     framework + W0 at l bits + float parts + N adapters + KV cache (B, T)
+              + the prefill transient (logits of the whole prompt)
+    quantize  framework + W0 at k bits + float parts (what `restora quantize` builds and writes)
+
+Building the base streams the source (restora.models.stream) and is a phase of its own, before the first
+step or request: the peak is what stays resident plus the larger of that phase's transient (`load_items`: one
+float layer, or one GPTQ block with its Hessians) and the working phase's.
 
 Storage follows restora's formats exactly (quant/nf4.py, int8.py, uniform.py): see
 `linear_bytes`, which tests check against `QuantizedWeight.nbytes()`. Activation counts
@@ -28,7 +33,7 @@ parameter models) save: each distinct block input once, the fused loss's bf16 lo
 gradient, a 4-bit base's dequantized weights, and torch.compile's own state (measured). Rows
 are planned full length, so restora.kernels.unpadded's padding-free forward changes nothing there.
 Choosing among plans (the precision ladder, the budget, `restora plan`) is in
-restora.restore.plan_choice.
+restora.plan.choice.
 """
 
 from __future__ import annotations
@@ -37,11 +42,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "linear_bytes", "plan_memory"]
+__all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "linear_bytes", "load_items", "plan_memory"]
 
-# Resident set of Python + torch + transformers + restora + a tokenizer, before any model
-# (benchmarks/plan_accuracy.py, "framework overhead measured", SmolLM2 tokenizer, CPU).
-FRAMEWORK_BYTES = 336 * 2**20
+# Resident set of Python + torch + transformers + restora's command line + a tokenizer, before any model:
+# `python -c "import restora.cli"` and SmolLM2's tokenizer, measured with /usr/bin/time (398 MiB, CPU build of
+# torch 2.13, transformers 5.25).
+FRAMEWORK_BYTES = 400 * 2**20
 LOGIT_CHUNK = 1024  # restora.train.loop.LOGIT_CHUNK: label positions projected to the vocabulary at once
 LOGIT_BYTES = 12  # bytes per (label, vocab) entry live while one chunk's CE is differentiated
 # compiled: the head's bf16 logits and bf16 gradient (restora.kernels.head_loss fuses the fp32 softmax in between)
@@ -53,7 +59,7 @@ COMPILE_BYTES = 260 * 2**20
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # restora.train.optim8bit: smaller tensors keep fp32 moments
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-Mode = Literal["train", "serve"]
+Mode = Literal["train", "serve", "quantize"]
 
 
 @dataclass(frozen=True)
@@ -148,7 +154,8 @@ class Item:
     name: str
     bytes: int
     note: str = ""
-    transient: bool = False  # live only during part of a step (counted in the peak)
+    transient: bool = False  # live only during one phase: counted in the peak of its phase
+    phase: str = "step"  # for a transient item: "load" (while the base is built) or "step" (while it works)
 
 
 @dataclass
@@ -164,7 +171,11 @@ class MemoryPlan:
 
     @property
     def total(self) -> int:
-        return sum(i.bytes for i in self.items)
+        """The peak: what stays resident, plus the larger of the loading phase's and the working phase's
+        transients (the base is built before the first step or request, so the two never overlap)."""
+        resident = sum(i.bytes for i in self.items if not i.transient)
+        phases = [sum(i.bytes for i in self.items if i.transient and i.phase == ph) for ph in ("load", "step")]
+        return resident + max(phases)
 
     @property
     def static(self) -> int:
@@ -173,7 +184,9 @@ class MemoryPlan:
 
     def table(self, budget: int | None = None) -> str:
         w = max(len(i.name) for i in self.items)
-        rows = [f"{i.name:<{w}}  {format_bytes(i.bytes):>10}  {i.note}" for i in self.items]
+        rows = [f"{i.name:<{w}}  {format_bytes(i.bytes):>10}  {i.note}"
+                + (" (while the base loads; not at the same time as the step)" if i.transient and i.phase == "load" else "")
+                for i in self.items]
         rows.append(f"{'total (peak)':<{w}}  {format_bytes(self.total):>10}")
         if budget is not None:
             verdict = "fits" if self.total <= budget else "does NOT fit"
@@ -291,6 +304,40 @@ def _kernel_layout_bytes(shape: ModelShape, format: str, bits: int, group_size: 
     return n // 2 + groups * 2 * 4
 
 
+GPTQ_INPUT_BYTES = 512 * 2**20  # restora.quant.gptq.INPUT_BYTES
+QUANTIZE_CHUNK_BYTES = 32 * 2**20  # the formats' chunked fp32 / int64 temporaries (restora.quant: ~1M weights at a time)
+
+
+def load_items(shape: ModelShape, format: str, bits: int, source_bytes: int, calib_tokens: int = 0,
+               from_cache: bool = False) -> list[Item]:
+    """What building the base holds beyond its final state, at the peak of loading (restora.models.stream).
+
+    The source streams tensor by tensor into place, so a float base costs nothing extra. A quantized base is
+    quantized as it streams: NF4/FP4, int8 and RTN hold one layer's float weight and that layer's code
+    temporaries; GPTQ holds one decoder block's float weights, its calibration inputs (fp32) and, for the widest
+    layer, the Hessian and its inverse Cholesky factor with the layer group's fp32 weights. A base read back from
+    restora's cache (a quantized checkpoint) is assigned tensor by tensor: nothing beyond the final state."""
+    if format == "float" or from_cache:
+        return []
+    linears = shape.linears()
+    if format != "gptq":
+        o, i = max(((o, i) for _, o, i in linears), key=lambda oi: oi[0] * oi[1])
+        codes = 0 if format == "int8" else 3 * o * i // 2
+        return [Item("loading", o * i * source_bytes + codes + QUANTIZE_CHUNK_BYTES,
+                     f"one {o} x {i} layer in the source dtype + its codes being made", transient=True, phase="load")]
+    block = sum(o * i for _, o, i in linears) * source_bytes
+    groups = {"attn": [l for l in linears if l[0] in ("q_proj", "k_proj", "v_proj")], "o": [linears[3]],
+              "mlp": [l for l in linears[4:] if l[0] != "down_proj"], "down": [l for l in linears if l[0] == "down_proj"]}
+    inputs = calib_tokens * sum(g[0][2] for g in groups.values() if g) * 4
+    if inputs > GPTQ_INPUT_BYTES:  # restora.quant.gptq keeps a running Σ XᵀX per input past this
+        inputs = GPTQ_INPUT_BYTES + sum(g[0][2] ** 2 for g in groups.values() if g) * 4
+    work = max(2 * g[0][2] ** 2 * 4 + 2 * sum(o for _, o, _ in g) * g[0][2] * 4 for g in groups.values() if g)
+    rows = 2 * calib_tokens * shape.hidden * source_bytes
+    return [Item("loading", block + inputs + work + rows,
+                 f"GPTQ: one block in the source dtype, {calib_tokens} calibration tokens' inputs, the widest "
+                 "layer's Hessian and inverse", transient=True, phase="load")]
+
+
 def plan_memory(
     config: Any,
     mode: Mode = "serve",
@@ -312,6 +359,9 @@ def plan_memory(
     prompt_len: int | None = None,
     framework_bytes: int = FRAMEWORK_BYTES,
     compiled: bool = False,
+    source_dtype: str | None = None,
+    calib_tokens: int = 0,
+    from_cache: bool = False,
 ) -> MemoryPlan:
     """Itemised peak memory of training (base at k = `bits`) or serving (base at l = `bits`).
 
@@ -322,9 +372,15 @@ def plan_memory(
     weights of a float base). bf16: compute under bf16 autocast, as restora does on CPU.
     compiled: train with compiled blocks (`restora train --compile`), which save each
     distinct input once and fuse the loss's element-wise work.
+    source_dtype: storage of the source checkpoint (default: float_dtype); with it, the plan counts building the
+    base by streaming the source (restora.models.stream): `load_items`, a phase before the first step.
+    quantize: `restora quantize` (the base built and written; calib_tokens of GPTQ calibration).
+    from_cache: the base comes from restora's cache of quantized bases (no quantization while loading).
     """
-    if mode not in ("train", "serve"):
-        raise ValueError(f"mode must be train or serve, got {mode!r}")
+    if mode not in ("train", "serve", "quantize"):
+        raise ValueError(f"mode must be train, serve or quantize, got {mode!r}")
+    if source_dtype is not None and source_dtype not in DTYPE_BYTES:
+        raise ValueError(f"source_dtype must be one of {', '.join(DTYPE_BYTES)}, got {source_dtype!r}")
     if float_dtype not in DTYPE_BYTES:
         raise ValueError(f"float_dtype must be one of {', '.join(DTYPE_BYTES)}, got {float_dtype!r}")
     for name, v in (("batch_size", batch_size), ("seq_len", seq_len), ("rank", rank)):
@@ -350,6 +406,14 @@ def plan_memory(
              f"{8 * lin / shape.linear_params():.2f} bits each"),
         Item("float weights", (embed + norms) * fb, f"embeddings{'' if shape.tied else ' + LM head'} + norms, {float_dtype}"),
     ]
+    if source_dtype is not None:
+        items += load_items(shape, format, bits, DTYPE_BYTES[source_dtype], calib_tokens, from_cache)
+    if mode == "quantize":
+        settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, float_dtype=float_dtype,
+                        double_quant=double_quant, source_dtype=source_dtype, calib_tokens=calib_tokens,
+                        framework_bytes=framework_bytes)
+        return MemoryPlan(mode, f"{label} checkpoint from a {source_dtype or float_dtype} source", format,
+                          16 if format == "float" else bits, items, settings)
     sizes = _adapter_params(shape, adapter, rank, targets)
     what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
     head_cast = V * H * 2 if bf16 and fb != 2 else 0  # the bf16 copy of a float LM head, kept once made
@@ -403,7 +467,7 @@ def plan_memory(
                     rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
                     grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
                     bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes,
-                    compiled=compiled)
+                    compiled=compiled, source_dtype=source_dtype, calib_tokens=calib_tokens, from_cache=from_cache)
     if mode == "serve":
         desc = f"{label} base, {adapters} x {what}, batch {batch_size} x {seq_len}"
     else:

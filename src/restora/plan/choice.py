@@ -1,6 +1,6 @@
 """Choosing a memory plan: one candidate per precision, the most precise that fits, and `restora plan`.
 
-restora.restore.plan itemises the memory of one setting. Here the settings are laid out: a
+restora.plan.memory itemises the memory of one setting. Here the settings are laid out: a
 ladder of (format, bits), most precise first (float, int8, nf4, rtn 4/3/2 by default);
 `choose_plan` takes the first that fits a budget (the PLR choice of restore level l when
 serving), and for training `best_train_setting` shrinks the micro-batch, then turns on
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from restora.restore.plan import SERVE_LADDER, MemoryPlan, format_bytes, plan_memory
+from restora.plan.memory import SERVE_LADDER, MemoryPlan, format_bytes, plan_memory
 
-__all__ = ["serve_candidates", "train_candidates", "choose_plan", "best_train_setting", "compiles"]
+__all__ = ["auto_micro_batch", "available_memory", "ladder", "serve_candidates", "train_candidates", "choose_plan", "best_train_setting", "compiles",
+           "source_dtype"]
 
 
-def _ladder(format: str | None) -> list[tuple[str, int]]:
+def ladder(format: str | None) -> list[tuple[str, int]]:
     """Candidate (format, bits), most precise first; `format` restricts the quantized ones."""
     if format in (None, "auto"):
         return SERVE_LADDER
@@ -29,14 +30,23 @@ def _ladder(format: str | None) -> list[tuple[str, int]]:
     raise ValueError(f"format must be auto, float, nf4, fp4, int8, rtn or gptq, got {format!r}")
 
 
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def source_dtype(config: Any) -> str:
+    """The dtype a checkpoint stores its weights in, from its config (fp32 when it does not say)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    return _DTYPE_NAMES.get(str(dtype).removeprefix("torch."), "fp32")
+
+
 def serve_candidates(config: Any, format: str | None = None, **kw: Any) -> list[MemoryPlan]:
     """One serve plan per restore level l, most precise first."""
-    return [plan_memory(config, "serve", format=f, bits=b, **kw) for f, b in _ladder(format)]
+    return [plan_memory(config, "serve", format=f, bits=b, **kw) for f, b in ladder(format)]
 
 
 def train_candidates(config: Any, format: str | None = None, **kw: Any) -> list[MemoryPlan]:
     """One train plan per base precision k, most precise first (float = 16-bit LoRA)."""
-    return [plan_memory(config, "train", format=f, bits=b, **kw) for f, b in _ladder(format)]
+    return [plan_memory(config, "train", format=f, bits=b, **kw) for f, b in ladder(format)]
 
 
 def choose_plan(plans: list[MemoryPlan], budget: int) -> MemoryPlan:
@@ -63,6 +73,30 @@ def best_train_setting(config: Any, format: str, bits: int, batch_size: int, gra
     return None
 
 
+def auto_micro_batch(config: Any, budget: int, batch_size: int, format: str, bits: int, **kw: Any) -> MemoryPlan:
+    """The train plan with the largest micro-batch that divides `batch_size` and fits `budget` (PLR's proposal:
+    spend what quantization saves on bigger batches); a one-line error if not even one row fits."""
+    divisors = [b for b in range(batch_size, 0, -1) if batch_size % b == 0]
+    for b in divisors:
+        p = plan_memory(config, "train", format=format, bits=bits, batch_size=b, **kw)
+        if p.total <= budget:
+            return p
+    raise ValueError(f"budget {format_bytes(budget)} is too small to train on this base with micro-batch 1: the plan "
+                     f"needs {format_bytes(p.total)} (try --grad-checkpointing, a lower --bits or a shorter --max-len)")
+
+
+def available_memory() -> int:
+    """MemAvailable from /proc/meminfo (Linux): what a new process can use without swapping."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    raise ValueError("cannot read the available memory here: pass --memory-budget (e.g. 16GiB)")
+
+
 def compiles(mode: str, config: Any) -> bool:
     """restora.kernels.compiled.resolve_compile's decision, from the config alone (no weights)."""
     if mode != "auto":
@@ -70,7 +104,7 @@ def compiles(mode: str, config: Any) -> bool:
     import torch
 
     from restora.kernels.compiled import auto_compiles
-    from restora.restore.plan import ModelShape
+    from restora.plan.memory import ModelShape
 
     shape = ModelShape.from_config(config)
     return auto_compiles(shape.linear_params() + shape.vocab * shape.hidden, torch.device("cpu"))
