@@ -114,6 +114,46 @@ def run_measured(cmd: list[str], env: dict[str, str], timeout: float) -> dict:
             "tail": (out + err)[-3000:]}
 
 
+def run_server(model: Path, work: Path, env: dict[str, str], timeout: float, bits: int = 8) -> dict:
+    """`restora serve` start-up and one chat completion with the trained adapter; peak RSS from wait4."""
+    import signal
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "restora", "serve", str(model), "--adapters-root", str(work), "--bits", str(bits),
+           "--memory-budget", "24GiB", "--port", str(port), "--max-batch", "1"]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    answer, ready = None, None
+    while time.perf_counter() - t0 < timeout and proc.poll() is None:
+        try:
+            urllib.request.urlopen(base + "/health", timeout=5).read()
+            ready = time.perf_counter() - t0
+            break
+        except OSError:
+            time.sleep(2)
+    if ready is not None:
+        body = json.dumps({"model": "adapter", "max_tokens": 8, "temperature": 0,
+                           "messages": [{"role": "user", "content": "How many singers are there?"}]}).encode()
+        req = urllib.request.Request(base + "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        try:
+            answer = json.loads(urllib.request.urlopen(req, timeout=timeout).read())["choices"][0]["message"]
+        except OSError as e:
+            answer = {"error": str(e)}
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out = proc.stdout.read() if proc.stdout else ""
+    ok = ready is not None and isinstance(answer, dict) and "content" in answer
+    return {"seconds": time.perf_counter() - t0, "peak_rss": usage.ru_maxrss * 1024, "code": 0 if ok else 1,
+            "tail": out[-3000:] + f"\nanswer: {answer}", "ready_seconds": ready,
+            "command": " ".join(shlex.quote(c) for c in cmd[2:])}
+
+
 def plan_figure(model: Path, stage: str, args: argparse.Namespace) -> int | None:
     """The planner's peak for a stage, as `restora plan` computes it (restora.plan.memory.plan_memory)."""
     from transformers import AutoConfig
@@ -133,6 +173,9 @@ def plan_figure(model: Path, stage: str, args: argparse.Namespace) -> int | None
         return plan_memory(config, "train", format="nf4", bits=4, float_dtype="bf16", source_dtype=src,
                            batch_size=args.batch, seq_len=args.seq, targets="attn", dropout=0.0,
                            compiled=compiles("auto", config)).total
+    if stage == "serve":  # the int8 base restore-8 cached, one adapter, batch 1 x (prompt + 8 tokens)
+        return plan_memory(config, "serve", format="int8", bits=8, float_dtype=src, source_dtype=src, batch_size=1,
+                           seq_len=64, targets="attn", adapters=1, from_cache=True).total
     if stage in ("restore-8", "restore-16"):
         fmt, bits = ("int8", 8) if stage == "restore-8" else ("float", 16)
         return plan_memory(config, "serve", format=fmt, bits=bits, float_dtype=src, source_dtype=src, batch_size=1,
@@ -222,7 +265,15 @@ def main() -> None:
         table = stages(model, work, args)
         for stage in args.stages:
             if stage == "serve":
-                continue  # measured by benchmarks/serve.py's harness; not part of this table yet
+                r = run_server(model, work, env, args.timeout)
+                planned = plan_figure(model, stage, args)
+                results.append({"shape": shape, "stage": stage, **r, "planned": planned})
+                ratio = f"{r['peak_rss'] / planned:.2f}" if planned else "-"
+                print(f"| {shape} | serve | {fmt(r['peak_rss'])} | {fmt(planned)} | {ratio} | {r['seconds']:.0f} | "
+                      f"{'ok' if r['code'] == 0 else 'FAILED'} |", flush=True)
+                if r["code"]:
+                    print(r["tail"], file=sys.stderr, flush=True)
+                continue
             cmd, plan_args = table[stage]
             if "--out" in cmd:
                 shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)  # each run starts from nothing

@@ -11,7 +11,7 @@ each sending R completions of SQL Create Context prompts with max_tokens N and `
 
 Rounds alternate a, b, a, b (a shared machine's load hits both alike); reported per load:
 generated tokens/s (total completion tokens / wall time of the round, median over rounds) and
-p50 / p99 request latency (all rounds). Goal (issue 6): (a) >= 0.8x of (b). For reference,
+p50 / p99 request latency (all rounds). Goal: (a) >= 0.8x of (b). For reference,
 PEFT's mixed batch of 8 adapters measured 43 tok/s here, 0.30x of its base (benchmarks/multi_adapter.py).
 
     python benchmarks/serve.py                          # 8 clients x 4 requests x 64 tokens, 2 rounds
@@ -164,7 +164,7 @@ def main() -> None:
     for k in loads:
         t = statistics.median(tps[k])
         lines.append(f"| {k} | {t:.1f} | {pct(lat[k], .5):.2f} | {pct(lat[k], .99):.2f} | {t / base:.2f}x |")
-    lines.append("| PEFT mixed batch of 8 (issue 6's measurement, another setup: not this run) | 43 | | | 0.30x |")
+    lines.append("| PEFT mixed batch of 8 (a separate measurement, another setup: not this run) | 43 | | | 0.30x |")
     lines += ["", f"Command: `{cmd}`"]
     table = "\n".join(lines)
     print("\n" + table)

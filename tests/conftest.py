@@ -71,7 +71,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def smollm():
-    """The real SmolLM2-135M (float reference), loaded once per session."""
+    """The real SmolLM2-135M (float reference), loaded once per test run."""
     from restora.models.load import load_model
 
     return load_model("smollm2-135m")

@@ -1,4 +1,4 @@
-"""One contract suite over adapter kind × base format (STYLE habits 9 and 10).
+"""One contract suite over adapter kind × base format.
 
 Every adapter kind (LoRA, rsLoRA, (IA)³, and the batched multi-adapter layer `MultiLoRALinear`
 holding a LoRA and an (IA)³ adapter, one per batch row) on every base format (float, nf4, fp4
@@ -87,7 +87,7 @@ def float_model() -> nn.Module:
 
 
 def base_model(fmt: str) -> nn.Module:
-    """A fresh copy of the tiny Llama quantized to `fmt` (quantized once per session)."""
+    """A fresh copy of the tiny Llama quantized to `fmt` (quantized once per test run)."""
     if fmt not in _BASES:
         spec = FORMATS[fmt]
         model = copy.deepcopy(float_model())

@@ -43,7 +43,7 @@ _BASES: dict[str, nn.Module] = {}
 
 
 def base(fmt: str = "float") -> nn.Module:
-    """A fresh copy of the tiny Llama in format `fmt` (quantized once per session)."""
+    """A fresh copy of the tiny Llama in format `fmt` (quantized once per test run)."""
     if fmt not in _BASES:
         model = tiny_llama(seed=0)
         if FORMATS[fmt] is not None:

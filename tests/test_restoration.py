@@ -1,4 +1,4 @@
-"""Restoration modes (issue 8): identity at l = k, bias correction preserves mean outputs,
+"""Restoration modes: identity at l = k, bias correction preserves mean outputs,
 partial restoration keeps unselected layers at k bits, auto picks the validation minimum."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The loftq restoration mode (issue 8): identity at l = k, the LoftQ target at l bits when the
+"""The loftq restoration mode: identity at l = k, the LoftQ target at l bits when the
 adapter never trained, exact rank-3r bookkeeping, and a clear error for non-LoftQ adapters."""
 
 from __future__ import annotations

@@ -11,7 +11,15 @@ Checked against offline `restora.infer.generate.greedy_generate` (fp32 both side
   - adapter names and lora_path stay inside --adapters-root: ../, absolute paths, symlinked
     folders and symlinked files out of the root are refused with 400 and never loaded
   - LRU: a fifth adapter evicts the least recently used; an evicted adapter reloads lazily
-  - a client that disconnects mid-stream frees its row; SIGTERM finishes in-flight requests
+  - a client that disconnects mid-stream frees its row; SIGTERM finishes in-flight requests, and a
+    hung request delays shutdown by at most --shutdown-timeout
+  - a failing prefill or an adapter whose logits overflow answers only its own request; the running
+    rows finish with the output they have alone
+  - a plan over the memory budget is refused (one line naming both) unless --allow-over-budget
+  - no FutureWarning / deprecation notice from transformers, in process or in the server's log
+
+The bad adapters of the root (NaN weights, truncated weights, a malformed config, another base's
+adapter, overflowing weights) are probed in tests/test_serve_fuzz.py.
 """
 
 from __future__ import annotations
@@ -34,7 +42,8 @@ import torch
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-pytestmark = pytest.mark.smollm  # the tiny model borrows SmolLM2's tokenizer
+# the tiny model borrows SmolLM2's tokenizer; a deprecation in transformers fails the tests the day it appears
+pytestmark = [pytest.mark.smollm, pytest.mark.filterwarnings("error::FutureWarning")]
 
 ADAPTERS = ["a0", "a1", "a2", "a3"]
 PROMPTS = ["The capital of France", "SELECT name FROM", "Once upon a time there was", "def add(a, b):",
@@ -82,11 +91,38 @@ def setup(tmp_path_factory: pytest.TempPathFactory):
     sneaky.mkdir()
     (sneaky / "adapter_config.json").write_text((root / "a0" / "adapter_config.json").read_text())
     (sneaky / "adapter_model.safetensors").symlink_to(outside / "secret" / "adapter_model.safetensors")
+    bad_adapters(root, loaded)
     yield {"tiny": tiny, "root": root, "outside": outside, "loaded": loaded, "tok": tok}
     if old_cache is None:
         os.environ.pop("RESTORA_CACHE", None)
     else:
         os.environ["RESTORA_CACHE"] = old_cache
+
+
+BAD = {"nan": "NaN weights", "trunc": "truncated weights", "badcfg": "lora_alpha 'sixteen'",
+       "foreign": "trained on another base", "overflow": "finite weights whose logits overflow"}
+
+
+def bad_adapters(root: Path, loaded) -> None:
+    """Adapter folders under `root` that must not load (or, `overflow`, must not harm other rows), from a0."""
+    from safetensors.torch import load_file, save_file
+
+    good = root / "a0"
+    tensors = load_file(str(good / "adapter_model.safetensors"))
+    for name in BAD:
+        (root / name).mkdir()
+        for f in good.iterdir():
+            (root / name / f.name).write_bytes(f.read_bytes())
+    first = sorted(tensors)[0]
+    save_file({**tensors, first: torch.full_like(tensors[first], float("nan"))},
+              str(root / "nan" / "adapter_model.safetensors"))
+    save_file({k: torch.full_like(v, 1e30) for k, v in tensors.items()}, str(root / "overflow" / "adapter_model.safetensors"))
+    w = root / "trunc" / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    cfg = json.loads((good / "adapter_config.json").read_text())
+    (root / "badcfg" / "adapter_config.json").write_text(json.dumps({**cfg, "lora_alpha": "sixteen"}))
+    prov = json.loads((good / "restora.json").read_text())
+    (root / "foreign" / "restora.json").write_text(json.dumps({**prov, "source_hash": "0" * 64}))
 
 
 def _free_port() -> int:
@@ -100,7 +136,8 @@ def _start(setup: dict, **kw) -> tuple[subprocess.Popen, int]:
     args = dict(adapters_root=str(setup["root"]), port=port, bf16=False, max_loaded_adapters=4, **kw)
     code = f"import sys; from restora.commands.serving import serve; sys.exit(serve({str(setup['tiny'])!r}, **{args!r}))"
     log = open(setup["root"].parent / f"server-{port}.log", "w")  # a file, not a pipe nobody drains
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+    # a FutureWarning (transformers' deprecations) raises in the server: the request that meets it fails
+    proc = subprocess.Popen([sys.executable, "-W", "error::FutureWarning", "-c", code], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     log.close()
     end = time.monotonic() + 60
@@ -114,6 +151,10 @@ def _start(setup: dict, **kw) -> tuple[subprocess.Popen, int]:
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not start in 60 s")
+
+
+def _log(port: int, setup: dict) -> str:
+    return (setup["root"].parent / f"server-{port}.log").read_text()
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -141,6 +182,8 @@ def server(setup: dict):
     proc, port = _start(setup, max_tokens_limit=600, max_prompt_tokens=64, max_body_bytes=20_000)
     yield port
     _stop(proc)
+    log = _log(port, setup)
+    assert "deprecated" not in log.lower() and "FutureWarning" not in log, log[-3000:]
 
 
 _MODELS: dict = {}
@@ -355,3 +398,129 @@ def test_engine_packs_only_the_head_while_it_runs():
     assert model.lm_head is head
     with Engine(model, tok, None, EngineConfig(bf16=False))._packed_head() as n:  # type: ignore[arg-type]
         assert n == 0 and model.lm_head is head
+
+
+def test_failing_prefill_answers_only_its_request(setup):
+    """A prefill that raises (here: any prompt holding a poison token) answers its own request with an error; a row
+    already running and a request that joins in the same prefill finish with the output they have alone."""
+    import queue
+
+    from restora.adapters.batched import MultiAdapterModel
+    from restora.serve.adapters_root import AdapterRoot, ResidentAdapters
+    from restora.serve.engine import Engine, EngineConfig, Request, SamplingParams
+
+    model = copy.deepcopy(setup["loaded"].model)
+    tok = setup["tok"]
+    engine = Engine(model, tok, ResidentAdapters(MultiAdapterModel(model), AdapterRoot(setup["root"]), 2),
+                    EngineConfig(bf16=False))
+    poison = tok("Hello", add_special_tokens=False)["input_ids"][0]
+    real = engine._forward
+
+    def forward(**kw):
+        if kw["input_ids"].shape[1] > 1 and bool((kw["input_ids"] == poison).any()):
+            raise RuntimeError("poisoned prompt")
+        return real(**kw)
+
+    engine._forward = forward  # type: ignore[method-assign]
+    engine.start()
+
+    def submit(prompt: str, max_tokens: int) -> queue.Queue:
+        q: queue.Queue = queue.Queue()
+        engine.submit(Request(tok(prompt)["input_ids"], None, SamplingParams(max_tokens, 0.0, ignore_eos=True),
+                              q.put))
+        return q
+
+    try:
+        alone = [submit(p, n).get(timeout=60) for p, n in ((PROMPTS[0], 200), (PROMPTS[2], 20))]
+        assert [a[0] for a in alone] == ["done", "done"]
+        long = submit(PROMPTS[0], 200)
+        while engine.stats()["running"] < 1:
+            time.sleep(0.001)
+        with engine._cv:  # both wait together, so they join in one prefill: that one fails, then each alone
+            bad, other = submit("Hello there", 5), submit(PROMPTS[2], 20)
+        assert bad.get(timeout=60) == ("error", 500, "generation failed for this request: RuntimeError")
+        assert other.get(timeout=60) == alone[1]
+        assert long.get(timeout=60) == alone[0]
+        assert engine.stats()["failed"] == 1 and engine.stats()["running"] == 0
+    finally:
+        engine.stop(10)
+
+
+def test_overflowing_adapter_fails_only_its_row(setup, server):
+    """An adapter whose (finite) weights make the logits overflow, sampled at temperature 1 while a base request
+    runs: it gets a clear error naming the adapter; the base request's greedy text is the offline one."""
+    body = {"model": "tiny", "prompt": PROMPTS[0], "max_tokens": 150, "temperature": 0, "ignore_eos": True}
+    with cf.ThreadPoolExecutor(2) as pool:
+        long = pool.submit(_call, server, "POST", "/v1/completions", body)
+        end = time.monotonic() + 10
+        while _call(server, "GET", "/health")[2]["engine"]["running"] < 1 and time.monotonic() < end:
+            time.sleep(0.005)
+        status, _, out = _call(server, "POST", "/v1/completions",
+                               {"model": "overflow", "prompt": PROMPTS[1], "max_tokens": 5, "temperature": 1})
+        assert status == 500 and "'overflow'" in out["error"]["message"] and "NaN" in out["error"]["message"], out
+        status, _, out = long.result()
+    assert status == 200, out
+    from restora.infer.generate import greedy_generate
+
+    ids = setup["tok"](PROMPTS[0])["input_ids"]
+    assert out["usage"]["completion_tokens"] == 150 and out["usage"]["prompt_tokens"] == len(ids)
+    want = greedy_generate(copy.deepcopy(setup["loaded"].model), setup["tok"], PROMPTS[:1], max_new_tokens=150,
+                           bf16=False)[0]
+    if "<|endoftext|>" not in want:  # offline stops at EOS; the server (ignore_eos) goes on
+        assert out["choices"][0]["text"].startswith(want)
+
+
+def test_hung_request_delays_shutdown_by_at_most_the_timeout(setup):
+    """A client that sends half a body and waits: SIGTERM exits within --shutdown-timeout (plus start-up slack)."""
+    proc, port = _start(setup, shutdown_timeout=2.0)
+    try:
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{\"model\": \"tiny\", ")
+        time.sleep(0.3)
+        t = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - t < 8
+        sock.close()
+        assert "timeout graceful shutdown exceeded" in _log(port, setup)
+    finally:
+        _stop(proc)
+
+
+def test_plan_over_budget_is_refused(setup):
+    out = subprocess.run([sys.executable, "-m", "restora", "serve", str(setup["tiny"]), "--adapters-root",
+                          str(setup["root"]), "--bits", "16", "--memory-budget", "1MiB"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2, out.stderr
+    lines = [ln for ln in out.stderr.splitlines() if "budget" in ln]
+    assert len(lines) == 1 and "1.0 MiB" in lines[0] and "--allow-over-budget" in lines[0], out.stderr
+    assert "Uvicorn running" not in out.stderr + out.stdout
+
+
+def test_model_forward_without_deprecations(setup):
+    """greedy_generate through the model's own forward (lean=False) and the engine pass the KV cache by the
+    keyword the installed transformers takes: no FutureWarning (an error here) and no deprecation notice."""
+    import logging
+
+    from restora.infer.generate import greedy_generate
+
+    notices: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            notices.append(record.getMessage())
+
+    hf = logging.getLogger("transformers")
+    handler = Catch(logging.WARNING)
+    hf.addHandler(handler)
+    once = getattr(logging.Logger, "warning_once", None)
+    if once is not None and hasattr(once, "cache_clear"):
+        once.cache_clear()  # transformers says a notice once per process
+    try:
+        out = greedy_generate(copy.deepcopy(setup["loaded"].model), setup["tok"], PROMPTS[:2], max_new_tokens=4,
+                              bf16=False, lean=False)
+    finally:
+        hf.removeHandler(handler)
+    assert len(out) == 2
+    assert not [n for n in notices if "deprecat" in n.lower()], notices

@@ -36,8 +36,7 @@ def _tokenizer(folder):
     """A small word-level tokenizer saved beside the model, so the tests need no download."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {f"w{i}": i for i in range(256)}
-    vocab["[UNK]"] = 0
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 256)}}  # 256 ids, as the tiny models' vocabulary
     t = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     t.pre_tokenizer = pre_tokenizers.Whitespace()
     tok = PreTrainedTokenizerFast(tokenizer_object=t, unk_token="[UNK]", pad_token="[UNK]", eos_token="[UNK]")
@@ -119,7 +118,7 @@ def test_streamed_and_whole_model_quantization_are_identical(spec, fp32_folder, 
     tok = AutoTokenizer.from_pretrained(fp32_folder)
     calibration = None
     if spec.format == "gptq":
-        calibration = [tok(" ".join(f"w{(7 * i + j) % 256}" for j in range(20)), return_tensors="pt")["input_ids"][0]
+        calibration = [tok(" ".join(f"w{(7 * i + j) % 255 + 1}" for j in range(20)), return_tensors="pt")["input_ids"][0]
                        for i in range(6)]
     for folder, dtype in ((fp32_folder, torch.float32), (sharded_bf16, torch.bfloat16)):
         whole = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()

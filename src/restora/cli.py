@@ -1,4 +1,4 @@
-"""The `restora` command line, generated from typed functions (STYLE habit 6).
+"""The `restora` command line, generated from typed functions.
 
 Each subcommand is a plain function in restora.commands with type hints and a
 docstring whose "Args:" section documents each parameter. This module turns the
@@ -6,7 +6,8 @@ signature into argparse options: parameters without a default become positionals
 (keyword-only ones become required options such as --out),
 `bool` becomes --flag/--no-flag, `Literal[...]` becomes choices, `X | None` is optional.
 Defaults and help live only in the function. Errors users cause (ValueError,
-FileNotFoundError, RuntimeError) print as one line, with exit code 2.
+OSError such as FileNotFoundError, RuntimeError, KeyError) print as one line, with exit code 2;
+so does a missing optional dependency (ModuleNotFoundError), naming the extra that installs it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, Literal, get_args, get_origin
 
 from restora import commands
+from restora.commands.extras import missing_module_message
 from restora.commands.runtime import release_freed_memory
 
 __all__ = ["main", "build_parser"]
@@ -55,6 +57,25 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _number_or_word(tp: Any) -> Callable[[str], Any]:
+    """An argparse type for `int | Literal["auto", ...]`: one of the words, else a number of the given type."""
+    words = [w for a in get_args(tp) if get_origin(a) is Literal for w in get_args(a)]
+    numbers = [a for a in get_args(tp) if a in (int, float)]
+
+    def parse(text: str) -> Any:
+        if text in words:
+            return text
+        for kind in numbers:
+            try:
+                return kind(text)
+            except ValueError:
+                pass
+        raise argparse.ArgumentTypeError(f"expected {' or '.join(map(repr, words))} or a number, got {text!r}")
+
+    parse.__name__ = " or ".join([*words, *(k.__name__ for k in numbers)])
+    return parse
+
+
 def _add_command(sub: Any, name: str, fn: Callable[..., Any]) -> None:
     summary, docs = _param_docs(fn)
     p = sub.add_parser(name, help=summary.splitlines()[0] if summary else name, description=summary)
@@ -64,7 +85,9 @@ def _add_command(sub: Any, name: str, fn: Callable[..., Any]) -> None:
         flag = "--" + pname.replace("_", "-")
         help_ = docs.get(pname, "")
         kwargs: dict[str, Any] = {"help": help_}
-        if get_origin(tp) is Literal:
+        if get_origin(tp) in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: a number or a word
+            tp = _number_or_word(tp)
+        elif get_origin(tp) is Literal:
             kwargs["choices"] = list(get_args(tp))
             tp = type(get_args(tp)[0])
         if param.default is inspect.Parameter.empty:
@@ -87,8 +110,6 @@ def _add_command(sub: Any, name: str, fn: Callable[..., Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-
-
     parser = argparse.ArgumentParser(prog="restora", description="LoRA on quantized bases, and Post LoRA Restoration.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in commands.COMMANDS.items():
@@ -106,7 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     args.pop("command")
     try:
         result = fn(**args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as e:
+    except ModuleNotFoundError as e:  # an optional dependency imported deep inside: name the extra
+        print(f"restora: error: {missing_module_message(e)}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"restora: error: {msg}", file=sys.stderr)
         return 2

@@ -333,7 +333,7 @@ class MultiAdapterModel:
     ) -> int:
         """Load the restora or PEFT adapter in `folder` as `name` into a free slot; returns the slot.
 
-        Everything is checked before the model changes (config, source hash, keys, shapes).
+        Everything is checked before the model changes (config, source hash, keys, shapes, finite values).
         """
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
@@ -398,6 +398,8 @@ class MultiAdapterModel:
         for k, shape in expected.items():
             if tuple(state[k].shape) != shape:
                 raise ValueError(f"{source}: shape mismatch for {k}: file has {tuple(state[k].shape)}, model needs {shape}")
+            if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()):
+                raise ValueError(f"{source}: tensor {k} holds NaN or infinite values")
         out: dict[str, tuple[Any, Any, Any, bool]] = {}
         for path in paths:
             key = PEFT_PREFIX + path

@@ -4,13 +4,14 @@ A folder holds
 
     adapter_config.json         PEFT's config (peft_type LORA or IA3, r, lora_alpha, target_modules, ...)
     adapter_model.safetensors   PEFT's keys: base_model.model.<path>.lora_A.weight / .lora_B.weight / .ia3_l
-    restora.json                provenance (STYLE habit 8): base model id, hash of the base's source
+    restora.json                provenance: base model id, hash of the base's source
                                 weights, the quantization the adapter was trained on, the adapter
                                 settings, training settings and metrics. PEFT ignores it.
 
 so real `peft` loads a restora adapter and restora loads a real PEFT adapter (LoRA, rsLoRA,
-(IA)³). Folders are written atomically: everything goes to a temporary folder first and is
-moved into place with os.replace. Loading checks the config, the targets, the tensor keys and
+(IA)³). The three files are replaced together (restora.core.atomic.atomic_files): a reader sees
+the old three or the new three, also after a kill, while the folder's other files (checkpoint/,
+metrics.jsonl) stay. Loading checks the config, the targets, the tensor keys and
 shapes, and (when asked) the base's source hash, with one-line errors naming the file.
 """
 
@@ -18,18 +19,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from restora import __version__
-from restora.quant.linear import QuantLinear
+from restora.core.atomic import atomic_files, recover
+from restora.quant.checkpoint import check_safetensors
+from restora.quant.linear import quantization_of
 from restora.quant.spec import QuantSpec
 
 from restora.adapters.ia3 import IA3Config, IA3Linear
@@ -38,8 +40,8 @@ from restora.adapters.inject import (
 )
 from restora.adapters.lora import LoRAConfig, LoRALinear, adapter_modules
 
-__all__ = ["AdapterInfo", "save_adapter", "load_adapter", "read_adapter_config", "CONFIG_NAME", "WEIGHTS_NAME",
-           "PROVENANCE_NAME"]
+__all__ = ["AdapterInfo", "save_adapter", "load_adapter", "read_adapter_config", "read_adapter_weights",
+           "read_provenance", "CONFIG_NAME", "WEIGHTS_NAME", "PROVENANCE_NAME"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -118,10 +120,7 @@ def _peft_config(model: nn.Module, kind: str, found: list[tuple[str, nn.Module]]
 
 
 def _quantization_of(found: list[tuple[str, nn.Module]]) -> dict[str, Any]:
-    base = found[0][1].base_layer
-    if isinstance(base, QuantLinear):
-        return dict(base.qweight.meta())
-    return {"format": "float", "bits": 16}
+    return quantization_of(found[0][1].base_layer)
 
 
 def save_adapter(model: nn.Module, out_dir: str | os.PathLike, provenance: dict[str, Any] | None = None) -> Path:
@@ -158,25 +157,16 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, provenance: dict[
     config = _peft_config(model, kind, found, provenance.get("base_model"))
 
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        save_file(adapter_state_dict(model), str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
-        (tmp / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        if not out.exists():
-            os.replace(tmp, out)
-        else:  # move file by file; the config last, since readers start from it
-            for name in (WEIGHTS_NAME, PROVENANCE_NAME, CONFIG_NAME):
-                os.replace(tmp / name, out / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with atomic_files(out) as stage:  # all three files replace the old ones together (restora.core.atomic)
+        save_file(adapter_state_dict(model), str(stage / WEIGHTS_NAME), metadata={"format": "pt"})
+        (stage / PROVENANCE_NAME).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
+        (stage / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return out
 
 
 def read_adapter_config(folder: str | os.PathLike) -> tuple[str, LoRAConfig | IA3Config]:
     """Parse and check a PEFT adapter_config.json: ("lora" | "ia3", the restora config)."""
-    path = Path(folder) / CONFIG_NAME
+    path = recover(folder) / CONFIG_NAME
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file (not an adapter folder)")
     try:
@@ -210,9 +200,13 @@ def read_adapter_config(folder: str | os.PathLike) -> tuple[str, LoRAConfig | IA
         init = raw.get("init_lora_weights", True)
         if init not in _LORA_INITS:
             raise ValueError(f"init_lora_weights={init!r} is not supported: expected true, false, 'gaussian' or 'loftq'")
-        for key in ("r", "lora_alpha"):
-            if key not in raw:
-                raise ValueError(f"{key} is missing")
+        for key, kinds, expected in (("r", (int,), "a positive integer"), ("lora_alpha", (int, float), "a number"),
+                                     ("lora_dropout", (int, float), "a number in [0, 1)")):
+            if key not in raw and key != "lora_dropout":
+                raise ValueError(f"field {key!r} is missing: expected {expected}")
+            value = raw.get(key, 0.0)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(f"field {key!r} is {value!r} ({type(value).__name__}): expected {expected}")
         return "lora", LoRAConfig(
             r=raw["r"], alpha=raw["lora_alpha"], dropout=raw.get("lora_dropout", 0.0),
             use_rslora=bool(raw.get("use_rslora", False)), init=_LORA_INITS[init], target_modules=targets,
@@ -229,7 +223,7 @@ def read_provenance(
     With `expected_source_hash`, an adapter recorded against another base is refused
     (force=True downgrades that to a warning); an adapter without a record only warns.
     """
-    folder = Path(folder)
+    folder = recover(folder)
     prov_path = folder / PROVENANCE_NAME
     provenance = None
     if prov_path.is_file():
@@ -237,6 +231,8 @@ def read_provenance(
             provenance = json.loads(prov_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(provenance, dict):
+            raise ValueError(f"{prov_path}: expected a JSON object, got {type(provenance).__name__}")
     if expected_source_hash is not None:
         recorded = (provenance or {}).get("source_hash")
         if recorded is None:
@@ -249,6 +245,18 @@ def read_provenance(
     return provenance
 
 
+def read_adapter_weights(folder: str | os.PathLike) -> dict[str, Any]:
+    """The tensors of adapter_model.safetensors, with one-line errors for a missing, truncated or corrupt file."""
+    path = recover(folder) / WEIGHTS_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    check_safetensors(path)
+    try:
+        return load_file(str(path))
+    except SafetensorError as e:
+        raise ValueError(f"{path}: cannot read the tensors ({str(e).splitlines()[0]})") from None
+
+
 def load_adapter(
     model: nn.Module, folder: str | os.PathLike, expected_source_hash: str | None = None, force: bool = False
 ) -> AdapterInfo:
@@ -257,13 +265,11 @@ def load_adapter(
     With `expected_source_hash`, a restora.json recording another base hash is refused
     (force=True downgrades that to a warning). On any error the model is left as it was.
     """
-    folder = Path(folder)
+    folder = recover(folder)
     kind, config = read_adapter_config(folder)
     provenance = read_provenance(folder, expected_source_hash, force)
     weights_path = folder / WEIGHTS_NAME
-    if not weights_path.is_file():
-        raise FileNotFoundError(f"{weights_path}: no such file")
-    state = load_file(str(weights_path))
+    state = read_adapter_weights(folder)
     if any(True for _ in adapter_modules(model)):
         raise ValueError(f"{type(model).__name__} already has adapters: remove_adapters() before loading {folder}")
     config_path = folder / CONFIG_NAME

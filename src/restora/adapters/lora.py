@@ -3,12 +3,12 @@
     h = W0 x + s · B A x,    A: (r, in), B: (out, r),    s = alpha / r   (rsLoRA: alpha / sqrt(r))
 
 A starts Kaiming-uniform (a = sqrt(5), as loralib and PEFT) or Gaussian (std 1/r, as PEFT),
-and B starts at zero, so the adapted model starts equal to the base (SEEDS 003).
+and B starts at zero, so the adapted model starts equal to the base (Hu et al. 2021).
 
 `LoRALinear` wraps its base as `self.base_layer` and only ever calls it: the base may be
 a float `nn.Linear`, a GPT-2 `Conv1D` or a quantized layer of any format, and the adapter
-never looks inside (STYLE habit 3). Shapes come from `linear_shape`. Post LoRA
-Restoration is `swap_base`: one assignment, and the adapter does not notice (SEEDS 000).
+never looks inside. Shapes come from `linear_shape`. Post LoRA
+Restoration is `swap_base`: one assignment, and the adapter does not notice.
 
 Merging changes weights, so it happens only when the caller asks (`merge` / `unmerge`):
 onto a float base it is an exact in-place add; a base that cannot change in place (a
@@ -87,7 +87,7 @@ class LoRAConfig:
 
 @runtime_checkable
 class AdapterModule(Protocol):
-    """What every restora adapter offers (STYLE habit 5); the rest of restora needs nothing else."""
+    """What every restora adapter offers; the rest of restora needs nothing else."""
 
     base_layer: nn.Module
     adapter_enabled: bool

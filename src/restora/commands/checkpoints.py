@@ -13,8 +13,9 @@ import torch
 from restora.infer.perplexity import StreamedNLL
 from restora.models.bases import stream_quantize
 from restora.models.load import MANIFEST, load_model, open_source, resolve_source
+from restora.models.offload import offload as offload_blocks
 from restora.quant.model import check_spec_fits
-from restora.quant.checkpoint import save_quantized
+from restora.quant.checkpoint import WEIGHTS, read_manifest, save_quantized, verify_files
 from restora.quant.spec import QuantSpec
 from restora.restore.modes import RestoreModeName
 
@@ -132,15 +133,15 @@ def quantize(
 
 
 def info(folder: str) -> int:
-    """Print the manifest and storage sizes of a quantized checkpoint folder.
+    """Print the manifest and storage sizes of a quantized checkpoint folder, after verifying its files.
 
     Args:
         folder: a folder written by `restora quantize`.
     """
-    from restora.quant.checkpoint import read_manifest
-
-    manifest = read_manifest(Path(folder))
+    manifest = read_manifest(Path(folder))  # the recorded sizes are checked here
+    checked = verify_files(Path(folder), manifest)  # and the sha256 of every file (one-line error, exit 2)
     layers = manifest.pop("layers")
+    files = manifest.pop("files", None)
     sizes = manifest.get("sizes", {})
     print(json.dumps({k: v for k, v in manifest.items() if k != "sizes"}, indent=2))
     print(f"layers: {len(layers)} quantized linear layers")
@@ -149,6 +150,10 @@ def info(folder: str) -> int:
     if sizes.get("quantized_linear_bf16_bytes"):
         r = sizes["quantized_linear_bytes"] / sizes["quantized_linear_bf16_bytes"]
         print(f"linear layers take {r:.3f} of bf16 ({16 * r:.2f} bits per weight)")
+    if files:
+        print(f"files: {checked} verified (sizes and sha256 match the manifest)")
+    else:
+        print(f"files: no checksums recorded; {WEIGHTS} is whole (its header matches its size)")
     return 0
 
 
@@ -166,6 +171,7 @@ def generate(
     restore_layers: str | None = None,
     restore_modules: str | None = None,
     speculate: int = 0,
+    offload: bool = False,
 ) -> int:
     """Greedy completion of PROMPT by MODEL, optionally with an adapter on a chosen base.
 
@@ -182,9 +188,14 @@ def generate(
         restore_layers: partial: decoder blocks to restore, e.g. 0-14.
         restore_modules: partial: attn, mlp, or a regex over layer names.
         speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
+        offload: keep MODEL's decoder blocks in their file and page them in one block at a time (a float folder
+            or a quantized checkpoint, without --bits/--format): less memory, each step re-reads the weights.
     """
     from restora.infer.generate import greedy_generate
 
+    if offload and (bits is not None or format is not None):
+        raise ValueError("--offload pages MODEL's own file: write the l-bit base with `restora restore` first, "
+                         "then generate from that folder with --offload")
     if restore_mode != "plain" and (adapter is None or bits is None):
         raise ValueError(f"--restore-mode {restore_mode} needs --adapter and --bits (the restore level)")
     if bits is not None or format is not None:
@@ -201,7 +212,9 @@ def generate(
                                     restore_layers=restore_layers, restore_modules=restore_modules, calib_rows=64,
                                     data_dir=None)
     else:
-        loaded = load_model(model)
+        loaded = load_model(model, mapped=offload)
+        if offload:
+            offload_blocks(loaded.model)
         if adapter is not None:
             from restora.adapters import load_adapter
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from restora.experiments import grid as g
+
 __all__ = ["grid", "demo", "DEMO_CONFIG"]
 
 # The demo grid: 16-bit LoRA, GPTQ QLoRA at 4 and 3 bits, each restored to 16 bits: plain PLR16
@@ -56,7 +58,6 @@ def grid(config: str, *, out: str, shard: str | None = None, collect: bool = Fal
         shard: run only shard i/n (0-based); default from SLURM_ARRAY_TASK_ID/COUNT or PBS_ARRAY_INDEX.
         collect: only merge finished cells (e.g. from all shards) into the tables and plot.
     """
-    from restora.experiments import grid as g
 
     cfg = g.load_grid_config(config)
     if not collect:

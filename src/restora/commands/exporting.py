@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+from restora.adapters import read_adapter_config
 from restora.restore.adapter import restored
+from restora.restore.export import VLLM_MAX_LORA_RANKS, export_merged_hf, export_peft
 from restora.restore.modes import RestoreModeName
 
 __all__ = ["TARGETS", "export"]
@@ -16,7 +18,6 @@ TARGETS = ("peft", "merged-hf")
 def _serve_hint(out: Path) -> str:
     import json
 
-    from restora.restore.export import VLLM_MAX_LORA_RANKS
 
     cfg = json.loads((out / "adapter_config.json").read_text())
     rank = next(r for r in VLLM_MAX_LORA_RANKS if r >= int(cfg["r"]))
@@ -65,8 +66,6 @@ def export(
     """
     import torch
 
-    from restora.adapters import read_adapter_config
-    from restora.restore.export import export_merged_hf, export_peft
 
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is unknown: expected peft or merged-hf")

@@ -6,11 +6,18 @@ from typing import Any, Literal
 
 from transformers import AutoConfig
 
-from restora.models.load import resolve_source
-from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
 from restora.models.bases import CALIB_MAX_LEN
-from restora.plan.choice import (best_train_setting, choose_plan, compiles, ladder, serve_candidates, source_dtype,
-                                         train_candidates)
+from restora.models.load import resolve_source
+from restora.plan.choice import (
+    best_train_setting,
+    choose_plan,
+    compiles,
+    ladder,
+    serve_candidates,
+    source_dtype,
+    train_candidates,
+)
+from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
 
 __all__ = ["plan"]
 
@@ -85,6 +92,15 @@ def plan(
         plans = serve_candidates(config, fmt, batch_size=batch_size, adapters=adapters, **kw)
         for p in plans:
             print(f"  {p.label:<60} {format_bytes(p.total):>10}  {'fits' if p.total <= limit else '-'}")
+        paged = serve_candidates(config, fmt, batch_size=batch_size, adapters=adapters, offload=True, **kw)
+        fits = [p for p in plans if p.total <= limit]
+        fits_paged = [p for p in paged if p.total <= limit]
+        print("  with offloading (decoder blocks paged in from the file, `--offload`):")
+        for p in paged:
+            print(f"  {p.label:<60} {format_bytes(p.total):>10}  {'fits' if p.total <= limit else '-'}")
+        if fits_paged and (not fits or fits_paged[0].bits > fits[0].bits):
+            print(f"\nwith offloading, l = {fits_paged[0].bits} fits ({fits_paged[0].label.split(' base')[0]}); "
+                  f"without, {'l = ' + str(fits[0].bits) if fits else 'nothing'}")
         chosen = choose_plan(plans, limit)
         print(f"\nPLR choice: restore to {chosen.label.split(' base')[0]} (l = {chosen.bits})\n")
         print(chosen.table(limit))

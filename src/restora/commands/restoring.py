@@ -5,9 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from restora.adapters import remove_adapters, save_adapter
 from restora.models.save import save_hf
+from restora.quant.checkpoint import save_quantized
 from restora.restore.adapter import restored
+from restora.restore.export import carried_provenance, write_hf_folder
 from restora.restore.modes import RestoreModeName
+from restora.restore.plr import merge_and_unload
 
 if TYPE_CHECKING:
     pass
@@ -54,10 +58,6 @@ def restore(
         auto_min_gain: auto: restore only if that beats keeping the k-bit base by this fraction of its validation loss.
         data_dir: folder laid out like ../shared/data (for GPTQ calibration and restoration modes).
     """
-    from restora.adapters import save_adapter
-    from restora.restore.export import carried_provenance, write_hf_folder
-    from restora.quant.checkpoint import save_quantized
-    from restora.restore.plr import merge_and_unload
 
     loaded, info, _ = restored(adapter_dir, bits, format, group_size, model, base, force, calib_samples, restore_mode,
                             restore_layers, restore_modules, calib_rows, data_dir, auto_min_gain)
@@ -75,7 +75,6 @@ def restore(
                                             "merged_adapter": str(adapter_dir)})
         print(f"wrote {dest}: merged {label} checkpoint (merging into a quantized base rounds)")
         return 0
-    from restora.adapters import remove_adapters
 
     save_adapter(m, dest / "adapter", carried_provenance(info, loaded))
     remove_adapters(m)

@@ -28,6 +28,8 @@ def serve(
     max_prompt_tokens: int = 2048,
     max_body_bytes: int = 1_000_000,
     bf16: bool = True,
+    allow_over_budget: bool = False,
+    shutdown_timeout: float = 30.0,
 ) -> int:
     """Serve MODEL and the adapters under --adapters-root over an OpenAI-compatible HTTP API.
 
@@ -46,14 +48,22 @@ def serve(
         max_prompt_tokens: longest prompt in tokens.
         max_body_bytes: largest request body; larger ones get 413.
         bf16: decode under bf16 autocast on CPU.
+        allow_over_budget: start even when the serve plan exceeds --memory-budget (otherwise a one-line error).
+        shutdown_timeout: seconds SIGTERM / SIGINT waits for in-flight requests; then they are cancelled and the
+            server exits.
     """
+    if not shutdown_timeout >= 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 seconds, got {shutdown_timeout}")
     uvicorn = require("uvicorn", "serve")
     app = build_server(model, adapters_root, bits, format, memory_budget, max_batch, max_queue, max_loaded_adapters,
-                       max_tokens_limit, max_prompt_tokens, max_body_bytes, bf16)
-    # SIGTERM / SIGINT: stop accepting, let in-flight requests finish (no timeout), then drain the engine.
+                       max_tokens_limit, max_prompt_tokens, max_body_bytes, bf16, allow_over_budget=allow_over_budget,
+                       drain_timeout=shutdown_timeout)
+    # SIGTERM / SIGINT: stop accepting, let in-flight requests finish for up to shutdown_timeout seconds (uvicorn then
+    # cancels them, which frees their engine rows), then drain the engine within the same bound.
     # uvicorn re-raises the signal it caught once it has shut down; a handler of ours turns that into exit code 0.
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: print(f"restora serve: drained, exiting on signal {signum}"))
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", timeout_graceful_shutdown=None)).run()
+    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+                                timeout_graceful_shutdown=shutdown_timeout)).run()
     return 0

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from restora.adapters.files import read_adapter_config, read_adapter_weights, read_provenance
 from restora.infer.evaluate import evaluate_task
 from restora.data import task_split
 from restora.models.bases import base_choice, build_base
@@ -90,7 +91,10 @@ def eval(
         raise ValueError(f"--bits {bits} without an adapter needs --format (nf4, fp4, int8, rtn or gptq)")
     choice = base_choice(format or "float", bits, group_size, task, calib_samples, seed)
     trained_on = None
-    if adapter:
+    if adapter:  # the folder's three files checked before any model work: one-line errors naming file and field
+        read_adapter_config(adapter)
+        read_provenance(adapter)
+        read_adapter_weights(adapter)
         loaded, rinfo, restoration = restored(adapter, bits, format, group_size, model, "source", force, calib_samples,
                                               restore_mode, restore_layers, restore_modules, calib_rows, data_dir,
                                               auto_min_gain, calib_task=task, seed=seed, quiet=True)

@@ -1,6 +1,6 @@
 """Tasks: what a row looks like, how it becomes a prompt and a completion, and how it is scored.
 
-The PLR protocol (SEEDS.md, seed 000) fine-tunes on GSM8K and SQL Create Context with a
+The PLR protocol (the PLR report) fine-tunes on GSM8K and SQL Create Context with a
 completion-only loss. A `Task` bundles, per data set:
 
     fields         the string fields every row must have

@@ -9,7 +9,7 @@ Quantized bases are cached by restora.models.bases (one quantization per model/f
 every unit and cell writes its result atomically, and a rerun skips finished work, so a
 killed grid resumes. `--shard i/n` (or a Slurm / PBS array index) runs every n-th unit.
 `collect` merges whatever cells exist into results.csv / results.json, a table laid out
-like seed 000's Table 1, and plr.png.
+like the PLR report's Table 1, and plr.png.
 
 Config (TOML):
 
@@ -38,6 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from restora.data import task_split
+from restora.experiments.report import write_reports
+from restora.infer.evaluate import evaluate_task
+from restora.quant.spec import SUPPORTED_BITS
+from restora.restore.modes import RestorationMode, restore_with_mode
+from restora.restore.plr import dequantize_model, restore_base
+from restora.train.recipe import train_adapter as train
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -188,7 +196,6 @@ def _restore_format(unit: Unit, level: int, cfg: GridConfig) -> str:
     if level == unit.train_bits:
         return "rtn" if unit.method.init == "loftq" and unit.method.format == "gptq" else unit.method.format
     fmt = cfg.eval.get("restore_format", unit.method.format)
-    from restora.quant.spec import SUPPORTED_BITS
 
     return fmt if level in SUPPORTED_BITS.get(fmt, ()) else ("int8" if level == 8 else "rtn")
 
@@ -199,8 +206,6 @@ def _train_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
 
 
 def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
-    from restora.train.recipe import train_adapter as train
-
     folder = out / "adapters" / unit.id
     done = folder / "restora.json"
     if done.is_file() and "steps" in (json.loads(done.read_text()).get("metrics") or {}):
@@ -209,17 +214,13 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
     kwargs = _train_settings(unit, cfg)
     resume = (folder / "checkpoint" / "trainer.json").is_file()
     train(cfg.model, out=str(folder), task=unit.task, format=unit.method.format, bits=unit.train_bits,  # type: ignore[arg-type]
-          group_size=unit.method.group_size, init=unit.method.init, seed=unit.seed, resume=resume,  # type: ignore[arg-type]
+          group_size=unit.method.group_size, init=unit.method.init, seed=unit.seed, resume=resume, overwrite=not resume,  # type: ignore[arg-type]
           data_dir=cfg.data_dir, **kwargs)
     _write_json(folder / "grid_train.json", {"train_seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss_bytes()})
     return folder
 
 
 def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str = "plain") -> dict[str, Any]:
-    from restora.data import task_split
-    from restora.infer.evaluate import evaluate_task
-    from restora.restore.plr import restore_base
-
     e = cfg.eval
     fmt = _restore_format(unit, level, cfg)
     t0 = time.perf_counter()
@@ -229,8 +230,6 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
                                     calib_samples=int(_train_settings(unit, cfg).get("calib_samples", 500)), seed=unit.seed,
                                     data_dir=cfg.data_dir)
     else:
-        from restora.restore.modes import RestorationMode, restore_with_mode
-
         levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
         rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,),
                                 min_gain=float(cfg.eval.get("auto_min_gain", 0.0)))
@@ -238,7 +237,6 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
                                                       data_dir=cfg.data_dir, seed=unit.seed)
         level = int(restoration["restore_bits"])
     if e.get("materialize", True):  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
-        from restora.restore.plr import dequantize_model
 
         dequantize_model(loaded.model, torch.bfloat16)
     rows = task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=e.get("limit"))
@@ -305,7 +303,6 @@ def _cells(unit: Unit, modes: list[str]) -> list[tuple[int, str, str]]:
 
 def collect(out: str | Path) -> list[dict[str, Any]]:
     """Merge all cell files under OUT/cells into results.json, results.csv, table.md and plr.png."""
-    from restora.experiments.report import write_reports
 
     out = Path(out)
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]

@@ -1,6 +1,6 @@
 """Grid reports: results.json / results.csv, a Table-1-style markdown table, and plr.png.
 
-Table layout follows seed 000's Table 1: one row per task and metric, and columns
+Table layout follows the PLR report's Table 1: one row per task and metric, and columns
 `16-bit LoRA | kb QLoRA | PLRl ...` for each train bit-width k (highest first), where
 "kb QLoRA" is the adapter on its own k-bit base and PLRl the same adapter on an l-bit
 base. Methods other than the 16-bit baseline get their name in the column header.

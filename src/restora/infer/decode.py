@@ -32,10 +32,10 @@ size, with variants for one token a row, up to 16 (drafts verified), longer prom
 batch 1. It trims the remaining per-op overhead (SmolLM2-135M, 4-bit base, batch 1, one
 thread: 43 against 35 tokens/s) after a one-time compile of about a minute per variant.
 Compiled prompt passes: 137-139 against 199-215 ms for 8 prompts of 80 tokens (RTN4, 2
-threads), one more compile than when prompts stayed eager (before session 8). The compiled
+threads), one compile more than eager prompt passes need. The compiled
 step skips dynamo's per-step guards on the model's modules; instead each model structure
 (`_structure`, digested once per decoder) gets its own compiled function (`_compiled_step`):
-RTN4 batch 1 on a 2-core AMD EPYC, 88-91 -> 113 tokens/s (session 9).
+RTN4 batch 1 on a 2-core AMD EPYC, 88-91 -> 113 tokens/s.
 
 Supported: model types in `LEAN_MODEL_TYPES` with plain RMSNorm and no sliding window;
 `supports(model)` says whether a model qualifies (restora.infer.generate falls back to

@@ -2,7 +2,7 @@
 
 Metrics come from the task (GSM8K answer match; SQL exact and execution match), each
 with n and a 95% confidence interval. The completion log loss on the same rows is
-reported too, since LoRA Without Regret (SEEDS 002) argues it is the cleaner signal.
+reported too, since LoRA Without Regret (Thinking Machines, 2025) argues it is the cleaner signal.
 """
 
 from __future__ import annotations

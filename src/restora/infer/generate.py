@@ -17,9 +17,10 @@ and a `set_rows` callback (restora.adapters' batched forward provides one).
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -30,8 +31,9 @@ from restora.kernels.compiled import room_for_variants
 from restora.infer.decode import LeanDecoder, supports
 from restora.infer.lookup import lookup_draft
 from restora.kernels.packed import can_pack, packed_linears
+from restora.models.offload import is_offloaded
 
-__all__ = ["greedy_generate", "greedy_tokens"]
+__all__ = ["greedy_generate", "greedy_tokens", "cache_kwargs", "output_cache"]
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -43,6 +45,25 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """The index of each row's largest logit, the first on ties: argmax's answer. `max` gives it 2-4x faster
     on CPU for bf16 logits (SmolLM2's 49,152-token vocabulary, 8 rows: 138 against 622 us, measured)."""
     return logits.max(-1).indices
+
+
+@cache
+def _cache_keyword(model_type: type) -> str:
+    """The keyword `model_type.forward` takes its KV cache by: `cache` (transformers >= 5.2x, where
+    `past_key_values` is deprecated) or `past_key_values` (older releases); read once per class."""
+    params = inspect.signature(model_type.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def cache_kwargs(model: nn.Module, cache: Any) -> dict[str, Any]:
+    """{keyword: cache} for a call of `model`'s forward, in the API of the installed transformers."""
+    return {_cache_keyword(type(model)): cache}
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward returned: `out.cache`, or `out.past_key_values` on older transformers."""
+    found = getattr(out, "cache", None) if "cache" in getattr(type(out), "__dataclass_fields__", {}) else None
+    return found if found is not None else out.past_key_values
 
 
 def _select_cache(cache: Any, keep: torch.Tensor) -> Any:
@@ -149,7 +170,9 @@ def _generate(
         speculate = 0
     room = max_new_tokens + speculate  # cache positions past the prompt: drafts of the last step included
     steps = partial(_LeanSteps, compile=compile) if lean else _ModelSteps
-    pack = use_bf16 and can_pack(device)  # compiled steps reach the packed copies through restora::packed_linear
+    # compiled steps reach the packed copies through restora::packed_linear; an offloaded model keeps its weights in
+    # their file, which a packed copy would undo
+    pack = use_bf16 and can_pack(device) and not is_offloaded(model)
     with packed_linears(model, min(batch_size, len(prompts)), enabled=pack), room_for_variants(compile and lean):
         for a in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress, leave=False):
             rows = order[a : a + batch_size]
@@ -185,7 +208,7 @@ class _ModelSteps:
         self.model, self.mask = model, mask
         self.positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, T) position of each real token
         res = model(input_ids=ids, attention_mask=mask, position_ids=self.positions, use_cache=True, logits_to_keep=1)
-        self.cache, self.logits = res.past_key_values, res.logits[:, -1]  # (B, V) after the prompt
+        self.cache, self.logits = output_cache(res), res.logits[:, -1]  # (B, V) after the prompt
 
     def keep(self, keep: torch.Tensor) -> None:
         self.mask = self.mask[keep]
@@ -195,8 +218,8 @@ class _ModelSteps:
         """Feed one token per row (B,) at `positions` (B,); the next logits (B, V)."""
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(tokens), 1)], dim=1)
         res = self.model(input_ids=tokens[:, None], attention_mask=self.mask, position_ids=positions[:, None],
-                         past_key_values=self.cache, use_cache=True)
-        self.cache = res.past_key_values
+                         use_cache=True, **cache_kwargs(self.model, self.cache))
+        self.cache = output_cache(res)
         return res.logits[:, -1]
 
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restora.kernels.compiled import can_compile
 from restora.kernels.derived import Derived
 
 __all__ = ["frozen_head", "frozen_head_ce"]
@@ -78,8 +79,6 @@ def _ce_chunk(logits: torch.Tensor, y: torch.Tensor, need_grad: bool) -> tuple[t
     if logits.numel() < COMPILE_MIN:
         return _ce_and_grad(logits, y, need_grad)
     if _compiled is None:
-        from restora.kernels.compiled import can_compile
-
         _compiled = torch.compile(_ce_and_grad, dynamic=True) if can_compile(logits.device) else _ce_and_grad
     try:
         return _compiled(logits, y, need_grad)

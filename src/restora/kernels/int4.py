@@ -13,7 +13,7 @@ over one layout of the codes:
   rows on AMX machines (a mostly empty tile costs more) and up to VEC_MAX_ROWS rows where there is no AMX.
   Same 210 layers on a 2-core AMD EPYC without AMX, both called as operators, against torch's kernel on
   its own layout: 3.3 against 3.3 ms for 1 row, 3.7 against 4.2 for 4, 4.7 against 6.8 for 8, 7.6
-  against 12.3 for 16, 15.0 against 28.2 for 40 (`python benchmarks/int4_kernel.py`, session 9).
+  against 12.3 for 16, 15.0 against 28.2 for 40 (`python benchmarks/int4_kernel.py`).
 
 Up to 64 rows both compute w = (q - zero) * scale exactly as restora's uniform format defines it (fp16
 scales, integer zeros, fp32 accumulation), with no bf16 rounding of the weights. NF4 and FP4 weights use
@@ -54,10 +54,10 @@ CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")  # the vector path; the tile 
 AMX_FLAGS = ("amx_tile", "amx_bf16")
 ANY_ROWS = 1 << 62
 # Without AMX, the most rows a call sends down the vector path: its cost grows with the rows, dequantize + GEMM's
-# mostly does not. SmolLM2-135M's 210 layers, 2 threads, AMD EPYC (benchmarks/int4_kernel.py, session 10, with
+# mostly does not. SmolLM2-135M's 210 layers, 2 threads, AMD EPYC (benchmarks/int4_kernel.py, with
 # restora.kernels.dequant4 dequantizing): RTN4 21 / 40 / 59 / 77 / 184 ms for 64 / 128 / 192 / 256 / 512 rows
 # against 33 / 48 / 62 / 77 / 134 for dequantize + bf16 GEMM; NF4 at 128 / 256 rows 46 / 89 against 47 / 76.
-# They cross near 200 rows (near 1,000 in session 9, when dequantizing alone took ~120 ms).
+# They cross near 200 rows.
 VEC_MAX_ROWS = 192
 
 

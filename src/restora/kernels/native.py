@@ -6,7 +6,8 @@ then takes torch's path. None when any of these holds:
 - RESTORA_NATIVE=0;
 - not x86-64 Linux, or /proc/cpuinfo lacks one of the CPU flags;
 - no C compiler ($CC, cc, gcc or clang: inductor needs one too);
-- the build fails (one warning naming the kernel).
+- the build fails or takes longer than $RESTORA_NATIVE_TIMEOUT seconds (default 600; one warning naming the
+  kernel).
 
 The kernels' torch operators (restora::int4_amx_mm, restora::attention_decode) get C++ kernels from
 native_ops.cpp, built the same way with the C++ compiler ($CXX if set, else c++, g++ or clang++) against the
@@ -16,7 +17,11 @@ ctypes: the same results, more overhead a call.
 
 Builds go to $RESTORA_CACHE/kernels (default ~/.cache/restora/kernels, beside restora's converted models),
 named by a hash of the source, compiler and flags, written to a temp file and renamed into place, so a
-half-written library is never loaded and each source is built once per user.
+half-written library is never loaded and each source is built once per user. That folder must be this user's
+and private (0700: made so when it is ours); another user's folder (a shared RESTORA_CACHE) is never loaded
+from: the build goes to a private temporary folder instead, with one warning. Each build records the
+library's sha256 beside it (NAME.so.sha256); a library whose file, record or owner does not match is
+rebuilt, never loaded.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ import hashlib
 import os
 import platform
 import shutil
+import signal
+import stat
 import subprocess
 import tempfile
 import warnings
@@ -36,9 +43,10 @@ from typing import Any
 
 import torch
 
+from restora.core.atomic import fsync_file, locked
 from restora.core.cache import cache_dir as restora_cache
 
-__all__ = ["bind", "build", "cache_dir", "call", "compiler", "cpu_flags", "load", "cpp_kernels", "serve"]
+__all__ = ["bind", "build", "build_dir", "cache_dir", "call", "compiler", "cpu_flags", "load", "cpp_kernels", "serve"]
 
 OPS_SOURCE = Path(__file__).with_name("native_ops.cpp")
 
@@ -60,6 +68,54 @@ def cache_dir() -> Path:
     return restora_cache() / "kernels"
 
 
+BUILD_TIMEOUT = 600.0  # seconds a compiler call may take ($RESTORA_NATIVE_TIMEOUT), then torch's path is taken
+_fallback: list[Path] = []
+
+
+def _private(folder: Path) -> bool:
+    """`folder` is a real folder owned by this user that no one else may write to (made 0700 when it is ours)."""
+    st = folder.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        return False
+    if st.st_mode & 0o077:
+        os.chmod(folder, 0o700)
+    return True
+
+
+def build_dir() -> Path:
+    """Where this user's libraries are built and loaded from: cache_dir() if it is private (owned by this user,
+    0700; created so), else (another user's or a link: code planted there must not be loaded) a private
+    temporary folder for this process, with one warning."""
+    folder = cache_dir()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if _private(folder):
+            return folder
+    except OSError:
+        pass
+    if not _fallback:
+        _fallback.append(Path(tempfile.mkdtemp(prefix="restora-kernels-")))  # 0700, this user's
+        warnings.warn(f"restora: {folder} is not a folder owned by this user (or cannot be made private); "
+                      f"building native kernels in {_fallback[0]} instead", stacklevel=3)
+    return _fallback[0]
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _trusted(target: Path) -> bool:
+    """`target` and its recorded hash (TARGET.sha256, written by the build) are this user's and agree."""
+    record = target.with_name(target.name + ".sha256")
+    try:
+        if any(p.lstat().st_uid != os.geteuid() or not stat.S_ISREG(p.lstat().st_mode) for p in (target, record)):
+            return False
+        return record.read_text().strip() == _sha256(target)
+    except OSError:
+        return False
+
+
 def _allowed() -> bool:
     """RESTORA_NATIVE is not 0 and this is x86-64 Linux: the only place the kernels are built for."""
     return (os.environ.get("RESTORA_NATIVE", "1") != "0" and platform.system() == "Linux"
@@ -72,22 +128,56 @@ def compiler() -> str | None:
 
 def build(source: Path, flags: list[str], cc: str, tail: list[str] | None = None) -> Path:
     """The shared library for this source and these flags (`tail`: after the source, e.g. libraries to link),
-    compiled once per user (atomic rename)."""
+    compiled once per user into build_dir(), its sha256 recorded beside it and checked before it is used again
+    (a library that does not match is rebuilt). The compiler gets $RESTORA_NATIVE_TIMEOUT seconds
+    (subprocess.TimeoutExpired past that)."""
     tail = tail or []
     digest = hashlib.sha256(source.read_bytes() + " ".join([cc, *flags, *tail]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{source.stem}-{digest}.so"
-    if target.exists():
+    folder = build_dir()
+    target = folder / f"{source.stem}-{digest}.so"
+    if _trusted(target):
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        subprocess.run([cc, *flags, str(source), *tail, "-o", tmp], check=True, capture_output=True, text=True)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    timeout = float(os.environ.get("RESTORA_NATIVE_TIMEOUT", BUILD_TIMEOUT))
+    with locked(folder):  # one build of a library at a time; a waiting process then finds it built
+        if _trusted(target):
+            return target
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=folder)
+        os.close(fd)
+        record = target.with_name(target.name + ".sha256")
+        try:
+            _compile([cc, *flags, str(source), *tail, "-o", tmp], timeout)
+            fsync_file(tmp)
+            os.chmod(tmp, 0o700)
+            record.unlink(missing_ok=True)  # no window where an old record vouches for a new library
+            os.replace(tmp, target)
+            record_tmp = Path(tmp + ".sha256")
+            record_tmp.write_text(_sha256(target) + "\n")
+            os.replace(record_tmp, record)
+        finally:
+            for leftover in (tmp, tmp + ".sha256"):
+                if os.path.exists(leftover):
+                    os.unlink(leftover)
     return target
+
+
+def _compile(cmd: list[str], timeout: float) -> None:
+    """Run the compiler; past `timeout` its whole process group (the driver and cc1/ld under it) is killed."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    if proc.returncode:
+        raise subprocess.CalledProcessError(proc.returncode, cmd, out, err)
+
+
+def _failure(e: BaseException) -> str:
+    if isinstance(e, subprocess.TimeoutExpired):
+        return f"the compiler took over {e.timeout:g} s"
+    detail = getattr(e, "stderr", "") or str(e)
+    return str(detail).strip()[:200]
 
 
 def load(source: Path, flags: list[str], needs: Iterable[str], what: str) -> ctypes.CDLL | None:
@@ -100,9 +190,8 @@ def load(source: Path, flags: list[str], needs: Iterable[str], what: str) -> cty
         return None
     try:
         return ctypes.CDLL(str(build(source, flags, cc)))
-    except (OSError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"restora: {what} did not build ({detail.strip()[:200]}); using torch's kernel", stacklevel=3)
+    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        warnings.warn(f"restora: {what} did not build ({_failure(e)}); using torch's kernel", stacklevel=3)
         return None
 
 
@@ -129,9 +218,8 @@ def _ops_library() -> ctypes.CDLL | None:
         path = build(OPS_SOURCE, flags, cxx, libs)
         torch.ops.load_library(str(path))
         return ctypes.CDLL(str(path))
-    except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
-        detail = getattr(e, "stderr", "") or str(e)
-        warnings.warn(f"restora: the native operators' C++ kernels did not build ({detail.strip()[:200]}); "
+    except (OSError, RuntimeError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
+        warnings.warn(f"restora: the native operators' C++ kernels did not build ({_failure(e)}); "
                       "calling the kernels through Python", stacklevel=3)
         return None
 

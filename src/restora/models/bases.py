@@ -20,12 +20,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from restora.adapters.inject import select_targets
+from restora.adapters.loftq import LoftQConfig, loftq_init_model
 from restora.core.cache import cache_dir
+from restora.core.modules import decoder_blocks, set_module
+from restora.data import calibration_rows, get_task
 from restora.models.load import MANIFEST, load_model, open_source, resolve_source
 from restora.models.loaded import LoadedModel
 from restora.models.quantized import load_quantized
 from restora.models.stream import StreamingLoad
-from restora.core.modules import decoder_blocks, set_module
 from restora.quant.checkpoint import save_quantized
 from restora.quant.gptq import gptq_quantize_model
 from restora.quant.linear import QuantLinear
@@ -61,7 +64,6 @@ class BaseChoice:
 
 def calibration_ids(tokenizer: Any, task: str, n: int, max_len: int, seed: int, data_dir: str | None) -> list[torch.Tensor]:
     """Token ids of n training rows of a task (never validation or test rows)."""
-    from restora.data import calibration_rows, get_task
 
     t = get_task(task)
     rows = calibration_rows(t, n, seed=seed, data_dir=data_dir)
@@ -154,14 +156,12 @@ def build_base(model: str, choice: BaseChoice, data_dir: str | None = None, cach
 def build_loftq_base(
     model: str, spec: QuantSpec, rank: int, alpha: float, rslora: bool, targets: Any, iters: int
 ) -> LoadedModel:
-    """LoftQ (SEEDS 001) on the LoRA target layers, plain `spec` quantization on the others.
+    """LoftQ (Li et al. 2023) on the LoRA target layers, plain `spec` quantization on the others.
 
     Deterministic (LoftQ's randomized SVD has its own seeded generator), so the base an
     adapter was trained on can be rebuilt exactly. `loaded.loftq` holds the per-layer
     LoftQResult (the initial lora_A / lora_B).
     """
-    from restora.adapters.inject import select_targets
-    from restora.adapters.loftq import LoftQConfig, loftq_init_model
 
     if spec.is_float:
         raise ValueError("init loftq needs a quantized base: pass --format and --bits")

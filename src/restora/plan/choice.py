@@ -11,7 +11,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from restora.plan.memory import SERVE_LADDER, MemoryPlan, format_bytes, plan_memory
+from restora.kernels.compiled import auto_compiles
+from restora.plan.memory import (
+    SERVE_LADDER,
+    MemoryPlan,
+    ModelShape,
+    format_bytes,
+    plan_memory,
+)
 
 __all__ = ["auto_micro_batch", "available_memory", "ladder", "serve_candidates", "train_candidates", "choose_plan", "best_train_setting", "compiles",
            "source_dtype"]
@@ -103,8 +110,6 @@ def compiles(mode: str, config: Any) -> bool:
         return mode == "on"
     import torch
 
-    from restora.kernels.compiled import auto_compiles
-    from restora.plan.memory import ModelShape
 
     shape = ModelShape.from_config(config)
     return auto_compiles(shape.linear_params() + shape.vocab * shape.hidden, torch.device("cpu"))

@@ -1,6 +1,6 @@
 """Memory planner: how much memory a QLoRA training run or a PLR inference server needs.
 
-Post LoRA Restoration (SEEDS 000) picks the training base precision k by training memory
+Post LoRA Restoration (the PLR report) picks the training base precision k by training memory
 and the inference base precision l > k by inference memory; the seed leaves open "how much
 spare memory PLR needs". This module answers it from a model's config alone (no weights
 are loaded), itemising:
@@ -41,6 +41,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+from restora.quant.spec import QuantSpec
 
 __all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "linear_bytes", "load_items", "plan_memory"]
 
@@ -362,6 +364,7 @@ def plan_memory(
     source_dtype: str | None = None,
     calib_tokens: int = 0,
     from_cache: bool = False,
+    offload: bool = False,
 ) -> MemoryPlan:
     """Itemised peak memory of training (base at k = `bits`) or serving (base at l = `bits`).
 
@@ -376,6 +379,8 @@ def plan_memory(
     base by streaming the source (restora.models.stream): `load_items`, a phase before the first step.
     quantize: `restora quantize` (the base built and written; calib_tokens of GPTQ calibration).
     from_cache: the base comes from restora's cache of quantized bases (no quantization while loading).
+    offload: serve with the decoder blocks paged in from their file a block at a time (restora.models.offload):
+    two blocks' weights resident (the running one and the one read ahead), no packed or kernel copies.
     """
     if mode not in ("train", "serve", "quantize"):
         raise ValueError(f"mode must be train, serve or quantize, got {mode!r}")
@@ -389,8 +394,6 @@ def plan_memory(
     if adapters < 0:
         raise ValueError(f"adapters must be >= 0, got {adapters}")
     if format != "float":
-        from restora.quant.spec import QuantSpec
-
         QuantSpec(format=format, bits=bits, group_size=group_size, double_quant=double_quant)  # one-line errors
     shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
     fb = DTYPE_BYTES[float_dtype]
@@ -400,13 +403,17 @@ def plan_memory(
     lin = L * sum(linear_bytes(o, i, format, bits, group_size, double_quant, float_bytes=fb) for _, o, i in shape.linears())
     embed = V * H * (1 if shape.tied else 2) + shape.positions * H
     norms = (2 * L + 1) * H
+    if offload and mode != "serve":
+        raise ValueError("offload plans a server (mode serve): training and quantizing hold their base")
+    resident_blocks = min(2, L) if offload else L
     items = [
         Item("framework", framework_bytes, "Python, torch, transformers, restora, tokenizer (measured)"),
-        Item("base linear weights", lin, f"{label}: {shape.linear_params() / 1e6:.1f}M weights, "
-             f"{8 * lin / shape.linear_params():.2f} bits each"),
+        Item("base linear weights", lin * resident_blocks // L, f"{label}: {shape.linear_params() / 1e6:.1f}M weights, "
+             f"{8 * lin / shape.linear_params():.2f} bits each"
+             + (f"; offloaded: {resident_blocks} of {L} blocks resident" if offload else "")),
         Item("float weights", (embed + norms) * fb, f"embeddings{'' if shape.tied else ' + LM head'} + norms, {float_dtype}"),
     ]
-    if source_dtype is not None:
+    if source_dtype is not None and not offload:  # an offloaded base maps a checkpoint written before
         items += load_items(shape, format, bits, DTYPE_BYTES[source_dtype], calib_tokens, from_cache)
     if mode == "quantize":
         settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, float_dtype=float_dtype,
@@ -416,13 +423,13 @@ def plan_memory(
                           16 if format == "float" else bits, items, settings)
     sizes = _adapter_params(shape, adapter, rank, targets)
     what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
-    head_cast = V * H * 2 if bf16 and fb != 2 else 0  # the bf16 copy of a float LM head, kept once made
+    head_cast = V * H * 2 if bf16 and fb != 2 and not offload else 0  # the bf16 copy of a float LM head, kept once made
     if head_cast:  # kept: the loss's cast in training (restora.kernels.head_loss), the server's packed head (restora.kernels.packed)
         items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the float head under bf16 autocast"))
     if mode == "serve":
         P = seq_len if prompt_len is None else prompt_len
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
-        layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 else 0
+        layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 and not offload else 0
         if layouts:
             items.append(Item("4-bit kernel layouts", layouts, "codes re-laid for restora's int4 kernel, kept once "
                               "built: codes + fp32 scales and zeros"))
@@ -467,9 +474,10 @@ def plan_memory(
                     rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
                     grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
                     bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes,
-                    compiled=compiled, source_dtype=source_dtype, calib_tokens=calib_tokens, from_cache=from_cache)
+                    compiled=compiled, source_dtype=source_dtype, calib_tokens=calib_tokens, from_cache=from_cache,
+                    offload=offload)
     if mode == "serve":
-        desc = f"{label} base, {adapters} x {what}, batch {batch_size} x {seq_len}"
+        desc = f"{label} base{' (offloaded)' if offload else ''}, {adapters} x {what}, batch {batch_size} x {seq_len}"
     else:
         desc = f"{label} base, {what}, micro-batch {batch_size} x {seq_len}{', checkpointing' if grad_checkpointing else ''}"
     return MemoryPlan(mode, desc, format, 16 if format == "float" else bits, items, settings)

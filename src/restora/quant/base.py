@@ -1,6 +1,6 @@
 """The one interface every quantization format implements.
 
-A quantized weight is a small frozen type (STYLE habit 4). It stores a float matrix
+A quantized weight is a small frozen type. It stores a float matrix
 W of shape (out_features, in_features) in some compact form and offers these verbs:
 
     quantize   a classmethod building it from a float weight (per format)

@@ -3,16 +3,21 @@
     DIR/
       config.json, tokenizer files      as Hugging Face writes them
       model.safetensors                 float parts (embeddings, norms, head) + packed codes/scales
-      restora_manifest.json             provenance and sizes (below)
+      restora_manifest.json             provenance, sizes and checksums (below)
 
 The manifest records the source model id and the hash of its float weights, the
 QuantSpec, the calibration set, restora's version, per-layer formats, storage sizes and
-the held-out perplexity measured at quantization time. Everything is written to a
-temporary folder first and renamed into place, so a failed run leaves nothing behind.
+the held-out perplexity measured at quantization time, and `files`: the size and sha256 of
+every other file in the folder, computed right after writing it. `read_manifest` checks the
+sizes (cheap; a truncated file is a one-line error), `verify_files` the checksums too
+(`restora info`); a manifest without `files` still loads. Everything is written to a
+temporary folder first and renamed into place (restora.core.atomic), so a failed or killed
+run leaves the previous checkpoint or the new one.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -21,12 +26,13 @@ import torch
 from torch import nn
 
 from restora import __version__
-from restora.core.atomic import atomic_dir
+from restora.core.atomic import atomic_dir, recover
 from restora.core.safetensors_file import write_file
 from restora.quant.linear import QuantLinear
 from restora.quant.spec import QuantSpec
 
-__all__ = ["save_quantized", "read_manifest", "storage_sizes", "check_source_hash", "MANIFEST", "WEIGHTS"]
+__all__ = ["save_quantized", "read_manifest", "storage_sizes", "check_source_hash", "check_safetensors", "verify_files",
+           "file_sha256", "MANIFEST", "WEIGHTS"]
 
 MANIFEST = "restora_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -90,11 +96,71 @@ def save_quantized(
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        manifest["files"] = {p.relative_to(tmp).as_posix(): {"bytes": p.stat().st_size, "sha256": file_sha256(p)}
+                             for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_safetensors(path: Path) -> None:
+    """One-line error unless `path` is a whole safetensors file: a readable header, and exactly as many bytes
+    as the header's tensors need (a truncated or padded file fails)."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n <= size - 8 else None
+        if not isinstance(header, dict):
+            raise ValueError("its header is cut off")
+        end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, IndexError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not a safetensors file ({e}): expected a header and tensors, got {size} bytes") from None
+    if size != end:
+        raise ValueError(f"{path}: {size} bytes, its header describes {end}: the file is truncated or corrupt")
+
+
+def _check_sizes(folder: Path, manifest: dict[str, Any]) -> None:
+    for name, rec in manifest.get("files", {}).items():
+        path = folder / name
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the manifest records it ({rec.get('bytes')} bytes)")
+        size = path.stat().st_size
+        if size != rec.get("bytes"):
+            raise ValueError(f"{path}: {size} bytes, the manifest records {rec.get('bytes')}: truncated or changed")
+
+
+def verify_files(folder: Path, manifest: dict[str, Any] | None = None) -> int:
+    """Check every file the manifest records: size and sha256; returns how many (0: no checksums recorded,
+    and then the weights file is still checked to be a whole safetensors file). One-line error on a mismatch."""
+    folder = recover(folder)
+    manifest = manifest if manifest is not None else read_manifest(folder)
+    files = manifest.get("files")
+    if not files:
+        if not (folder / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{folder / WEIGHTS} is missing")
+        check_safetensors(folder / WEIGHTS)
+        return 0
+    _check_sizes(folder, manifest)
+    for name, rec in files.items():
+        got = file_sha256(folder / name)
+        if got != rec.get("sha256"):
+            raise ValueError(f"{folder / name}: sha256 {got[:16]}..., the manifest records "
+                             f"{str(rec.get('sha256'))[:16]}...: the file was changed or corrupted")
+    return len(files)
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of a checkpoint folder, its fields and the recorded file sizes checked (one-line errors)."""
+    folder = recover(folder)
     path = folder / MANIFEST
     try:
         manifest = json.loads(path.read_text())
@@ -102,9 +168,17 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"{path} is missing: not a restora quantized checkpoint") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(manifest, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     for key in ("quantization", "layers", "source_hash"):
         if key not in manifest:
             raise ValueError(f"{path}: field {key!r} is missing")
+    if not isinstance(manifest["layers"], dict):
+        raise ValueError(f"{path}: field 'layers' is {type(manifest['layers']).__name__}: expected an object")
+    files = manifest.get("files")
+    if files is not None and not (isinstance(files, dict) and all(isinstance(r, dict) for r in files.values())):
+        raise ValueError(f"{path}: field 'files' is malformed: expected {{name: {{bytes, sha256}}}}")
+    _check_sizes(folder, manifest)
     return manifest
 
 

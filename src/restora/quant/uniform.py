@@ -1,7 +1,7 @@
 """Uniform k-bit weights with an asymmetric scale and zero point per group.
 
 One storage type serves both round-to-nearest (RTN) and GPTQ: they differ only in how
-the integer codes are chosen, not in what the codes mean (STYLE habit 4). For a group
+the integer codes are chosen, not in what the codes mean. For a group
 of `group_size` inputs of one output row,
 
     scale = (max - min) / (2^k - 1),   zero = round(-min / scale)

@@ -1,6 +1,6 @@
 """Output corrections for a restored base: keep the activation statistics the adapter adapted to.
 
-An adapter trained on the k-bit base W_k co-adapts to that model's activations (issue 8's
+An adapter trained on the k-bit base W_k co-adapts to that model's activations (docs/plr-smollm2.md's
 measurements: removing the adapter's share of the weight error did nothing, matching mean
 activations did). Both corrections here add a fixed bias b to each restored layer, so the
 restored model's mean layer outputs equal the k-bit model's on a few training rows; a bias

@@ -1,8 +1,8 @@
 """Export an adapter for vLLM and SGLang: a clean PEFT LoRA folder, or the model merged at l bits.
 
-LoRA's serving promise (SEEDS 002) is one base in memory and many adapters batched over it;
+LoRA's serving promise (LoRA Without Regret) is one base in memory and many adapters batched over it;
 vLLM and SGLang do that at GPU scale (`vllm serve BASE --enable-lora --lora-modules name=path`).
-PLR (SEEDS 000) maps onto them directly: serve the adapter on the highest-precision base the
+PLR maps onto them directly: serve the adapter on the highest-precision base the
 GPUs fit, not on the k-bit base it was trained on. Two ways out:
 
     export_peft        adapter_config.json + adapter_model.safetensors, the config naming the

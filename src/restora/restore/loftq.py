@@ -1,6 +1,6 @@
-"""The `loftq` restoration mode: restore a LoftQ-initialised adapter to l bits (issue 8).
+"""The `loftq` restoration mode: restore a LoftQ-initialised adapter to l bits.
 
-LoftQ (SEEDS 001, Li et al. 2023) trains from W_k + s·B₀A₀, where (W_k, B₀A₀) is the
+LoftQ (Li et al. 2023) trains from W_k + s·B₀A₀, where (W_k, B₀A₀) is the
 joint fit of W at k bits: s·B₀A₀ ≈ the rank-r part of W − W_k. Training moves the adapter
 to s·BA = s·B₀A₀ + (what the task taught). Plain PLR keeps s·BA on W_l, so the k-bit
 residual fit B₀A₀ stays in the model although W_l no longer has W_k's error. This mode
@@ -28,8 +28,15 @@ import torch
 
 from restora.adapters import load_adapter
 from restora.adapters.lora import LoRALinear, adapter_modules
+from restora.models.bases import build_loftq_base
 from restora.models.loaded import LoadedModel
-from restora.restore.plr import RestoreInfo, train_spec, read_provenance, restore_base, restore_spec
+from restora.restore.plr import (
+    RestoreInfo,
+    read_provenance,
+    restore_base,
+    restore_spec,
+    train_spec,
+)
 
 __all__ = ["INIT_FILE", "restore_loftq"]
 
@@ -77,8 +84,6 @@ def restore_loftq(
     if spec.is_float:  # the float source, as plain PLR16 builds it; the l-bit residual fit is 0
         loaded, _ = restore_base(adapter_dir, bits, format, group_size, model, force=force, data_dir=data_dir)
     else:
-        from restora.models.bases import build_loftq_base
-
         loaded = build_loftq_base(source, spec, int(a["r"]), float(a["alpha"]), bool(a.get("use_rslora")),
                                   list(a["targets"]), int(training.get("loftq_iters") or 5))
         fits = {n: (res.lora_A, res.lora_B) for n, res in loaded.loftq.items()}  # type: ignore[attr-defined]

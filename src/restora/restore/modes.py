@@ -1,7 +1,7 @@
 """Restoration modes: restore the base and keep what the adapter learned (beyond plain PLR).
 
-Plain PLR (SEEDS 000) swaps the k-bit base W_k for an l-bit one W_l under the adapter.
-On SmolLM2 that *hurt* at 3 and 4 bits (issue 8's measurements): the adapter co-adapts
+Plain PLR (the PLR report) swaps the k-bit base W_k for an l-bit one W_l under the adapter.
+On SmolLM2 that *hurt* at 3 and 4 bits (docs/plr-smollm2.md): the adapter co-adapts
 to the k-bit base's activation statistics, not to its weight error. The modes:
 
     plain         every layer on W_l
@@ -44,12 +44,26 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from restora.adapters import load_adapter
-from restora.restore.corrections import BiasedLinear, fold_biases, mean_match_biases, output_means
+from restora.core.modules import decoder_blocks, set_module
+from restora.data import calibration_rows, encode_rows, get_task, split_rows
 from restora.models.loaded import LoadedModel
 from restora.quant.linear import weight_of
 from restora.quant.model import quantizable_layers
-from restora.core.modules import decoder_blocks, set_module
-from restora.restore.plr import RestoreInfo, build_trained_base, read_provenance, restore_base
+from restora.restore.corrections import (
+    BiasedLinear,
+    fold_biases,
+    mean_inputs,
+    mean_match_biases,
+    output_means,
+)
+from restora.restore.loftq import restore_loftq
+from restora.restore.plr import (
+    RestoreInfo,
+    build_trained_base,
+    read_provenance,
+    restore_base,
+)
+from restora.train.loop import evaluate_loss
 
 __all__ = ["RestorationMode", "MODES", "RestoreModeName", "restore_with_mode", "layer_selector"]
 
@@ -152,9 +166,6 @@ def _prepare(loaded_l: LoadedModel, adapter_dir: Any, prov: dict, source: str, d
         names.append(n + ".base_layer" if wrapped else n)  # the base layer's path in the adapted model
     parts = _Parts(names, {n: m_l.get_submodule(n) for n in names}, {n: m_k.get_submodule(_base_name(n)) for n in names})
     if need_bias or need_match:
-        from restora.restore.corrections import mean_inputs
-        from restora.data import calibration_rows, get_task
-
         load_adapter(m_k, adapter_dir, expected_source_hash=trained.source_hash, force=True)
         t = get_task(task)
         parts.texts = [t.text(r) for r in calibration_rows(t, calib_rows, seed=seed, data_dir=data_dir)]
@@ -199,8 +210,6 @@ def restore_with_mode(
     prov = read_provenance(adapter_dir) or {}
     task = (prov.get("training") or {}).get("task") or "sql"
     if mode.mode == "loftq":
-        from restora.restore.loftq import restore_loftq
-
         return restore_loftq(adapter_dir, bits, format, model=model, force=force, data_dir=data_dir)
     if mode.mode == "auto":
         return _auto(adapter_dir, mode, format, model, force, data_dir, seed, task, prov)
@@ -224,9 +233,6 @@ def restore_with_mode(
 
 def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: str | None, force: bool,
           data_dir: str | None, seed: int, task: str, prov: dict) -> tuple[LoadedModel, RestoreInfo, dict[str, Any]]:
-    from restora.data import encode_rows, split_rows
-    from restora.train.loop import evaluate_loss
-
     train_bits = int((prov.get("quantization") or {}).get("bits", 16))
     levels = sorted(b for b in mode.auto_bits if b > train_bits) or [train_bits]
     evidence: list[dict[str, Any]] = []
@@ -289,8 +295,6 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
             fold_biases(m)
             final = (loaded, info)
         if (prov.get("training") or {}).get("init") == "loftq":
-            from restora.restore.loftq import restore_loftq
-
             lq, lq_info, _ = restore_loftq(adapter_dir, level, format, model=model, force=force, data_dir=data_dir)
             v = evaluate_loss(lq.model, encode_rows(task, lq.tokenizer, val, 512), lq.tokenizer.pad_token_id, 8, True)
             name = f"loftq {level}"

@@ -1,4 +1,4 @@
-"""Post LoRA Restoration (PLR, SEEDS 000): put a k-bit-trained adapter on an l-bit base.
+"""Post LoRA Restoration (PLR; the Post LoRA Restoration report, Doshisha Univ., 2024): put a k-bit-trained adapter on an l-bit base.
 
 Training used W = W0^(k) + ΔW_LoRA; inference uses W = W0^(l) + ΔW_LoRA with l chosen
 to fit the inference memory (up to 16 = the float source). No training is involved:
@@ -26,10 +26,10 @@ from torch import nn
 
 from restora.adapters import adapter_modules, load_adapter
 from restora.adapters.files import read_provenance
-from restora.models.bases import BaseChoice, build_base
+from restora.core.modules import set_module
+from restora.models.bases import BaseChoice, build_base, build_loftq_base
 from restora.models.loaded import LoadedModel
 from restora.quant.linear import QuantLinear
-from restora.core.modules import set_module
 from restora.quant.spec import SUPPORTED_BITS, QuantSpec
 
 __all__ = [
@@ -108,8 +108,6 @@ def build_trained_base(prov: dict[str, Any], source: str, data_dir: str | None =
         raise ValueError("restora.json records no training quantization: cannot rebuild the trained base")
     training = prov.get("training") or {}
     if training.get("init") == "loftq":
-        from restora.models.bases import build_loftq_base
-
         a = prov.get("adapter") or {}
         return build_loftq_base(source, train, int(a["r"]), float(a["alpha"]), bool(a.get("use_rslora")),
                                 list(a["targets"]), int(training.get("loftq_iters") or 5))

@@ -10,7 +10,10 @@ way, so a folder inside the root cannot smuggle in a symlinked file from outside
 
 `ResidentAdapters` keeps at most `max_loaded` adapters in a MultiAdapterModel. `ensure(name)`
 loads lazily and evicts the least recently used adapter that no running row needs. Only the
-engine thread calls it: the model changes only between forward passes.
+engine thread calls it: the model changes only between forward passes. Every way an adapter
+folder can fail to load (missing or truncated weights, a malformed config, NaN/inf weights, a
+base it was not trained for) is one AdapterLoadError (an HTTP 400) that names the adapter and
+never a server path (`public_message`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path, PurePosixPath
 from restora.adapters.batched import MultiAdapterModel
 from restora.adapters.files import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
-__all__ = ["AdapterPathError", "AdapterRoot", "AdapterBusyError", "ResidentAdapters"]
+__all__ = ["AdapterPathError", "AdapterRoot", "AdapterBusyError", "AdapterLoadError", "ResidentAdapters",
+           "public_message"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
@@ -34,6 +38,23 @@ class AdapterPathError(ValueError):
 
 class AdapterBusyError(RuntimeError):
     """No adapter slot can be freed now: every resident adapter serves a running request."""
+
+
+class AdapterLoadError(ValueError):
+    """An adapter folder inside the root that cannot be loaded; the message names the adapter, not its path."""
+
+
+_ABS_PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]+)")
+
+
+def public_message(text: str, *folders: Path) -> str:
+    """`text` with server paths removed: `folders` (and anything below them) become relative, any other absolute
+    path shrinks to its last part. One line, at most 500 characters."""
+    for folder in folders:
+        text = text.replace(f"{folder}/", "").replace(str(folder), ".")
+    text = _ABS_PATH.sub(lambda m: m.group(1), text)
+    text = " ".join(text.split())
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 class AdapterRoot:
@@ -54,22 +75,36 @@ class AdapterRoot:
         """`path` (relative to the root) as an absolute folder inside the root; nothing is read."""
         if not isinstance(path, str) or not path or "\x00" in path:
             raise AdapterPathError(f"adapter path {path!r} is not a relative path inside the adapters root")
+        if len(path) > 1024:
+            raise AdapterPathError(f"adapter path of {len(path)} characters is too long (at most 1024)")
         pure = PurePosixPath(path.replace("\\", "/"))
+        if any(len(part) > 255 for part in pure.parts):
+            raise AdapterPathError("adapter path has a part longer than 255 characters")
         if pure.is_absolute() or re.match(r"^[A-Za-z]:", path) or ".." in pure.parts:
             raise AdapterPathError(f"adapter path {path!r} must be relative to the adapters root, without '..'")
-        full = (self.root / pure).resolve()  # follows symlinks
+        try:
+            full = (self.root / pure).resolve()  # follows symlinks
+        except (OSError, RuntimeError):  # a loop of links (RuntimeError before Python 3.13)
+            raise AdapterPathError(f"adapter path {path!r} cannot be resolved (a loop of links?)") from None
         if not full.is_relative_to(self.root) or full == self.root:
             raise AdapterPathError(f"adapter path {path!r} resolves outside the adapters root")
         return full
 
     def exists(self, folder: Path) -> bool:
-        return (folder / CONFIG_NAME).is_file()
+        try:
+            return (folder / CONFIG_NAME).is_file()
+        except OSError:  # unreadable, a loop of links, ...: not an adapter folder
+            return False
 
     def check_files(self, folder: Path) -> None:
         """Refuse a folder whose config, weights or provenance file is a symlink out of the root."""
         for name in (CONFIG_NAME, WEIGHTS_NAME, PROVENANCE_NAME):
             f = folder / name
-            if (f.exists() or f.is_symlink()) and not f.resolve().is_relative_to(self.root):
+            try:
+                outside = (f.exists() or f.is_symlink()) and not f.resolve().is_relative_to(self.root)
+            except (OSError, RuntimeError):  # a loop of links
+                outside = True
+            if outside:
                 raise AdapterPathError(f"adapter file {f.relative_to(self.root)} resolves outside the adapters root")
 
 
@@ -134,7 +169,7 @@ class ResidentAdapters:
 
     def _load(self, name: str, folder: Path, pinned: Collection[str]) -> int:
         if not self.root.exists(folder):
-            raise FileNotFoundError(f"adapter {name!r}: no {CONFIG_NAME} in {folder.relative_to(self.root)}")
+            raise AdapterLoadError(f"adapter {name!r} cannot be loaded: no {CONFIG_NAME} in its folder")
         self.root.check_files(folder)
         while len(self.lru) >= self.max_loaded:
             victim = next((n for n in self.lru if n not in pinned), None)
@@ -143,6 +178,12 @@ class ResidentAdapters:
             self.bank.remove_adapter(victim)
             del self.lru[victim]
             self.evictions += 1
-        slot = self.bank.add_adapter(name, folder, expected_source_hash=self.source_hash)
+        try:  # add_adapter checks everything (config, provenance, keys, shapes, finite values) before the model changes
+            slot = self.bank.add_adapter(name, folder, expected_source_hash=self.source_hash)
+        except Exception as e:  # noqa: BLE001 -- a broken file may raise anything (SafetensorError, TypeError, ...)
+            why = public_message(str(e) or type(e).__name__, folder, self.root.root)
+            if "safetensor" in type(e).__name__.lower():  # the reader's own words do not name the file
+                why = f"{WEIGHTS_NAME} is truncated or not a safetensors file ({why})"
+            raise AdapterLoadError(f"adapter {name!r} cannot be loaded: {why}") from None
         self.lru[name] = folder
         return slot

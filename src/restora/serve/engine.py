@@ -20,6 +20,13 @@ columns contribute nothing to attention. Columns no row uses any more are cut of
 when rows leave. This is exact up to float summation order, which is why greedy output
 through the server equals restora.infer.generate.greedy_generate.
 
+Failures stay with the request that causes them. An adapter that cannot be loaded answers its
+own request (400). A prefill that raises leaves the running batch as it was (the running rows and
+their cache change only once a forward and its sampling have succeeded); the joining requests are
+then prefilled one at a time, so only the one that fails gets the error. A row whose logits are
+not finite (an adapter that overflows) is answered with an error and leaves the batch; the other
+rows decode on. Only a failed decode step, one forward for every row, fails the running rows.
+
 Rows finish at EOS, at a stop string (text cut before it), or after max_tokens; sampling is
 per row: temperature 0 = greedy (argmax), else softmax(logits / T) restricted to the top-p
 nucleus, drawn with the row's own torch.Generator (seeded when the request gives a seed).
@@ -40,9 +47,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from restora.infer.generate import greedy_tokens
+from restora.infer.generate import cache_kwargs, greedy_tokens, output_cache
 from restora.kernels.packed import can_pack, packed_linears
-from restora.serve.adapters_root import ResidentAdapters
+from restora.serve.adapters_root import ResidentAdapters, public_message
 
 __all__ = ["SamplingParams", "EngineConfig", "Request", "Engine", "QueueFullError", "EngineStoppedError"]
 
@@ -111,6 +118,7 @@ class Request:
     sent: int = 0  # characters of text already streamed
     slot: int = 0
     generator: torch.Generator | None = None
+    failed: bool = False  # answered with an error while in the batch; its row leaves at the next _advance
 
 
 def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
@@ -153,6 +161,7 @@ class Engine:
         self._pending: deque[Request] = deque()
         self._commands: deque[tuple[Callable[[], Any], Future]] = deque()
         self._stopping = False
+        self._abort = False  # past stop()'s bound: answer everything still here with 503 and end
         self._thread: threading.Thread | None = None
         # the running batch: rows[b] owns row b of cache, mask (B, T), last_pos (B,), next_tok (B,);
         # None = a finished row still in the tensors until the next compaction (see _compact)
@@ -204,12 +213,19 @@ class Engine:
             return {r.adapter for r in [*self.live, *self._pending] if r.adapter is not None}
 
     def stop(self, timeout: float | None = None) -> None:
-        """Drain: finish running and waiting requests, refuse new ones, then end the thread."""
+        """Drain: finish running and waiting requests, refuse new ones, then end the thread. After `timeout`
+        seconds (None: no bound) the requests still running or waiting are answered 503 and dropped."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+        if self._thread is None:
+            return
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            with self._cv:
+                self._abort = True
+                self._cv.notify()
+            self._thread.join(5.0)  # a forward that never returns keeps the (daemon) thread; the process still exits
 
     def stats(self) -> dict[str, Any]:
         with self._cv:
@@ -240,6 +256,15 @@ class Engine:
                     self._cv.wait()
                 if self._stopping and not (self._pending or self._commands or self.rows):
                     return
+                if self._abort:
+                    for r in [*self.live, *self._pending]:
+                        self._send(r, ("error", 503, "the server is shutting down"))
+                    self._pending.clear()
+                    for _, fut in self._commands:
+                        fut.set_exception(EngineStoppedError("the server is shutting down"))
+                    self._commands.clear()
+                    self.rows, self._cache = [], None
+                    return
                 commands = list(self._commands)
                 self._commands.clear()
             for fn, fut in commands:
@@ -256,7 +281,7 @@ class Engine:
             except Exception as e:  # a failed forward fails the batch, not the server
                 log.exception("engine step failed")
                 for r in self.live:
-                    self._send(r, ("error", 500, f"generation failed: {type(e).__name__}: {e}"))
+                    self._send(r, ("error", 500, f"generation failed: {type(e).__name__}: {public_message(str(e))}"))
                 self.counts["failed"] += len(self.live)
                 self._keep([])
 
@@ -305,11 +330,35 @@ class Engine:
             try:
                 req.slot = 0 if req.adapter is None else self.adapters.ensure(req.adapter, pinned)
                 ready.append(req)
-            except Exception as e:
-                self._send(req, ("error", 400, f"adapter {req.adapter!r} cannot be loaded: {e}"))
+            except Exception as e:  # AdapterLoadError names the adapter; anything else is said the same way
+                msg = str(e) if str(e).startswith(f"adapter {req.adapter!r}") else \
+                    f"adapter {req.adapter!r} cannot be loaded: {public_message(str(e)) or type(e).__name__}"
+                self._send(req, ("error", 400, msg))
                 self.counts["failed"] += 1
-        if ready:  # one prefill for every joining row, whatever its adapter (a row-gathered forward)
+        if not ready:
+            return
+        try:  # one prefill for every joining row, whatever its adapter (a row-gathered forward)
             self._prefill(ready)
+            return
+        except Exception as e:
+            if len(ready) == 1:
+                self._fail(ready[0], e)
+                return
+            log.warning("a prefill of %d joining requests failed (%s): prefilling them one at a time", len(ready), e)
+        for req in ready:  # only the request that fails hears of it
+            try:
+                self._prefill([req])
+            except Exception as e:
+                self._fail(req, e)
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        """A joining request whose prefill raised: answer it (500); the running batch is unchanged."""
+        if req.failed:  # already answered by _sample
+            return
+        req.failed = True
+        log.error("prefill failed for a request on %s", req.adapter or "the base", exc_info=e)
+        self._send(req, ("error", 500, f"generation failed for this request: {type(e).__name__}"))
+        self.counts["failed"] += 1
 
     def _forward(self, **kw: Any) -> Any:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.config.bf16 and self.device.type == "cpu"):
@@ -328,14 +377,18 @@ class Engine:
         out = self._forward(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
                             position_ids=pos.to(self.device), logits_to_keep=1)
         first = self._sample(out.logits[:, -1], reqs)
+        cache = output_cache(out)
         if not self.rows:
-            self._cache, self._mask, self._last_pos, self._next_tok = out.past_key_values, mask, pos[:, -1], first
+            self._cache, self._mask, self._last_pos, self._next_tok = cache, mask, pos[:, -1], first
         else:  # merge: left-pad the shorter of the two caches, stack on the batch axis
             L = max(self._mask.shape[1], T)
-            for a, b in zip(self._cache.layers, out.past_key_values.layers):
-                a.keys = torch.cat([_left_pad(a.keys, L, 2), _left_pad(b.keys, L, 2)])  # (B+B', H, L, D)
-                a.values = torch.cat([_left_pad(a.values, L, 2), _left_pad(b.values, L, 2)])
-            self._mask = torch.cat([_left_pad(self._mask, L, 1), _left_pad(mask, L, 1)])  # (B+B', L)
+            merged = [(torch.cat([_left_pad(a.keys, L, 2), _left_pad(b.keys, L, 2)]),  # (B+B', H, L, D)
+                       torch.cat([_left_pad(a.values, L, 2), _left_pad(b.values, L, 2)]))
+                      for a, b in zip(self._cache.layers, cache.layers)]
+            mask = torch.cat([_left_pad(self._mask, L, 1), _left_pad(mask, L, 1)])  # (B+B', L)
+            for a, (k, v) in zip(self._cache.layers, merged):  # nothing below raises: the batch changes at once
+                a.keys, a.values = k, v
+            self._mask = mask
             self._last_pos = torch.cat([self._last_pos, pos[:, -1]])
             self._next_tok = torch.cat([self._next_tok, first])
         self.rows.extend(reqs)
@@ -348,22 +401,32 @@ class Engine:
         self._mask = torch.cat([self._mask, self._mask.new_ones(len(self.rows), 1)], dim=1)  # (B, T+1)
         self._last_pos = self._last_pos + 1
         out = self._forward(input_ids=self._next_tok[:, None].to(self.device), attention_mask=self._mask.to(self.device),
-                            position_ids=self._last_pos[:, None].to(self.device), past_key_values=self._cache)
-        self._cache = out.past_key_values
+                            position_ids=self._last_pos[:, None].to(self.device),
+                            **cache_kwargs(self.model, self._cache))
+        self._cache = output_cache(out)
         self._next_tok = self._sample(out.logits[:, -1], self.rows)
         self.counts["steps"] += 1
         self._advance(0)
 
     def _sample(self, logits: torch.Tensor, reqs: Sequence[Request | None]) -> torch.Tensor:
-        """(B, V) logits -> (B,) tokens: argmax, or each row's temperature / top-p draw."""
+        """(B, V) logits -> (B,) tokens: argmax, or each row's temperature / top-p draw. A row whose logits are not
+        finite is answered with an error and marked failed (it leaves the batch in _advance); the others go on."""
         toks = greedy_tokens(logits).cpu()
+        finite = torch.isfinite(logits).all(-1).cpu()
         for j, r in enumerate(reqs):
-            if r is None:
+            if r is None or r.failed:
+                continue
+            if not finite[j]:
+                r.failed = True
+                self._send(r, ("error", 500, f"{'adapter ' + repr(r.adapter) if r.adapter else 'the base'} produced "
+                                             "NaN or infinite logits: generation stopped for this request"))
+                self.counts["failed"] += 1
                 continue
             p = r.params
             if p.temperature == 0:
                 continue
-            probs = torch.softmax(logits[j].float().cpu() / p.temperature, -1)  # (V,)
+            row = logits[j].double().cpu()  # shifted, in float64: any T > 0 (down to 1e-308) gives finite probs
+            probs = torch.softmax((row - row.max()) / p.temperature, -1)  # (V,)
             if p.top_p < 1:
                 sp, idx = probs.sort(descending=True)
                 sp[(sp.cumsum(0) - sp) >= p.top_p] = 0.0  # keep the smallest prefix with mass >= top_p
@@ -377,6 +440,9 @@ class Engine:
         for b in range(start, len(self.rows)):
             r, t = self.rows[b], int(self._next_tok[b])
             if r is None:
+                continue
+            if r.failed:  # already answered (an error): its row leaves
+                self.rows[b] = None
                 continue
             finish = None
             if t == self.eos and not r.params.ignore_eos:

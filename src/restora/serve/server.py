@@ -1,10 +1,11 @@
 """The server `restora serve` runs: one base at the precision the memory budget allows, many adapters, one HTTP API.
 
-Post LoRA Restoration (SEEDS 000) at serving time: adapters trained on a k-bit base are served
+Post LoRA Restoration (the PLR report) at serving time: adapters trained on a k-bit base are served
 on the highest-precision base l >= k that fits the server's memory with the adapters it keeps
-resident and the KV cache of a full batch. `--bits auto` asks restora.restore.plan_choice for that l
+resident and the KV cache of a full batch. `--bits auto` asks restora.plan.choice for that l
 (serve_candidates -> choose_plan); the choice and its itemised plan are printed at start and
-reported by GET /health.
+reported by GET /health. A plan that does not fit the budget (explicit --bits, a quantized
+checkpoint) is refused before the server starts, unless `allow_over_budget` says otherwise.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from restora.restore.plan import MemoryPlan, format_bytes, parse_budget, plan_memory
-from restora.restore.plan_choice import choose_plan, serve_candidates
+from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
+from restora.plan.choice import choose_plan, serve_candidates
 from restora.quant.spec import QuantSpec
 
 __all__ = ["build_server", "serve_plan"]
@@ -68,12 +69,23 @@ def serve_plan(config: Any, bits: str, format: str | None, budget: int, max_batc
     return p, p.total <= budget
 
 
+def _check_fits(plan: MemoryPlan, fits: bool, budget: int, allow_over_budget: bool) -> None:
+    if not fits and not allow_over_budget:
+        raise ValueError(f"the serve plan ({plan.label}) needs {format_bytes(plan.total)}, over the memory budget of "
+                         f"{format_bytes(budget)}: raise --memory-budget, lower --bits, --max-batch, --max-prompt-tokens, "
+                         "--max-tokens-limit or --max-loaded-adapters, or pass --allow-over-budget")
+
+
 def build_server(
     model: str, adapters_root: str, bits: str = "auto", format: str | None = None, memory_budget: str = "4GiB",
     max_batch: int = 32, max_queue: int = 256, max_loaded_adapters: int = 8, max_tokens_limit: int = 512,
     max_prompt_tokens: int = 2048, max_body_bytes: int = 1_000_000, bf16: bool = True, verbose: bool = True,
+    allow_over_budget: bool = False, drain_timeout: float | None = 30.0,
 ) -> Any:
-    """The FastAPI app with its engine started: plan, build the base at l bits, wrap it for adapters."""
+    """The FastAPI app with its engine started: plan, build the base at l bits, wrap it for adapters.
+
+    ValueError when the plan exceeds `memory_budget` (unless `allow_over_budget`); the engine drains for at
+    most `drain_timeout` seconds when the app shuts down."""
     from transformers import AutoConfig
 
     from restora.adapters.batched import MultiAdapterModel
@@ -94,11 +106,13 @@ def build_server(
         plan, fits = serve_plan(loaded.model.config, str(spec.bits), spec.format, budget, max_batch,
                                 max_prompt_tokens + max_tokens_limit, max_loaded_adapters, _adapter_rank(root),
                                 max_prompt_tokens)
+        _check_fits(plan, fits, budget, allow_over_budget)
         how = "a quantized checkpoint, served as is"
     else:
         config = AutoConfig.from_pretrained(str(source))
         plan, fits = serve_plan(config, bits, format, budget, max_batch, max_prompt_tokens + max_tokens_limit,
                                 max_loaded_adapters, _adapter_rank(root), max_prompt_tokens)
+        _check_fits(plan, fits, budget, allow_over_budget)  # before the base is built
         spec = QuantSpec("float", 16) if plan.format == "float" else QuantSpec(plan.format, plan.bits, GROUP_SIZE)
         how = "PLR choice: the highest l that fits" if bits == "auto" else f"--bits {bits}"
         loaded = build_base(model, BaseChoice(spec))
@@ -115,4 +129,4 @@ def build_server(
         print(f"restora serve: {name} at {info.format} {info.bits}-bit ({how}; budget {format_bytes(budget)}, "
               f"plan {format_bytes(plan.total)}{'' if fits else ', does NOT fit'})")
         print(plan.table(budget))
-    return create_app(engine, info, limits)
+    return create_app(engine, info, limits, drain_timeout)

@@ -1,6 +1,6 @@
 """Completion-only supervised fine-tuning of adapters on a frozen (possibly quantized) base.
 
-The PLR protocol (SEEDS 000): rank 16, lr 2e-4, effective batch 32, up to 10 epochs,
+The PLR protocol (the PLR report): rank 16, lr 2e-4, effective batch 32, up to 10 epochs,
 keep the epoch with the lowest validation loss. Only parameters with requires_grad
 (the adapter's) train; the base stays bit-identical.
 
@@ -16,8 +16,9 @@ Batches. The effective batch is `batch_size` rows, split into micro-batches of
 drawn from (seed, e), so a resumed run sees the same order.
 
 Checkpoints. Every `save_every` optimizer steps the adapter, AdamW moments, the RNG
-state (dropout) and the trainer position are written to DIR/checkpoint (safetensors + JSON, temp-then-rename),
-so a killed run resumes losing at most the optimizer step in flight.
+state (dropout) and the trainer position are written to DIR/checkpoint (safetensors + JSON, all or nothing:
+restora.core.atomic), so a killed run resumes losing at most the optimizer step in flight. The checkpoint also
+records the run's model, base, adapter and data settings (`run`); resuming with any of them changed is refused.
 
 Under torchrun the global batch is split over ranks (restora.train.distributed); with
 `parallel="fsdp"` the base and adapter are sharded (restora.train.fsdp) and every file is
@@ -26,8 +27,10 @@ written from gathered whole tensors, so checkpoints and adapters look the same e
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -38,12 +41,13 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from restora.core.atomic import atomic_dir
+from restora.core.atomic import atomic_dir, recover
 from restora.kernels.attention import training_attention
 from restora.kernels.compiled import compiled_blocks
 from restora.train.distributed import (
@@ -57,7 +61,8 @@ from restora.kernels.head_loss import frozen_head, frozen_head_ce
 from restora.kernels.unpadded import unpad, unpaddable_family
 from restora.kernels.attention import can_unpad
 
-__all__ = ["Example", "TrainConfig", "completion_loss", "evaluate_loss", "train"]
+__all__ = ["Example", "RUN_SETTINGS", "TrainConfig", "check_resume", "completion_loss", "evaluate_loss", "prepare_out",
+           "rows_hash", "train"]
 
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with -100 on prompt positions
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]  # (ids, labels, mask) -> (sum, n)
@@ -319,25 +324,58 @@ def _save_checkpoint(folder: Path, tensors: dict[str, torch.Tensor], state: dict
         (tmp / "trainer.json").write_text(json.dumps(state, indent=2))
 
 
+def _read_trainer_state(folder: Path) -> dict[str, Any]:
+    path = recover(folder) / "trainer.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: nothing to resume")
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    for key in ("step", "config", "history"):
+        if not isinstance(state, dict) or key not in state:
+            raise ValueError(f"{path}: field {key!r} is missing: expected a trainer state written by restora train")
+    return state
+
+
+def check_resume(folder: str | Path, cfg: TrainConfig, run: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's trainer state, if `cfg` and `run` (model, base, adapter and data settings) match what it
+    recorded; else a one-line error naming the first setting that differs and both values."""
+    folder = Path(folder)
+    state = _read_trainer_state(folder)
+    mine = json.loads(json.dumps(run or {}, default=str))  # as the checkpoint holds it (lists, not tuples)
+    differ = [(k, v, cfg.resume_key().get(k)) for k, v in state["config"].items() if cfg.resume_key().get(k) != v]
+    differ += [(k, v, mine[k]) for k, v in (state.get("run") or {}).items() if k in mine and mine[k] != v]
+    if differ:
+        k, v, now = differ[0]
+        raise ValueError(f"cannot resume from {folder}: setting {k} was {v!r}, now {now!r} "
+                         "(same settings to resume, or --overwrite to start over)")
+    return state
+
+
 def _load_checkpoint(
     folder: Path,
     named: dict[str, nn.Parameter],
     opt: torch.optim.Optimizer,
     cfg: TrainConfig,
     piece: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = _whole_as_is,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Restore adapter, moments and RNG; `piece(full, like)` cuts a whole tensor like a sharded one (FSDP)."""
-    state = json.loads((folder / "trainer.json").read_text())
-    mine = cfg.resume_key()
-    for k, v in state["config"].items():
-        if mine.get(k) != v:
-            raise ValueError(f"cannot resume from {folder}: setting {k} was {v!r}, now {mine.get(k)!r}")
-    tensors = load_file(str(folder / "state.safetensors"))
+    state = check_resume(folder, cfg, run)
+    folder = recover(folder)
+    try:
+        tensors = load_file(str(folder / "state.safetensors"))
+    except (SafetensorError, FileNotFoundError) as e:
+        raise ValueError(f"cannot resume from {folder / 'state.safetensors'}: {str(e).splitlines()[0]}") from None
     with torch.no_grad():
         for k, p in named.items():
             key = f"param/{k}"
             if key not in tensors:
                 raise ValueError(f"cannot resume from {folder}: adapter tensor {k} is missing")
+            if tuple(tensors[key].shape) != tuple(p.shape):
+                raise ValueError(f"cannot resume from {folder}: adapter tensor {k} has shape "
+                                 f"{tuple(tensors[key].shape)} there, the adapter now has {tuple(p.shape)}")
             p.copy_(piece(tensors[key], p))
     if "rng/torch" in tensors:
         torch.set_rng_state(tensors["rng/torch"])
@@ -346,6 +384,61 @@ def _load_checkpoint(
         if st:
             opt.state[p] = {sk: piece(v, p).clone() for sk, v in st.items()}
     return state
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metrics lines past the checkpoint's step (written before a kill): a resumed run logs each step once."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except (json.JSONDecodeError, AttributeError):
+            pass  # a line cut off by the kill
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in keep))
+    tmp.replace(path)
+
+
+# A run's settings besides TrainConfig that --resume must find unchanged (train_adapter's parameters), with the
+# task's name and rows_hash of its rows.
+RUN_SETTINGS = ("model", "format", "bits", "group_size", "adapter", "rank", "alpha", "dropout", "rslora", "targets",
+                "init", "loftq_iters", "max_len", "max_samples", "val_samples", "chat", "calib_samples")
+
+
+def rows_hash(rows: Any) -> str:
+    """A short sha256 of JSON-able rows (the task's splits): resuming on other data is refused."""
+    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+RUN_FILES = ("adapter_config.json", "adapter_model.safetensors", "restora.json", "loftq_init.safetensors")
+
+
+def prepare_out(out: str | Path, resume: bool, overwrite: bool, cfg: TrainConfig, run: dict[str, Any] | None,
+                clear: bool = True) -> None:
+    """Check OUT before any work: a folder holding a run needs --resume (with the same settings) or --overwrite;
+    with --overwrite (and `clear`: the writing rank) the old run's files are removed."""
+    out = Path(out)
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run in OUT, or start over")
+    if resume:
+        check_resume(out / "checkpoint", cfg, run)
+        return
+    metrics = out / "metrics.jsonl"
+    held = [n for n in ("checkpoint", *RUN_FILES[:3]) if (out / n).exists()]
+    held += ["metrics.jsonl"] if metrics.is_file() and metrics.stat().st_size else []
+    if not held:
+        return
+    if not overwrite:
+        raise ValueError(f"{out} already holds a training run ({', '.join(held)}): pass --resume to continue it "
+                         "or --overwrite to start over")
+    if clear:
+        for name in ("adapter_config.json", *RUN_FILES[1:], "metrics.jsonl"):  # the config first: readers start there
+            (out / name).unlink(missing_ok=True)
+        if (out / "checkpoint").exists():
+            shutil.rmtree(out / "checkpoint")
 
 
 def _save_adapter(
@@ -373,6 +466,7 @@ def train(
     resume: bool = False,
     progress: bool = True,
     dist_info: DistInfo | None = None,
+    run: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the model's trainable (adapter) parameters; return the metrics summary.
 
@@ -382,6 +476,8 @@ def train(
 
     `save_best(folder, metrics)` writes the adapter as it is now to `folder` (a PEFT-style
     adapter folder); it is called whenever validation loss improves, at each epoch's end.
+    `run` (JSON values: model, base, adapter and data settings) is recorded in the checkpoint and must
+    match on resume, as `cfg` must.
     """
     if not train_rows:
         raise ValueError("the training set is empty after filtering")
@@ -412,10 +508,10 @@ def train(
     ckpt = out / "checkpoint"
     step, best, history = 0, float("inf"), []
     if resume:
-        if not (ckpt / "trainer.json").is_file():
-            raise FileNotFoundError(f"{ckpt}/trainer.json is missing: nothing to resume")
-        state = _load_checkpoint(ckpt, named, opt, cfg, piece)
+        state = _load_checkpoint(ckpt, named, opt, cfg, piece, run)
         step, best, history = state["step"], state["best_val_loss"], state["history"]
+        if info.is_main:
+            _truncate_metrics(out / "metrics.jsonl", step)
     # eager attention on CPU: measured faster than SDPA's CPU backward at SFT lengths; its (T, T) maps recomputed
     # in the backward (restora.kernels.attention), unless whole blocks are recomputed anyway (grad_checkpointing)
     eager = cfg.eager_attention and next(model.parameters()).device.type == "cpu"
@@ -487,7 +583,8 @@ def train(
             if cfg.save_every and (step % cfg.save_every == 0 or step == total_steps) and (info.is_main or info.fsdp):
                 tensors = _checkpoint_tensors(named, opt, whole)  # FSDP: every rank gathers
                 if info.is_main:
-                    state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key()}
+                    state = {"step": step, "best_val_loss": best, "history": history, "config": cfg.resume_key(),
+                             "run": run}
                     _save_checkpoint(ckpt, tensors, state)
     finally:
         scoped.close()

@@ -22,7 +22,7 @@ from restora.kernels.compiled import resolve_compile
 from restora.models.bases import base_choice, build_base, build_loftq_base
 from restora.quant.model import cast_unquantized
 from restora.train.distributed import barrier, device_for, init_distributed
-from restora.train.loop import TrainConfig
+from restora.train.loop import RUN_SETTINGS, TrainConfig, prepare_out, rows_hash
 from restora.train.loop import train as run_train
 
 __all__ = ["Base", "train_adapter"]
@@ -64,6 +64,7 @@ def train_adapter(
     seed: int = 0,
     calib_samples: int = 500,
     resume: bool = False,
+    overwrite: bool = False,
     parallel: Literal["ddp", "fsdp"] = "ddp",
     data_dir: str | None = None,
 ) -> int:
@@ -102,7 +103,9 @@ def train_adapter(
         chat: use the tokenizer's chat template around prompts.
         seed: seed for splits, data order and init.
         calib_samples: GPTQ calibration rows (train split).
-        resume: continue a killed run from OUT/checkpoint.
+        resume: continue a killed run from OUT/checkpoint (refused if any model, base, adapter or data setting
+            differs from the run's).
+        overwrite: start over in an OUT that holds a run, removing its adapter, checkpoint and metrics.
         parallel: under torchrun, ddp (every rank holds the base; adapter gradients all-reduced) or fsdp
             (FSDP2 shards the frozen base and the adapter; bases float, nf4, fp4, int8, rtn, gptq).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
@@ -120,6 +123,9 @@ def train_adapter(
     torch.manual_seed(seed)
 
     dist_info = init_distributed(parallel)
+    run = {k: v for k, v in locals().items() if k in RUN_SETTINGS}  # what --resume must find unchanged
+    run.update(task=t.name, data=rows_hash([splits.train, splits.validation]))
+    prepare_out(out, resume, overwrite, cfg, run, clear=dist_info.is_main)  # before any expensive work
     if not dist_info.is_main:
         barrier(dist_info)  # under torchrun, rank 0 quantizes and caches the base first
     if init == "loftq":
@@ -160,7 +166,7 @@ def train_adapter(
     m.to(device_for(dist_info))  # this rank's GPU when CUDA is present (NCCL), else stays on the CPU
     cfg.compile = resolve_compile(compile, m, sharded=dist_info.fsdp)
     summary = run_train(m, enc_train, enc_val, cfg, out, tok.pad_token_id, save_best, resume=resume,
-                        dist_info=dist_info)
+                        dist_info=dist_info, run=run)
     if not dist_info.is_main:
         return 0
     _record_metrics(Path(out), summary)
