@@ -272,3 +272,29 @@ def test_gptq_loading_counts_a_block_and_switches_to_a_running_hessian():
     carried = 2 * (500 * 256 - 16 * 128) * 4096 * 2  # the rows' hidden states, in and out of a block, bf16
     # the layer inputs are bounded by the running Hessians, not 500 x 256 rows of fp32 inputs
     assert big.bytes - small.bytes - carried < GPTQ_INPUT_BYTES + 4 * (3 * 4096**2 + 14336**2)
+
+
+def test_auto_micro_batch_takes_the_largest_that_fits():
+    from restora.plan.choice import auto_micro_batch
+    from restora.plan.memory import ModelShape, plan_memory
+
+    shape = ModelShape(hidden=2048, intermediate=8192, layers=16, heads=32, kv_heads=8, head_dim=64, vocab=49152,
+                       tied=True)
+    kw = dict(float_dtype="bf16", targets="attn", seq_len=128, compiled=True, dropout=0.0)
+    totals = {b: plan_memory(shape, "train", format="nf4", bits=4, batch_size=b, **kw).total for b in (1, 2, 4, 8)}
+    budget = (totals[4] + totals[8]) // 2
+    assert auto_micro_batch(shape, budget, 8, "nf4", 4, **kw).settings["batch_size"] == 4
+    assert auto_micro_batch(shape, totals[8], 8, "nf4", 4, **kw).settings["batch_size"] == 8
+    assert auto_micro_batch(shape, totals[8], 6, "nf4", 4, **kw).settings["batch_size"] == 6  # divisors of 6
+    with pytest.raises(ValueError, match="too small to train on this base with micro-batch 1"):
+        auto_micro_batch(shape, totals[1] - 1, 8, "nf4", 4, **kw)
+
+
+def test_the_cli_reads_a_number_or_auto():
+    from restora.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["train", "m", "--out", "o", "--micro-batch-size", "auto"]).micro_batch_size == "auto"
+    assert parser.parse_args(["train", "m", "--out", "o", "--micro-batch-size", "4"]).micro_batch_size == 4
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "m", "--out", "o", "--micro-batch-size", "many"])

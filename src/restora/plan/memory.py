@@ -333,11 +333,13 @@ def load_items(shape: ModelShape, format: str, bits: int, source_bytes: int, cal
     inputs = calib_tokens * sum(g[0][2] for g in groups.values() if g) * 4
     if inputs > GPTQ_INPUT_BYTES:  # restora.quant.gptq keeps a running Σ XᵀX per input past this
         inputs = GPTQ_INPUT_BYTES + sum(g[0][2] ** 2 for g in groups.values() if g) * 4
-    work = max(2 * g[0][2] ** 2 * 4 + 2 * sum(o for _, o, _ in g) * g[0][2] * 4 for g in groups.values() if g)
+    # per layer group (restora.quant.gptq): H, its Cholesky factor, the identity and the inverse factor (in, in),
+    # and the group's weights three times in fp32 (the concatenation, its transpose, the codes being chosen)
+    work = max(4 * g[0][2] ** 2 * 4 + 3 * sum(o for _, o, _ in g) * g[0][2] * 4 for g in groups.values() if g)
     rows = 2 * calib_tokens * shape.hidden * source_bytes
-    return [Item("loading", block + inputs + work + rows,
-                 f"GPTQ: one block in the source dtype, {calib_tokens} calibration tokens' inputs, the widest "
-                 "layer's Hessian and inverse", transient=True, phase="load")]
+    return [Item("loading", 2 * block + inputs + work + rows,
+                 f"GPTQ: one block in the source dtype and its quantized stand-in, {calib_tokens} calibration "
+                 "tokens' inputs, the widest layer's Hessian work", transient=True, phase="load")]
 
 
 def plan_memory(

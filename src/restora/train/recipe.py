@@ -13,13 +13,17 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from transformers import AutoConfig
 from safetensors.torch import save_file
 
 from restora.adapters import IA3Config, LoRAConfig, add_ia3, add_lora, save_adapter
 from restora.core.mapped import to_dtype
 from restora.data import encode_rows, get_task, split_rows
 from restora.kernels.compiled import resolve_compile
-from restora.models.bases import base_choice, build_base, build_loftq_base
+from restora.models.load import resolve_source
+from restora.plan.choice import auto_micro_batch, available_memory, compiles, source_dtype
+from restora.plan.memory import format_bytes, parse_budget
+from restora.models.bases import CALIB_MAX_LEN, base_choice, build_base, build_loftq_base
 from restora.quant.model import cast_unquantized
 from restora.train.distributed import barrier, device_for, init_distributed
 from restora.train.loop import RUN_SETTINGS, TrainConfig, prepare_out, rows_hash
@@ -50,7 +54,8 @@ def train_adapter(
     max_steps: int = 0,
     lr: float = 2e-4,
     batch_size: int = 32,
-    micro_batch_size: int = 8,
+    micro_batch_size: int | Literal["auto"] = 8,
+    memory_budget: str | None = None,
     schedule: Literal["constant", "cosine"] = "constant",
     warmup_ratio: float = 0.0,
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = "adamw",
@@ -89,7 +94,10 @@ def train_adapter(
         max_steps: stop after this many optimizer steps (0 = all epochs).
         lr: learning rate.
         batch_size: effective batch (rows per optimizer step).
-        micro_batch_size: rows per forward pass; must divide batch_size.
+        micro_batch_size: rows per forward pass; must divide batch_size. auto: the largest that fits
+            --memory-budget by restora's memory planner (`restora plan --mode train`), base loading included.
+        memory_budget: with --micro-batch-size auto: memory the run may use, e.g. 20GiB (default: what the
+            machine has available now).
         schedule: learning-rate schedule after warmup.
         warmup_ratio: fraction of steps for linear warmup.
         optimizer: adamw, adamw8bit (blockwise 8-bit moments), paged_adamw8bit (bitsandbytes, CUDA).
@@ -110,7 +118,10 @@ def train_adapter(
             (FSDP2 shards the frozen base and the adapter; bases float, nf4, fp4, int8, rtn, gptq).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
-
+    if micro_batch_size == "auto":
+        micro_batch_size = _auto_micro_batch(model, memory_budget, batch_size, format, bits, group_size, adapter,
+                                             rank, targets, max_len, optimizer, grad_checkpointing, compile, dropout,
+                                             bf16, calib_samples)
     cfg = TrainConfig(
         epochs=epochs, max_steps=max_steps, lr=lr, batch_size=batch_size, micro_batch_size=micro_batch_size,
         schedule=schedule, warmup_ratio=warmup_ratio, optimizer=optimizer, bf16=bf16,
@@ -206,3 +217,21 @@ def _load_loftq_init(model, results: dict) -> None:
             layer = model.get_submodule(name)
             layer.lora_A.weight.copy_(res.lora_A)
             layer.lora_B.weight.copy_(res.lora_B)
+
+
+def _auto_micro_batch(model: str, memory_budget: str | None, batch_size: int, format: str, bits: int, group_size: int,
+                      adapter: str, rank: int, targets: str, max_len: int, optimizer: str, grad_checkpointing: bool,
+                      compile: str, dropout: float, bf16: bool, calib_samples: int) -> int:
+    """--micro-batch-size auto: the largest micro-batch dividing batch_size whose plan fits the budget."""
+    config = AutoConfig.from_pretrained(str(resolve_source(model)))
+    budget = parse_budget(memory_budget) if memory_budget else available_memory()
+    source = source_dtype(config)
+    plan = auto_micro_batch(
+        config, budget, batch_size, format, 16 if format == "float" else bits, group_size=group_size,
+        float_dtype="bf16" if bf16 else source, source_dtype=source, adapter=adapter, rank=rank,
+        targets=targets if targets in ("attn", "all") else "all", seq_len=max_len, optimizer=optimizer,
+        grad_checkpointing=grad_checkpointing, compiled=compiles(compile, config), dropout=dropout, bf16=bf16,
+        calib_tokens=calib_samples * CALIB_MAX_LEN if format == "gptq" else 0)
+    chosen = plan.settings["batch_size"]
+    print(f"micro-batch {chosen} (auto): planned peak {format_bytes(plan.total)} of a {format_bytes(budget)} budget")
+    return chosen
