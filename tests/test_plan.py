@@ -298,3 +298,21 @@ def test_the_cli_reads_a_number_or_auto():
     assert parser.parse_args(["train", "m", "--out", "o", "--micro-batch-size", "4"]).micro_batch_size == 4
     with pytest.raises(SystemExit):
         parser.parse_args(["train", "m", "--out", "o", "--micro-batch-size", "many"])
+
+
+def test_grouped_settings_become_one_option_per_field(capsys):
+    """A dataclass-typed parameter (RestoreOptions) is one option per field, documented once, checked once."""
+    from restora.cli import build_parser, main
+    from restora.restore.adapter import RestoreOptions
+
+    parser = build_parser()
+    for command in (["restore", "a", "--out", "o"], ["eval", "m"], ["generate", "m", "--prompt", "p"],
+                    ["export", "a", "o", "--to", "peft"]):
+        args = vars(parser.parse_args([*command, "--restore-mode", "mean-match", "--calib-rows", "8"]))
+        assert args["options.restore_mode"] == "mean-match" and args["options.calib_rows"] == 8
+    with pytest.raises(SystemExit):  # Literal fields keep their choices
+        parser.parse_args(["restore", "a", "--out", "o", "--restore-mode", "sideways"])
+    assert main(["restore", "a", "--out", "o", "--calib-rows", "0"]) == 2  # __post_init__: one line, exit 2
+    assert "calib_samples and calib_rows must be positive" in capsys.readouterr().err
+    assert "the k-bit" in parser._subparsers._group_actions[0].choices["restore"].format_help()  # field docs
+    assert RestoreOptions(restore_mode="auto").changed() == ["--restore-mode"]

@@ -4,8 +4,10 @@ Each subcommand is a plain function in restora.commands with type hints and a
 docstring whose "Args:" section documents each parameter. This module turns the
 signature into argparse options: parameters without a default become positionals
 (keyword-only ones become required options such as --out),
-`bool` becomes --flag/--no-flag, `Literal[...]` becomes choices, `X | None` is optional.
-Defaults and help live only in the function. Errors users cause (ValueError,
+`bool` becomes --flag/--no-flag, `Literal[...]` becomes choices, `X | None` is optional,
+`int | Literal["auto"]` takes a number or the word. A parameter typed as a dataclass (grouped settings, such
+as restora.restore.adapter.RestoreOptions) becomes one option per field, documented in the dataclass's own
+"Args:" section. Defaults and help live only in the function or the dataclass. Errors users cause (ValueError,
 OSError such as FileNotFoundError, RuntimeError, KeyError) print as one line, with exit code 2;
 so does a missing optional dependency (ModuleNotFoundError), naming the extra that installs it.
 """
@@ -13,6 +15,7 @@ so does a missing optional dependency (ModuleNotFoundError), naming the extra th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import re
 import sys
@@ -76,37 +79,60 @@ def _number_or_word(tp: Any) -> Callable[[str], Any]:
     return parse
 
 
+def _add_flag(p: Any, name: str, tp: Any, default: Any, help_: str, dest: str, keyword_only: bool = True) -> None:
+    """One option (or positional) for a typed parameter or a settings field."""
+    tp = _unwrap_optional(tp)
+    flag = "--" + name.replace("_", "-")
+    kwargs: dict[str, Any] = {"help": help_}
+    if get_origin(tp) in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: a number or a word
+        tp = _number_or_word(tp)
+    elif get_origin(tp) is Literal:
+        kwargs["choices"] = list(get_args(tp))
+        tp = type(get_args(tp)[0])
+    if default is inspect.Parameter.empty:
+        if keyword_only:  # required option, e.g. --out DIR
+            p.add_argument(flag, dest=dest, type=tp, required=True, **kwargs)
+        else:
+            p.add_argument(dest, type=tp, **kwargs)
+        return
+    if tp is bool:
+        p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
+        return
+    if get_origin(tp) in (list, tuple):
+        inner = get_args(tp)[0] if get_args(tp) else str
+        p.add_argument(flag, dest=dest, type=inner, nargs="+", default=default, **kwargs)
+        return
+    if default is not None:
+        kwargs["help"] = f"{help_} (default: {default})".strip()
+    p.add_argument(flag, dest=dest, type=tp, default=default, **kwargs)
+
+
 def _add_command(sub: Any, name: str, fn: Callable[..., Any]) -> None:
     summary, docs = _param_docs(fn)
     p = sub.add_parser(name, help=summary.splitlines()[0] if summary else name, description=summary)
     hints = typing.get_type_hints(fn)
+    groups: dict[str, type] = {}
     for pname, param in inspect.signature(fn).parameters.items():
-        tp = _unwrap_optional(hints.get(pname, str))
-        flag = "--" + pname.replace("_", "-")
-        help_ = docs.get(pname, "")
-        kwargs: dict[str, Any] = {"help": help_}
-        if get_origin(tp) in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: a number or a word
-            tp = _number_or_word(tp)
-        elif get_origin(tp) is Literal:
-            kwargs["choices"] = list(get_args(tp))
-            tp = type(get_args(tp)[0])
-        if param.default is inspect.Parameter.empty:
-            if param.kind is inspect.Parameter.KEYWORD_ONLY:  # required option, e.g. --out DIR
-                p.add_argument(flag, dest=pname, type=tp, required=True, **kwargs)
-            else:
-                p.add_argument(pname, type=tp, **kwargs)
+        tp = hints.get(pname, str)
+        if dataclasses.is_dataclass(tp):  # grouped settings: one option per field, documented on the dataclass
+            _, field_docs = _param_docs(tp)
+            field_hints = typing.get_type_hints(tp)
+            for f in dataclasses.fields(tp):
+                _add_flag(p, f.name, field_hints[f.name], f.default, field_docs.get(f.name, ""), f"{pname}.{f.name}")
+            groups[pname] = tp
             continue
-        if tp is bool:
-            p.add_argument(flag, dest=pname, action=argparse.BooleanOptionalAction, default=param.default, help=help_)
-            continue
-        if get_origin(tp) in (list, tuple):
-            inner = get_args(tp)[0] if get_args(tp) else str
-            p.add_argument(flag, dest=pname, type=inner, nargs="+", default=param.default, **kwargs)
-            continue
-        if param.default is not None:
-            kwargs["help"] = f"{help_} (default: {param.default})".strip()
-        p.add_argument(flag, dest=pname, type=tp, default=param.default, **kwargs)
-    p.set_defaults(_fn=fn)
+        _add_flag(p, pname, tp, param.default, docs.get(pname, ""), pname,
+                  keyword_only=param.kind is inspect.Parameter.KEYWORD_ONLY)
+    p.set_defaults(_fn=fn, _groups=groups)
+
+
+def _regroup(args: dict[str, Any]) -> dict[str, Any]:
+    """Collect the `group.field` options back into each grouped-settings dataclass."""
+    groups = args.pop("_groups")
+    for pname, cls in groups.items():
+        fields = {k.split(".", 1)[1]: args.pop(k) for k in [k for k in args if k.startswith(pname + ".")]}
+        args[pname] = cls(**fields)
+    return args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,15 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-
-
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     release_freed_memory(default=args.get("command") in RELEASE_BY_DEFAULT)
     fn = args.pop("_fn")
     args.pop("command")
     try:
-        result = fn(**args)
+        result = fn(**_regroup(args))
     except ModuleNotFoundError as e:  # an optional dependency imported deep inside: name the extra
         print(f"restora: error: {missing_module_message(e)}", file=sys.stderr)
         return 2

@@ -4,12 +4,12 @@ Each function takes plain typed arguments (documented under "Args:"), does its w
 through the library API, prints a human summary and returns an exit code.
 """
 
-from restora.commands.planning import plan
-from restora.commands.serving import serve
 from restora.commands.checkpoints import generate, info, quantize
 from restora.commands.experiments import demo, grid
 from restora.commands.exporting import export
+from restora.commands.planning import plan
 from restora.commands.restoring import restore
+from restora.commands.serving import serve
 from restora.commands.training import eval, train
 
 COMMANDS = {

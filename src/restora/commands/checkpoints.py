@@ -10,14 +10,23 @@ from typing import Literal
 
 import torch
 
+from restora.adapters import load_adapter
+from restora.data import calibration_rows, get_task, task_split
+from restora.infer.generate import greedy_generate
 from restora.infer.perplexity import StreamedNLL
-from restora.models.bases import stream_quantize
+from restora.models.bases import BaseChoice, build_base, stream_quantize
 from restora.models.load import MANIFEST, load_model, open_source, resolve_source
 from restora.models.offload import offload as offload_blocks
+from restora.quant.checkpoint import (
+    WEIGHTS,
+    read_manifest,
+    save_quantized,
+    verify_files,
+)
 from restora.quant.model import check_spec_fits
-from restora.quant.checkpoint import WEIGHTS, read_manifest, save_quantized, verify_files
 from restora.quant.spec import QuantSpec
-from restora.restore.modes import RestoreModeName
+from restora.restore.adapter import RestoreOptions, restored
+from restora.restore.plr import restore_spec
 
 __all__ = ["quantize", "info", "generate", "human_bytes"]
 
@@ -36,7 +45,6 @@ def human_bytes(n: float) -> str:
 
 def _task_texts(task: str, data_dir: str | None, n: int, seed: int, split: str) -> list[str]:
     """Full prompt+completion texts of `n` rows of a task split (train: seeded draw for calibration)."""
-    from restora.data import calibration_rows, get_task, task_split
 
     t = get_task(task)
     rows = calibration_rows(t, n, seed, data_dir) if split == "train" else task_split(t, split, seed, data_dir, limit=n)
@@ -163,13 +171,9 @@ def generate(
     prompt: str,
     max_new_tokens: int = 64,
     adapter: str | None = None,
-    format: str | None = None,
     bits: int | None = None,
     chat: bool = False,
-    force: bool = False,
-    restore_mode: RestoreModeName = "plain",
-    restore_layers: str | None = None,
-    restore_modules: str | None = None,
+    options: RestoreOptions = RestoreOptions(),
     speculate: int = 0,
     offload: bool = False,
 ) -> int:
@@ -180,19 +184,16 @@ def generate(
         prompt: the prompt text.
         max_new_tokens: tokens to generate at most.
         adapter: a restora or PEFT adapter folder to attach.
-        format: base format for the adapter (default: the model as given; with --bits: as restore picks).
         bits: base bits l for the adapter (16 = float source): Post LoRA Restoration.
         chat: wrap the prompt in the tokenizer's chat template.
-        force: attach an adapter whose recorded source hash differs from the model's.
-        restore_mode: with --adapter and --bits: plain PLR, partial, bias-correct, partial+bias, mean-match, loftq or auto.
-        restore_layers: partial: decoder blocks to restore, e.g. 0-14.
-        restore_modules: partial: attn, mlp, or a regex over layer names.
+        options: the base (--format: default the model as given; with --bits: as restore picks) and how it is
+            restored under --adapter (restora.restore.adapter.RestoreOptions).
         speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
         offload: keep MODEL's decoder blocks in their file and page them in one block at a time (a float folder
             or a quantized checkpoint, without --bits/--format): less memory, each step re-reads the weights.
     """
-    from restora.infer.generate import greedy_generate
 
+    format, restore_mode = options.format, options.restore_mode
     if offload and (bits is not None or format is not None):
         raise ValueError("--offload pages MODEL's own file: write the l-bit base with `restora restore` first, "
                          "then generate from that folder with --offload")
@@ -200,25 +201,15 @@ def generate(
         raise ValueError(f"--restore-mode {restore_mode} needs --adapter and --bits (the restore level)")
     if bits is not None or format is not None:
         if adapter is None:
-            from restora.models.bases import BaseChoice, build_base
-            from restora.restore.plr import restore_spec
-
             loaded = build_base(model, BaseChoice(restore_spec(None, bits or 16, format)))
         else:
-            from restora.restore.adapter import restored
-
-            loaded, _, _ = restored(adapter, bits or 16, format, group_size=None, model=model, base="source",
-                                    force=force, calib_samples=500, restore_mode=restore_mode,
-                                    restore_layers=restore_layers, restore_modules=restore_modules, calib_rows=64,
-                                    data_dir=None)
+            loaded, _, _ = restored(adapter, bits or 16, model, options)
     else:
         loaded = load_model(model, mapped=offload)
         if offload:
             offload_blocks(loaded.model)
         if adapter is not None:
-            from restora.adapters import load_adapter
-
-            load_adapter(loaded.model, adapter, expected_source_hash=loaded.source_hash, force=force)
+            load_adapter(loaded.model, adapter, expected_source_hash=loaded.source_hash, force=options.force)
             loaded.model.eval()
     tok = loaded.tokenizer
     text = prompt

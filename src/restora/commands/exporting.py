@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import torch
+
 from restora.adapters import read_adapter_config
-from restora.restore.adapter import restored
+from restora.restore.adapter import RestoreOptions, restored
 from restora.restore.export import VLLM_MAX_LORA_RANKS, export_merged_hf, export_peft
-from restora.restore.modes import RestoreModeName
 
 __all__ = ["TARGETS", "export"]
 
@@ -31,17 +32,10 @@ def export(
     *,
     to: str,
     bits: int = 16,
-    format: str | None = None,
-    group_size: int | None = None,
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16",
     model: str | None = None,
-    force: bool = False,
     overwrite: bool = False,
-    restore_mode: RestoreModeName = "plain",
-    restore_layers: str | None = None,
-    restore_modules: str | None = None,
-    calib_rows: int = 64,
-    calib_samples: int = 500,
+    options: RestoreOptions = RestoreOptions(),
     data_dir: str | None = None,
 ) -> int:
     """Write ADAPTER as a folder vLLM and SGLang serve: a PEFT LoRA folder, or the model merged at L bits.
@@ -51,22 +45,13 @@ def export(
         out: output folder (refused if it exists, unless --overwrite).
         to: peft (adapter_config.json + adapter_model.safetensors on the 16-bit source model; LoRA only) or merged-hf (the adapter folded into the base restored at --bits, a plain transformers folder).
         bits: merged-hf: restore bits l of the base (16 = the float source model).
-        format: merged-hf: restore format (default: the training format if it has l bits, int8 at 8, else rtn).
-        group_size: merged-hf: restore group size (default: the training one).
         dtype: merged-hf: dtype of the merged weights (float32 keeps the merged sums exactly).
         model: source model, when the adapter has no provenance or it moved.
-        force: accept a source model whose weight hash differs from the adapter's record.
         overwrite: replace OUT if it exists.
-        restore_mode: merged-hf: plain PLR, partial, bias-correct, partial+bias, mean-match, loftq or auto (as `restora restore`).
-        restore_layers: merged-hf, partial: decoder blocks to restore, e.g. 0-14.
-        restore_modules: merged-hf, partial: attn, mlp, or a regex over layer names.
-        calib_rows: merged-hf: training rows for the bias correction's mean inputs.
-        calib_samples: merged-hf: GPTQ calibration rows when the restore format is gptq.
+        options: merged-hf: how the base is rebuilt (restora.restore.adapter.RestoreOptions; --force applies to
+            both targets).
         data_dir: folder laid out like ../shared/data (for GPTQ calibration and restoration modes).
     """
-    import torch
-
-
     if to not in TARGETS:
         raise ValueError(f"--to {to!r} is unknown: expected peft or merged-hf")
     src, dest = Path(adapter), Path(out)
@@ -78,17 +63,15 @@ def export(
     if dest.resolve() == src.resolve():
         raise ValueError(f"{dest} is the adapter folder itself: choose another OUT")
     if to == "peft":
-        changed = [f"--{k.replace('_', '-')}" for k, v in (("bits", bits != 16), ("format", format is not None),
-                   ("group_size", group_size is not None), ("restore_mode", restore_mode != "plain")) if v]
+        changed = (["--bits"] if bits != 16 else []) + [f for f in options.changed() if f != "--force"]
         if changed:
             raise ValueError(f"{' '.join(changed)} only apply to --to merged-hf: a PEFT folder goes on the 16-bit source model")
-        export_peft(src, dest, model, force)
+        export_peft(src, dest, model, options.force)
         print(f"wrote {dest}: PEFT LoRA folder on the 16-bit source (PLR16); serve: {_serve_hint(dest)}")
         return 0
-    loaded, info, _ = restored(adapter, bits, format, group_size, model, "source", force, calib_samples, restore_mode,
-                            restore_layers, restore_modules, calib_rows, data_dir)
+    loaded, info, _ = restored(adapter, bits, model, options, data_dir)
     record = {"source": loaded.source, "source_hash": loaded.source_hash, "adapter": str(src.resolve()),
-              "restore": info.restore_spec.to_dict(), "restore_mode": restore_mode, "dtype": dtype,
+              "restore": info.restore_spec.to_dict(), "restore_mode": options.restore_mode, "dtype": dtype,
               "trained_on": info.train_spec.to_dict() if info.train_spec else None}
     export_merged_hf(loaded, dest, getattr(torch, dtype), record)
     base = "16-bit source" if info.restore_spec.is_float else info.restore_spec.label()

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from restora.adapters.files import read_adapter_config, read_adapter_weights, read_provenance
-from restora.infer.evaluate import evaluate_task
+from restora.adapters.files import (
+    read_adapter_config,
+    read_adapter_weights,
+    read_provenance,
+)
 from restora.data import task_split
+from restora.infer.evaluate import evaluate_task
 from restora.models.bases import base_choice, build_base
-from restora.restore.adapter import restored
-from restora.restore.modes import RestoreModeName
+from restora.restore.adapter import RestoreOptions, restored
 from restora.restore.plr import dequantize_model
-from restora.train.recipe import Base, train_adapter
+from restora.train.recipe import train_adapter
 
 __all__ = ["eval", "train"]
 
@@ -30,9 +32,7 @@ def eval(
     adapter: str | None = None,
     task: str = "sql",
     split: Literal["train", "validation", "test"] = "test",
-    format: Base | None = None,
     bits: int = 16,
-    group_size: int = 64,
     limit: int = 0,
     max_new_tokens: int = 128,
     batch_size: int = 8,
@@ -40,13 +40,7 @@ def eval(
     chat: bool = False,
     out: str | None = None,
     seed: int = 0,
-    calib_samples: int = 500,
-    force: bool = False,
-    restore_mode: RestoreModeName = "plain",
-    restore_layers: str | None = None,
-    restore_modules: str | None = None,
-    calib_rows: int = 64,
-    auto_min_gain: float = 0.0,
+    options: RestoreOptions = RestoreOptions(),
     materialize: bool = True,
     data_dir: str | None = None,
     speculate: int = 0,
@@ -59,10 +53,7 @@ def eval(
         adapter: adapter folder (restora or PEFT); none = the base alone.
         task: sql, gsm8k, or PATH.jsonl.
         split: which split to score (test is never used in training).
-        format: evaluation base format (default: float at 16 bits; with an adapter below 16 bits, the
-            training format if it has that width, else int8 at 8 or rtn, as restore picks).
-        bits: evaluation base bits l.
-        group_size: quantization group size.
+        bits: evaluation base bits l (--format: its format; without an adapter --format is required below 16).
         limit: score only the first N rows (0 = all).
         max_new_tokens: generation cap.
         batch_size: rows per forward pass.
@@ -70,13 +61,8 @@ def eval(
         chat: use the tokenizer's chat template around prompts.
         out: write results.json here.
         seed: seed of the splits (must match training's).
-        calib_samples: GPTQ calibration rows (train split).
-        force: load an adapter whose recorded source hash differs.
-        restore_mode: plain PLR, partial, bias-correct, partial+bias, mean-match, loftq (LoftQ adapters), or auto (searches on the validation split).
-        restore_layers: partial: decoder blocks to restore, e.g. 0-14.
-        restore_modules: partial: attn, mlp, or a regex over layer names.
-        calib_rows: training rows for the bias correction's mean inputs.
-        auto_min_gain: auto: restore only if that beats keeping the k-bit base by this fraction of its validation loss.
+        options: the evaluation base: its format and group size (default 64), and with an adapter how it is
+            restored (restora.restore.adapter.RestoreOptions).
         materialize: dequantize each layer once to bf16 for fast evaluation (same numbers under bf16 compute).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
         speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
@@ -85,19 +71,20 @@ def eval(
             1 or more tokens per step); worth it on long evaluations. bf16 results can differ from eager
             decoding by rounding.
     """
+    options = replace(options, group_size=options.group_size or 64)
+    format = options.format
     if format == "float" and bits != 16:
         raise ValueError(f"--format float is the 16-bit model, got --bits {bits}: pass a quantized --format or drop --bits")
     if format is None and bits != 16 and not adapter:
         raise ValueError(f"--bits {bits} without an adapter needs --format (nf4, fp4, int8, rtn or gptq)")
-    choice = base_choice(format or "float", bits, group_size, task, calib_samples, seed)
+    choice = base_choice(format or "float", bits, options.group_size, task, options.calib_samples, seed)
     trained_on = None
     if adapter:  # the folder's three files checked before any model work: one-line errors naming file and field
         read_adapter_config(adapter)
         read_provenance(adapter)
         read_adapter_weights(adapter)
-        loaded, rinfo, restoration = restored(adapter, bits, format, group_size, model, "source", force, calib_samples,
-                                              restore_mode, restore_layers, restore_modules, calib_rows, data_dir,
-                                              auto_min_gain, calib_task=task, seed=seed, quiet=True)
+        loaded, rinfo, restoration = restored(adapter, bits, model, replace(options, base="source"), data_dir,
+                                              calib_task=task, seed=seed, quiet=True)
         trained_on = rinfo.train_spec.to_dict() if rinfo.train_spec else None
         choice = replace(choice, spec=rinfo.restore_spec)  # what restore built (auto may keep the k-bit base)
     else:

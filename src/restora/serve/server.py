@@ -14,9 +14,17 @@ import json
 from pathlib import Path
 from typing import Any
 
-from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
+from restora.adapters.batched import MultiAdapterModel
+from restora.adapters.files import CONFIG_NAME
+from restora.models.bases import BaseChoice, build_base
+from restora.models.load import MANIFEST, load_model, resolve_source
 from restora.plan.choice import choose_plan, serve_candidates
+from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
 from restora.quant.spec import QuantSpec
+from restora.restore.plr import restore_spec
+from restora.serve.adapters_root import AdapterPathError, AdapterRoot, ResidentAdapters
+from restora.serve.app import ServeLimits, ServerInfo, create_app
+from restora.serve.engine import Engine, EngineConfig
 
 __all__ = ["build_server", "serve_plan"]
 
@@ -25,8 +33,6 @@ GROUP_SIZE = 64  # divides SmolLM2's 576 (128 does not)
 
 def _adapter_rank(root: Any) -> int:
     """The largest LoRA rank among the adapter folders directly under the root (16 if none)."""
-    from restora.adapters.files import CONFIG_NAME
-    from restora.serve.adapters_root import AdapterPathError
 
     ranks = []
     for child in sorted(root.root.iterdir()):
@@ -62,7 +68,6 @@ def serve_plan(config: Any, bits: str, format: str | None, budget: int, max_batc
                              "lower --max-batch, --max-prompt-tokens or --max-tokens-limit)") from None
     if not bits.isdigit():
         raise ValueError(f"--bits must be auto or a number of bits (2, 3, 4, 8, 16), got {bits!r}")
-    from restora.restore.plr import restore_spec
 
     spec = restore_spec(None, int(bits), format, GROUP_SIZE)
     p = plan_memory(config, "serve", format="float" if spec.is_float else spec.format, bits=spec.bits, **kw)
@@ -88,12 +93,6 @@ def build_server(
     most `drain_timeout` seconds when the app shuts down."""
     from transformers import AutoConfig
 
-    from restora.adapters.batched import MultiAdapterModel
-    from restora.models.bases import BaseChoice, build_base
-    from restora.models.load import MANIFEST, load_model, resolve_source
-    from restora.serve.adapters_root import AdapterRoot, ResidentAdapters
-    from restora.serve.app import ServeLimits, ServerInfo, create_app
-    from restora.serve.engine import Engine, EngineConfig
 
     limits = ServeLimits(max_tokens_limit, max_prompt_tokens, max_body_bytes)
     engine_config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_prefill_tokens=max_prompt_tokens, bf16=bf16)

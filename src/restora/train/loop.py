@@ -8,7 +8,6 @@ Loss. Logits are computed only where a label exists: the decoder's hidden states
 label positions are gathered, (N, H), and projected to the vocabulary in chunks, each
 chunk under activation checkpointing, so full-vocabulary logits for the batch never
 exist at once and prompt positions never reach the LM head:
-
     loss = sum_i CE(lm_head(h_i), y_{i+1}) / (label tokens in the effective batch)
 
 Batches. The effective batch is `batch_size` rows, split into micro-batches of
@@ -48,8 +47,10 @@ from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from restora.core.atomic import atomic_dir, recover
-from restora.kernels.attention import training_attention
+from restora.kernels.attention import can_unpad, training_attention
 from restora.kernels.compiled import compiled_blocks
+from restora.kernels.head_loss import frozen_head, frozen_head_ce
+from restora.kernels.unpadded import unpad, unpaddable_family
 from restora.train.distributed import (
     DistInfo,
     all_reduce_grads,
@@ -57,9 +58,14 @@ from restora.train.distributed import (
     barrier,
     init_distributed,
 )
-from restora.kernels.head_loss import frozen_head, frozen_head_ce
-from restora.kernels.unpadded import unpad, unpaddable_family
-from restora.kernels.attention import can_unpad
+from restora.train.fsdp import (
+    full_tensor,
+    gathered_adapter,
+    set_gradient_sync,
+    shard_as,
+    shard_for_training,
+)
+from restora.train.optim8bit import AdamW8bit
 
 __all__ = ["Example", "RUN_SETTINGS", "TrainConfig", "check_resume", "completion_loss", "evaluate_loss", "prepare_out",
            "rows_hash", "train"]
@@ -280,8 +286,6 @@ def _lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 def _make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     if cfg.optimizer == "adamw8bit":
-        from restora.train.optim8bit import AdamW8bit
-
         return AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "paged_adamw8bit":
         try:
@@ -446,8 +450,6 @@ def _save_adapter(
 ) -> None:
     """Rank 0 writes the adapter folder; under FSDP every rank first gathers the whole adapter."""
     if info.fsdp:
-        from restora.train.fsdp import gathered_adapter
-
         with gathered_adapter(model):
             if info.is_main:
                 save_best(out, metrics)
@@ -496,7 +498,6 @@ def train(
             raise ValueError("--parallel fsdp: compiled blocks are not supported under sharding; use --compile off")
         if cfg.optimizer != "adamw":
             raise ValueError(f"--parallel fsdp: optimizer {cfg.optimizer!r} cannot step sharded parameters; use adamw")
-        from restora.train.fsdp import full_tensor, set_gradient_sync, shard_as, shard_for_training
 
         loss_of, whole, piece = shard_for_training(model, completion_loss, info), full_tensor, shard_as
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
