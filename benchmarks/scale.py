@@ -172,7 +172,7 @@ def plan_figure(model: Path, stage: str, args: argparse.Namespace) -> int | None
     if stage == "train-nf4":
         return plan_memory(config, "train", format="nf4", bits=4, float_dtype="bf16", source_dtype=src,
                            batch_size=args.batch, seq_len=args.seq, targets="attn", dropout=0.0,
-                           compiled=compiles("auto", config)).total
+                           compiled=compiles("auto", config, "nf4")).total
     if stage == "serve":  # the int8 base restore-8 cached, one adapter, batch 1 x (prompt + 8 tokens)
         return plan_memory(config, "serve", format="int8", bits=8, float_dtype=src, source_dtype=src, batch_size=1,
                            seq_len=64, targets="attn", adapters=1, from_cache=True).total

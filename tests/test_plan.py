@@ -316,3 +316,25 @@ def test_grouped_settings_become_one_option_per_field(capsys):
     assert "calib_samples and calib_rows must be positive" in capsys.readouterr().err
     assert "the k-bit" in parser._subparsers._group_actions[0].choices["restore"].format_help()  # field docs
     assert RestoreOptions(restore_mode="auto").changed() == ["--restore-mode"]
+
+
+def test_compile_auto_leaves_big_quantized_bases_eager():
+    """Compiled blocks keep dequantized bf16 weights for the backward: auto compiles a quantized base only while
+    they stay under COMPILED_DEQUANT_MAX (the planner and restora train decide alike)."""
+    import torch
+
+    from restora.plan.choice import COMPILED_DEQUANT_MAX, compile_for_training, compiles
+    from restora.plan.memory import ModelShape
+
+    small = COMPILED_DEQUANT_MAX // 2 - 1  # linear weights whose bf16 copy fits
+    big = COMPILED_DEQUANT_MAX // 2 + 1
+    cpu = torch.device("cpu")
+    assert compile_for_training("auto", 2 * big, cpu, big, "float") == compile_for_training("auto", 2 * big, cpu, big,
+                                                                                            "float")
+    assert not compile_for_training("auto", 2 * big, cpu, big, "nf4")
+    assert compile_for_training("on", 2 * big, cpu, big, "nf4")  # asked for: compiled regardless
+    assert compile_for_training("auto", 2 * small, cpu, small, "nf4") == compile_for_training("auto", 2 * small, cpu,
+                                                                                              small, "float")
+    eight_b = ModelShape(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128,
+                         vocab=49152, tied=False)
+    assert not compiles("auto", eight_b, "nf4")

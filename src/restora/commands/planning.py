@@ -11,7 +11,6 @@ from restora.models.load import resolve_source
 from restora.plan.choice import (
     best_train_setting,
     choose_plan,
-    compiles,
     ladder,
     serve_candidates,
     source_dtype,
@@ -105,7 +104,7 @@ def plan(
         print(f"\nPLR choice: restore to {chosen.label.split(' base')[0]} (l = {chosen.bits})\n")
         print(chosen.table(limit))
         return 0
-    kw.update(optimizer=optimizer, compiled=compiles(compile, config), dropout=dropout)
+    kw.update(optimizer=optimizer, compile_mode=compile, dropout=dropout)
     asked = train_candidates(config, fmt, batch_size=batch_size, grad_checkpointing=grad_checkpointing, **kw)
     print(f"  {'base k':<14} {'as asked':>10}  {'fits with':<30} {'largest rank':>12}")
     best: list[MemoryPlan] = []

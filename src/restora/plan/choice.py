@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from restora.kernels.compiled import auto_compiles
 from restora.plan.memory import (
     SERVE_LADDER,
@@ -20,7 +22,7 @@ from restora.plan.memory import (
     plan_memory,
 )
 
-__all__ = ["auto_micro_batch", "available_memory", "ladder", "serve_candidates", "train_candidates", "choose_plan", "best_train_setting", "compiles",
+__all__ = ["COMPILED_DEQUANT_MAX", "compile_for_training", "auto_micro_batch", "available_memory", "ladder", "serve_candidates", "train_candidates", "choose_plan", "best_train_setting", "compiles",
            "source_dtype"]
 
 
@@ -51,9 +53,18 @@ def serve_candidates(config: Any, format: str | None = None, **kw: Any) -> list[
     return [plan_memory(config, "serve", format=f, bits=b, **kw) for f, b in ladder(format)]
 
 
+def _compiled(config: Any, format: str, kw: dict[str, Any]) -> dict[str, Any]:
+    """kw with `compile_mode` (auto/on/off) turned into this base's `compiled` decision."""
+    if "compile_mode" not in kw:
+        return kw
+    kw = dict(kw)
+    mode = kw.pop("compile_mode")
+    return {**kw, "compiled": compiles(mode, config, format)}
+
+
 def train_candidates(config: Any, format: str | None = None, **kw: Any) -> list[MemoryPlan]:
     """One train plan per base precision k, most precise first (float = 16-bit LoRA)."""
-    return [plan_memory(config, "train", format=f, bits=b, **kw) for f, b in ladder(format)]
+    return [plan_memory(config, "train", format=f, bits=b, **_compiled(config, f, kw)) for f, b in ladder(format)]
 
 
 def choose_plan(plans: list[MemoryPlan], budget: int) -> MemoryPlan:
@@ -74,7 +85,8 @@ def best_train_setting(config: Any, format: str, bits: int, batch_size: int, gra
     smaller = [2**i for i in range(12) if 2**i < batch_size][::-1]
     options += [(b, c) for c in sorted({grad_checkpointing, True}) for b in smaller]
     for b, c in options:
-        p = plan_memory(config, "train", format=format, bits=bits, batch_size=b, grad_checkpointing=c, **kw)
+        p = plan_memory(config, "train", format=format, bits=bits, batch_size=b, grad_checkpointing=c,
+                        **_compiled(config, format, kw))
         if p.total <= budget:
             return p
     return None
@@ -85,7 +97,7 @@ def auto_micro_batch(config: Any, budget: int, batch_size: int, format: str, bit
     spend what quantization saves on bigger batches); a one-line error if not even one row fits."""
     divisors = [b for b in range(batch_size, 0, -1) if batch_size % b == 0]
     for b in divisors:
-        p = plan_memory(config, "train", format=format, bits=bits, batch_size=b, **kw)
+        p = plan_memory(config, "train", format=format, bits=bits, batch_size=b, **_compiled(config, format, kw))
         if p.total <= budget:
             return p
     raise ValueError(f"budget {format_bytes(budget)} is too small to train on this base with micro-batch 1: the plan "
@@ -104,12 +116,30 @@ def available_memory() -> int:
     raise ValueError("cannot read the available memory here: pass --memory-budget (e.g. 16GiB)")
 
 
-def compiles(mode: str, config: Any) -> bool:
-    """restora.kernels.compiled.resolve_compile's decision, from the config alone (no weights)."""
+# Compiled blocks keep each quantized layer's dequantized bf16 weight for the backward (2 bytes a weight), where
+# eager training keeps only the codes: 14 GiB for an 8B model. `compile auto` compiles a quantized base only
+# while that copy stays under this (models up to about 1B parameters); `--compile on` compiles regardless.
+COMPILED_DEQUANT_MAX = 2 * 2**30
+
+
+def compiles(mode: str, config: Any, format: str = "float") -> bool:
+    """restora train's compile decision (`compile_for_training`), from the config alone (no weights)."""
     if mode != "auto":
         return mode == "on"
-    import torch
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    return compile_for_training(mode, shape.linear_params() + shape.vocab * shape.hidden, torch.device("cpu"),
+                                shape.linear_params(), format)
 
 
-    shape = ModelShape.from_config(config)
-    return auto_compiles(shape.linear_params() + shape.vocab * shape.hidden, torch.device("cpu"))
+def compile_for_training(mode: str, n_params: int, device: torch.device, linear_params: int, format: str,
+                         sharded: bool = False) -> bool:
+    """Compile the decoder blocks while training? "on"/"off" as asked; "auto": models of 50M+ parameters on a
+    device inductor supports, not under FSDP sharding, and for a quantized base only while the dequantized weights
+    compiled blocks keep stay under COMPILED_DEQUANT_MAX."""
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"compile must be auto, on or off, got {mode!r}")
+    if mode != "auto":
+        return mode == "on"
+    if sharded or (format != "float" and 2 * linear_params > COMPILED_DEQUANT_MAX):
+        return False
+    return auto_compiles(n_params, device)

@@ -19,10 +19,9 @@ from safetensors.torch import save_file
 from restora.adapters import IA3Config, LoRAConfig, add_ia3, add_lora, save_adapter
 from restora.core.mapped import to_dtype
 from restora.data import encode_rows, get_task, split_rows
-from restora.kernels.compiled import resolve_compile
 from restora.models.load import resolve_source
-from restora.plan.choice import auto_micro_batch, available_memory, compiles, source_dtype
-from restora.plan.memory import format_bytes, parse_budget
+from restora.plan.choice import auto_micro_batch, available_memory, compile_for_training, compiles, source_dtype
+from restora.plan.memory import ModelShape, format_bytes, parse_budget
 from restora.models.bases import CALIB_MAX_LEN, base_choice, build_base, build_loftq_base
 from restora.quant.model import cast_unquantized
 from restora.train.distributed import barrier, device_for, init_distributed
@@ -104,7 +103,9 @@ def train_adapter(
         bf16: bf16 autocast compute.
         grad_checkpointing: recompute activations in backward to save memory.
         compile: torch.compile the decoder blocks while training (about 2x faster on SmolLM2 on CPU, after a
-            one-time compile of ~40 s); auto = on for models of 50M+ parameters, off under --parallel fsdp.
+            one-time compile of ~40 s); auto = on for models of 50M+ parameters, off under --parallel fsdp, and
+            off for a quantized base whose dequantized weights (which compiled blocks keep for the backward)
+            would pass 2 GiB: past about 1B parameters, eager training keeps only the codes.
         max_samples: use at most this many training rows (0 = all).
         val_samples: validation rows for the per-epoch validation loss.
         max_len: token cap per example.
@@ -175,7 +176,10 @@ def train_adapter(
         save_adapter(m, folder, {**provenance, "metrics": metrics})
 
     m.to(device_for(dist_info))  # this rank's GPU when CUDA is present (NCCL), else stays on the CPU
-    cfg.compile = resolve_compile(compile, m, sharded=dist_info.fsdp)
+    n_params = sum(p.numel() for p in m.parameters()) + sum(b.numel() for b in m.buffers())
+    cfg.compile = compile_for_training(compile, n_params, next(m.parameters()).device,
+                                       ModelShape.from_config(m.config).linear_params(), choice.spec.format or "float",
+                                       sharded=dist_info.fsdp)
     summary = run_train(m, enc_train, enc_val, cfg, out, tok.pad_token_id, save_best, resume=resume,
                         dist_info=dist_info, run=run)
     if not dist_info.is_main:
@@ -230,7 +234,7 @@ def _auto_micro_batch(model: str, memory_budget: str | None, batch_size: int, fo
         config, budget, batch_size, format, 16 if format == "float" else bits, group_size=group_size,
         float_dtype="bf16" if bf16 else source, source_dtype=source, adapter=adapter, rank=rank,
         targets=targets if targets in ("attn", "all") else "all", seq_len=max_len, optimizer=optimizer,
-        grad_checkpointing=grad_checkpointing, compiled=compiles(compile, config), dropout=dropout, bf16=bf16,
+        grad_checkpointing=grad_checkpointing, compiled=compiles(compile, config, format), dropout=dropout, bf16=bf16,
         calib_tokens=calib_samples * CALIB_MAX_LEN if format == "gptq" else 0)
     chosen = plan.settings["batch_size"]
     print(f"micro-batch {chosen} (auto): planned peak {format_bytes(plan.total)} of a {format_bytes(budget)} budget")
