@@ -524,3 +524,21 @@ def test_model_forward_without_deprecations(setup):
         hf.removeHandler(handler)
     assert len(out) == 2
     assert not [n for n in notices if "deprecat" in n.lower()], notices
+
+
+def test_an_offloaded_server_answers_as_the_resident_one(setup):
+    """`serve --offload`: the base's blocks mapped from the file and paged in per block; the same greedy answers."""
+    from fastapi.testclient import TestClient
+
+    from restora.serve.server import build_server
+
+    answers = []
+    for offload in (False, True):
+        app = build_server(str(setup["tiny"]), str(setup["root"]), bits="8", memory_budget="4GiB", max_batch=2,
+                           verbose=False, offload=offload)
+        with TestClient(app) as client:
+            health = client.get("/health").json()
+            body = {"model": "a0", "prompt": "SELECT name FROM", "max_tokens": 8, "temperature": 0}
+            answers.append(client.post("/v1/completions", json=body).json()["choices"][0]["text"])
+        assert ("offloaded" in json.dumps(health)) == offload
+    assert answers[0] == answers[1]

@@ -30,6 +30,7 @@ def serve(
     bf16: bool = True,
     allow_over_budget: bool = False,
     shutdown_timeout: float = 30.0,
+    offload: bool = False,
 ) -> int:
     """Serve MODEL and the adapters under --adapters-root over an OpenAI-compatible HTTP API.
 
@@ -49,6 +50,8 @@ def serve(
         max_body_bytes: largest request body; larger ones get 413.
         bf16: decode under bf16 autocast on CPU.
         allow_over_budget: start even when the serve plan exceeds --memory-budget (otherwise a one-line error).
+        offload: keep the base's decoder blocks in their file and page them in one block at a time (less memory,
+            so --bits auto can pick a higher l; each step re-reads the weights from the page cache or the disk).
         shutdown_timeout: seconds SIGTERM / SIGINT waits for in-flight requests; then they are cancelled and the
             server exits.
     """
@@ -57,7 +60,7 @@ def serve(
     uvicorn = require("uvicorn", "serve")
     app = build_server(model, adapters_root, bits, format, memory_budget, max_batch, max_queue, max_loaded_adapters,
                        max_tokens_limit, max_prompt_tokens, max_body_bytes, bf16, allow_over_budget=allow_over_budget,
-                       drain_timeout=shutdown_timeout)
+                       drain_timeout=shutdown_timeout, offload=offload)
     # SIGTERM / SIGINT: stop accepting, let in-flight requests finish for up to shutdown_timeout seconds (uvicorn then
     # cancels them, which frees their engine rows), then drain the engine within the same bound.
     # uvicorn re-raises the signal it caught once it has shut down; a handler of ours turns that into exit code 0.

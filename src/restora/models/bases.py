@@ -122,22 +122,26 @@ def stream_quantize(
     return load.finish()
 
 
-def build_base(model: str, choice: BaseChoice, data_dir: str | None = None, cache: bool = True) -> LoadedModel:
+def build_base(model: str, choice: BaseChoice, data_dir: str | None = None, cache: bool = True,
+               mapped: bool = False) -> LoadedModel:
     """The source model `model` at precision `choice`: float, or quantized (from cache if possible).
 
     The source streams from its files (restora.models.stream); a quantized base is quantized as it streams in, so
-    the float model is never whole in memory.
+    the float model is never whole in memory. `mapped` returns the base with its weights mapped from a file (the
+    source's, or the cached checkpoint's), for offloading (restora.models.offload).
     """
+    if mapped and not cache and not choice.spec.is_float:
+        raise ValueError("a mapped quantized base is read from restora's cache: it needs cache=True")
     if isinstance(resolve_source(model), Path) and (resolve_source(model) / MANIFEST).is_file():
         raise ValueError(f"{model} is a quantized checkpoint: give its source model to build other precisions")
     if choice.spec.is_float:
-        return load_model(model)
+        return load_model(model, mapped=mapped)
     source = open_source(model)
     load = source.start()
     digest = source.digest(load.model)
     folder = cache_dir() / "bases" / f"{choice.spec.label()}-{choice.key(digest)}"
     if cache and (folder / "restora_manifest.json").is_file():
-        q = load_quantized(folder, expected_source_hash=digest)
+        q = load_quantized(folder, expected_source_hash=digest, mapped=mapped)
         q.source = model
         return q
     tok = source.tokenizer()
@@ -150,6 +154,11 @@ def build_base(model: str, choice: BaseChoice, data_dir: str | None = None, cach
         provenance = {"source": loaded.source, "source_hash": loaded.source_hash, "calibration": choice.calibration_info()}
         save_quantized(loaded.model, loaded.tokenizer, folder, choice.spec, provenance)
     loaded.manifest = {"quantization": choice.spec.to_dict(), "source_hash": loaded.source_hash}
+    if mapped:  # the checkpoint just written, read back as views of its file
+        del loaded, m
+        q = load_quantized(folder, expected_source_hash=digest, mapped=True)
+        q.source = model
+        return q
     return loaded
 
 

@@ -425,7 +425,7 @@ def plan_memory(
                           16 if format == "float" else bits, items, settings)
     sizes = _adapter_params(shape, adapter, rank, targets)
     what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
-    head_cast = V * H * 2 if bf16 and fb != 2 and not offload else 0  # the bf16 copy of a float LM head, kept once made
+    head_cast = V * H * 2 if bf16 and fb != 2 else 0  # the bf16 copy of a float LM head, kept once made
     if head_cast:  # kept: the loss's cast in training (restora.kernels.head_loss), the server's packed head (restora.kernels.packed)
         items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the float head under bf16 autocast"))
     if mode == "serve":

@@ -25,6 +25,7 @@ from restora.restore.plr import restore_spec
 from restora.serve.adapters_root import AdapterPathError, AdapterRoot, ResidentAdapters
 from restora.serve.app import ServeLimits, ServerInfo, create_app
 from restora.serve.engine import Engine, EngineConfig
+from restora.models.offload import offload as offload_blocks
 
 __all__ = ["build_server", "serve_plan"]
 
@@ -52,14 +53,14 @@ def _adapter_rank(root: Any) -> int:
 
 
 def serve_plan(config: Any, bits: str, format: str | None, budget: int, max_batch: int, seq_len: int, adapters: int,
-               rank: int, prefill_tokens: int) -> tuple[MemoryPlan, bool]:
+               rank: int, prefill_tokens: int, offload: bool = False) -> tuple[MemoryPlan, bool]:
     """The serve plan in force and whether it fits: auto = the highest l within `budget`.
 
     KV cache: max_batch rows of seq_len tokens; prefill: at most `prefill_tokens` padded prompt
     tokens at once (the engine's max_prefill_tokens), i.e. max_batch rows of prefill_tokens / max_batch.
     """
     kw: dict[str, Any] = dict(batch_size=max_batch, seq_len=seq_len, adapters=adapters, rank=rank, group_size=GROUP_SIZE,
-                              prompt_len=max(1, -(-prefill_tokens // max_batch)))
+                              prompt_len=max(1, -(-prefill_tokens // max_batch)), offload=offload)
     if bits == "auto":
         try:
             return choose_plan(serve_candidates(config, format, **kw), budget), True
@@ -85,14 +86,14 @@ def build_server(
     model: str, adapters_root: str, bits: str = "auto", format: str | None = None, memory_budget: str = "4GiB",
     max_batch: int = 32, max_queue: int = 256, max_loaded_adapters: int = 8, max_tokens_limit: int = 512,
     max_prompt_tokens: int = 2048, max_body_bytes: int = 1_000_000, bf16: bool = True, verbose: bool = True,
-    allow_over_budget: bool = False, drain_timeout: float | None = 30.0,
+    allow_over_budget: bool = False, drain_timeout: float | None = 30.0, offload: bool = False,
 ) -> Any:
     """The FastAPI app with its engine started: plan, build the base at l bits, wrap it for adapters.
 
     ValueError when the plan exceeds `memory_budget` (unless `allow_over_budget`); the engine drains for at
-    most `drain_timeout` seconds when the app shuts down."""
+    most `drain_timeout` seconds when the app shuts down. `offload` keeps the base's decoder blocks in their file
+    and pages them in a block at a time (restora.models.offload): the plan counts two blocks resident."""
     from transformers import AutoConfig
-
 
     limits = ServeLimits(max_tokens_limit, max_prompt_tokens, max_body_bytes)
     engine_config = EngineConfig(max_batch=max_batch, max_queue=max_queue, max_prefill_tokens=max_prompt_tokens, bf16=bf16)
@@ -100,21 +101,24 @@ def build_server(
     budget = parse_budget(memory_budget)
     source = resolve_source(model)
     if (Path(source) / MANIFEST).is_file():  # a quantized checkpoint: served at its own precision
-        loaded = load_model(model)
+        loaded = load_model(model, mapped=offload)
         spec = QuantSpec.from_dict(loaded.manifest["quantization"])  # type: ignore[index]
         plan, fits = serve_plan(loaded.model.config, str(spec.bits), spec.format, budget, max_batch,
                                 max_prompt_tokens + max_tokens_limit, max_loaded_adapters, _adapter_rank(root),
-                                max_prompt_tokens)
+                                max_prompt_tokens, offload)
         _check_fits(plan, fits, budget, allow_over_budget)
         how = "a quantized checkpoint, served as is"
     else:
         config = AutoConfig.from_pretrained(str(source))
         plan, fits = serve_plan(config, bits, format, budget, max_batch, max_prompt_tokens + max_tokens_limit,
-                                max_loaded_adapters, _adapter_rank(root), max_prompt_tokens)
+                                max_loaded_adapters, _adapter_rank(root), max_prompt_tokens, offload)
         _check_fits(plan, fits, budget, allow_over_budget)  # before the base is built
         spec = QuantSpec("float", 16) if plan.format == "float" else QuantSpec(plan.format, plan.bits, GROUP_SIZE)
         how = "PLR choice: the highest l that fits" if bits == "auto" else f"--bits {bits}"
-        loaded = build_base(model, BaseChoice(spec))
+        loaded = build_base(model, BaseChoice(spec), mapped=offload)
+    if offload:
+        offload_blocks(loaded.model)
+        how += ", offloaded (decoder blocks paged in from the file)"
     name = Path(model).name if Path(model).exists() else model
     plan_info = {"label": plan.label, "format": plan.format, "bits": plan.bits, "total_bytes": plan.total,
                  "budget_bytes": budget, "fits": fits, "how": how,
