@@ -48,6 +48,8 @@ SHARD_BYTES = 1 << 30
 STAGES = ["quantize-nf4", "quantize-gptq4", "train-nf4", "restore-8", "restore-16", "serve", "peer-bnb-load",
           "peer-peft-train"]
 GiB = 1 << 30
+# one request: the server plans for one resident adapter, a 64-token prompt and 16 new tokens
+SERVE_LIMITS = ["--max-loaded-adapters", "1", "--max-prompt-tokens", "64", "--max-tokens-limit", "16"]
 
 
 def write_model(shape: str, folder: Path) -> Path:
@@ -124,7 +126,7 @@ def run_server(model: Path, work: Path, env: dict[str, str], timeout: float, bit
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "restora", "serve", str(model), "--adapters-root", str(work), "--bits", str(bits),
-           "--memory-budget", "24GiB", "--port", str(port), "--max-batch", "1"]
+           "--memory-budget", "24GiB", "--port", str(port), "--max-batch", "1", *SERVE_LIMITS]
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -173,9 +175,11 @@ def plan_figure(model: Path, stage: str, args: argparse.Namespace) -> int | None
         return plan_memory(config, "train", format="nf4", bits=4, float_dtype="bf16", source_dtype=src,
                            batch_size=args.batch, seq_len=args.seq, targets="attn", dropout=0.0,
                            compiled=compiles("auto", config, "nf4")).total
-    if stage == "serve":  # the int8 base restore-8 cached, one adapter, batch 1 x (prompt + 8 tokens)
-        return plan_memory(config, "serve", format="int8", bits=8, float_dtype=src, source_dtype=src, batch_size=1,
-                           seq_len=64, targets="attn", adapters=1, from_cache=True).total
+    if stage == "serve":  # the server's own plan (what it prints at start-up) for SERVE_LIMITS
+        from restora.serve.server import serve_plan
+
+        plan, _ = serve_plan(config, "8", None, 24 * GiB, 1, 64 + 16, 1, 16, 64)
+        return plan.total
     if stage in ("restore-8", "restore-16"):
         fmt, bits = ("int8", 8) if stage == "restore-8" else ("float", 16)
         return plan_memory(config, "serve", format=fmt, bits=bits, float_dtype=src, source_dtype=src, batch_size=1,

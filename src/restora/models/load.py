@@ -216,7 +216,7 @@ def load_model(
     """
     where = resolve_source(spec)
     if isinstance(where, Path) and (where / MANIFEST).is_file():
-        return load_quantized(where, dtype=dtype or torch.float32, mapped=mapped)
+        return load_quantized(where, dtype=dtype, mapped=mapped)
     source = open_source(spec)
     load = source.start(dtype, mapped)
     digest = source.digest(load.model)

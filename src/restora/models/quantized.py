@@ -22,13 +22,14 @@ from restora.quant.linear import QuantLinear, empty_weight
 __all__ = ["load_quantized"]
 
 
-def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, expected_source_hash: str | None = None,
+def load_quantized(folder: str | Path, dtype: torch.dtype | None = None, expected_source_hash: str | None = None,
                    mapped: bool = False):
     """Rebuild a model from a quantized checkpoint folder. Returns a restora LoadedModel.
 
     The model is built on meta (restora.models.stream) and every tensor of the file is assigned in place of its
     stand-in: nothing is initialised and then overwritten, so the peak is the checkpoint's own size. Float parts
-    (embeddings, norms, head, biases) are held in `dtype`; the formats' codes and scales as stored. `mapped`
+    (embeddings, norms, head, biases) are held in `dtype` (default: as stored, the source's dtype); the formats'
+    codes and scales as stored. `mapped`
     leaves the codes and scales views of the file, paged in when read (offloading: restora.models.offload).
     """
     folder = Path(folder)
@@ -40,6 +41,11 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, expec
         raise FileNotFoundError(f"{weights} is missing")
     files = CheckpointFiles(folder)
     config = AutoConfig.from_pretrained(folder)
+    if dtype is None:  # the float parts' stored dtype (the quantized layers' fp16 scales do not count)
+        layer_of = {n: n.split(".qweight.", 1)[0] for n in files.names()}  # a quantized layer's tensors
+        kinds = [files.dtype(n) for n in files.names() if layer_of[n] not in manifest["layers"]
+                 and not n.endswith(".bias") and files.dtype(n) is not None]
+        dtype = max(set(kinds), key=kinds.count) if kinds else torch.float32
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, meta in manifest["layers"].items():

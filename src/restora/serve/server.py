@@ -18,7 +18,7 @@ from restora.adapters.batched import MultiAdapterModel
 from restora.adapters.files import CONFIG_NAME
 from restora.models.bases import BaseChoice, build_base
 from restora.models.load import MANIFEST, load_model, resolve_source
-from restora.plan.choice import choose_plan, serve_candidates
+from restora.plan.choice import choose_plan, serve_candidates, source_dtype
 from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
 from restora.quant.spec import QuantSpec
 from restora.restore.plr import restore_spec
@@ -60,7 +60,8 @@ def serve_plan(config: Any, bits: str, format: str | None, budget: int, max_batc
     tokens at once (the engine's max_prefill_tokens), i.e. max_batch rows of prefill_tokens / max_batch.
     """
     kw: dict[str, Any] = dict(batch_size=max_batch, seq_len=seq_len, adapters=adapters, rank=rank, group_size=GROUP_SIZE,
-                              prompt_len=max(1, -(-prefill_tokens // max_batch)), offload=offload)
+                              prompt_len=max(1, -(-prefill_tokens // max_batch)), offload=offload,
+                              float_dtype=source_dtype(config))  # the base's float parts, held as stored
     if bits == "auto":
         try:
             return choose_plan(serve_candidates(config, format, **kw), budget), True
