@@ -65,7 +65,7 @@ def build(name: str):
     import torch
 
     if name.startswith("restora"):
-        from restora.commands.runtime import release_freed_memory
+        from restora.core.runtime import release_freed_memory
 
         release_freed_memory()  # only with RESTORA_MALLOC=release, as the restora CLI
     torch.manual_seed(0)

@@ -26,12 +26,12 @@ from typing import Any, Literal, get_args, get_origin
 
 from restora import commands
 from restora.commands.extras import missing_module_message
-from restora.commands.runtime import release_freed_memory
+from restora.core.runtime import release_freed_memory
 
 __all__ = ["main", "build_parser"]
 
 # Commands whose peak memory is a promise (a budget, the planner's figure) and which do not train: freed memory goes
-# back to the OS at once (restora.commands.runtime). Training keeps glibc's default, which is faster there.
+# back to the OS at once (restora.core.runtime). Training keeps glibc's default below 1B parameters (faster there).
 RELEASE_BY_DEFAULT = {"serve", "quantize", "restore", "export"}
 
 

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 
 from restora.adapters import IA3Config, LoRAConfig, add_ia3, add_lora, save_adapter
 from restora.core.mapped import to_dtype
+from restora.core.runtime import release_freed_memory
 from restora.data import encode_rows, get_task, split_rows
 from restora.models.load import resolve_source
 from restora.plan.choice import auto_micro_batch, available_memory, compile_for_training, compiles, source_dtype
@@ -28,7 +29,9 @@ from restora.train.distributed import barrier, device_for, init_distributed
 from restora.train.loop import RUN_SETTINGS, TrainConfig, prepare_out, rows_hash
 from restora.train.loop import train as run_train
 
-__all__ = ["Base", "train_adapter"]
+__all__ = ["Base", "RELEASE_MIN_PARAMS", "train_adapter"]
+
+RELEASE_MIN_PARAMS = 1_000_000_000  # from here on, freed memory goes back to the OS (restora.core.runtime)
 
 Base = Literal["float", "nf4", "fp4", "int8", "rtn", "gptq"]
 
@@ -119,6 +122,7 @@ def train_adapter(
             (FSDP2 shards the frozen base and the adapter; bases float, nf4, fp4, int8, rtn, gptq).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
+    release_freed_memory(default=_params(model) >= RELEASE_MIN_PARAMS)  # freed memory back to the OS (core.runtime)
     if micro_batch_size == "auto":
         micro_batch_size = _auto_micro_batch(model, memory_budget, batch_size, format, bits, group_size, adapter,
                                              rank, targets, max_len, optimizer, grad_checkpointing, compile, dropout,
@@ -239,3 +243,12 @@ def _auto_micro_batch(model: str, memory_budget: str | None, batch_size: int, fo
     chosen = plan.settings["batch_size"]
     print(f"micro-batch {chosen} (auto): planned peak {format_bytes(plan.total)} of a {format_bytes(budget)} budget")
     return chosen
+
+
+def _params(model: str) -> int:
+    """Parameters of the model `model` names, from its config (0 when the config does not say)."""
+    try:
+        shape = ModelShape.from_config(AutoConfig.from_pretrained(str(resolve_source(model))))
+    except (OSError, ValueError):
+        return 0
+    return shape.linear_params() + shape.vocab * shape.hidden
