@@ -17,7 +17,8 @@ Each stage runs in a fresh process; its peak RSS comes from wait4's rusage, its 
 Beside each restora stage, the planner's figure (`restora plan --mode train|serve|quantize`) and
 measured / planned.
 
-    python benchmarks/scale.py --shapes 1b [3b 8b] [--stages ...] [--root /tmp/restora-scale]
+    python benchmarks/scale.py --shapes 1b [3b 8b] [--stages ...] [--root /tmp/restora-scale] --out RESULTS.json
+    python benchmarks/scale.py --report RESULTS.json [MORE.json ...]     # the markdown table
 """
 
 from __future__ import annotations
@@ -246,6 +247,24 @@ def fmt(n: float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
 
+def report(paths: list[str]) -> str:
+    """The markdown table of result files (later files replace earlier rows of the same shape and stage)."""
+    rows: dict[tuple[str, str], dict] = {}
+    for path in paths:
+        for r in json.loads(Path(path).read_text()):
+            rows[(r["shape"], r["stage"])] = r
+    order = {s: i for i, s in enumerate(STAGES)}
+    lines = ["| shape | stage | peak RSS (GiB) | planner (GiB) | measured / planned | wall (s) |",
+             "|---|---|---|---|---|---|"]
+    for (shape, stage), r in sorted(rows.items(), key=lambda kv: (list(SHAPES).index(kv[0][0]), order[kv[0][1]])):
+        planned = r.get("planned")
+        ratio = f"{r['peak_rss'] / planned:.2f}" if planned and r.get("peak_rss") else "–"
+        ok = "" if r.get("code", 0) == 0 else " (failed)"
+        lines.append(f"| {shape} | {stage}{ok} | {fmt(r.get('peak_rss'))} | {fmt(planned) if planned else '–'} | "
+                     f"{ratio} | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["1b"], choices=list(SHAPES))
@@ -257,7 +276,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--timeout", type=float, default=7200)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--report", nargs="+", default=None, help="print the markdown table of these result files")
     args = ap.parse_args()
+    if args.report:
+        print(report(args.report))
+        return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     results = []
     for shape in args.shapes:
