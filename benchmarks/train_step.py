@@ -78,7 +78,7 @@ def build(name: str):
     if name.startswith("restora"):
         from restora.adapters import LoRAConfig, add_lora
         from restora.quant import QuantSpec, quantize_model
-        from restora.train import loop as restora_train
+        from restora.train import loss as restora_train
         from restora.train.loop import completion_loss
 
         if name.endswith("-padded"):

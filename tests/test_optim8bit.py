@@ -115,7 +115,7 @@ def test_tracks_fp32_adamw_and_uses_two_bytes_per_param() -> None:
 
 
 def _save(path: Path, named: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
-    """The pattern of restora.train.loop._save_checkpoint: every tensor of opt.state[p] under opt/<name>/<key>."""
+    """The pattern of restora.train.checkpoint.save_checkpoint: every tensor of opt.state[p] under opt/<name>/<key>."""
     tensors = {f"param/{k}": p.detach().contiguous() for k, p in named.items()}
     index = {id(p): k for k, p in named.items()}
     for group in opt.param_groups:
@@ -127,7 +127,7 @@ def _save(path: Path, named: dict[str, torch.nn.Parameter], opt: torch.optim.Opt
 
 
 def _load(path: Path, named: dict[str, torch.nn.Parameter], opt: torch.optim.Optimizer) -> None:
-    """The pattern of restora.train.loop._load_checkpoint: parameters by name, state by key, cloned."""
+    """The pattern of restora.train.checkpoint.load_checkpoint: parameters by name, state by key, cloned."""
     tensors = load_file(str(path))
     with torch.no_grad():
         for k, p in named.items():

@@ -7,7 +7,7 @@ import torch
 from conftest import right_padded_batch, tiny_llama, with_trained_lora
 from torch import nn
 
-from restora.train import loop as restora_train
+from restora.train import loss as restora_train
 from restora.kernels.attention import register
 from restora.train.loop import _set_attention, completion_loss, evaluate_loss
 from restora.kernels.unpadded import BUCKET, pad_heads, unpad, unpad_heads
