@@ -24,6 +24,7 @@ from restora.models.load import resolve_source
 from restora.plan.choice import auto_micro_batch, available_memory, compile_for_training, compiles, source_dtype
 from restora.plan.memory import ModelShape, format_bytes, parse_budget
 from restora.models.bases import CALIB_MAX_LEN, base_choice, build_base, build_loftq_base
+from restora.quant.base import QuantizedWeight
 from restora.quant.model import cast_unquantized
 from restora.train.distributed import barrier, device_for, init_distributed
 from restora.train.loop import RUN_SETTINGS, TrainConfig, prepare_out, rows_hash
@@ -31,7 +32,10 @@ from restora.train.loop import train as run_train
 
 __all__ = ["Base", "RELEASE_MIN_PARAMS", "train_adapter"]
 
-RELEASE_MIN_PARAMS = 1_000_000_000  # from here on, freed memory goes back to the OS (restora.core.runtime)
+# From here on a run is bound by memory: freed memory goes back to the OS (restora.core.runtime), and a quantized
+# base keeps no kernel layout (the int4 kernel's second copy of the codes, built when validation runs without
+# gradients: 3.9 GiB more at 8B), so the peak is the planner's.
+RELEASE_MIN_PARAMS = 1_000_000_000
 
 Base = Literal["float", "nf4", "fp4", "int8", "rtn", "gptq"]
 
@@ -122,7 +126,8 @@ def train_adapter(
             (FSDP2 shards the frozen base and the adapter; bases float, nf4, fp4, int8, rtn, gptq).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
     """
-    release_freed_memory(default=_params(model) >= RELEASE_MIN_PARAMS)  # freed memory back to the OS (core.runtime)
+    large = _params(model) >= RELEASE_MIN_PARAMS
+    release_freed_memory(default=large)  # freed memory back to the OS (core.runtime)
     if micro_batch_size == "auto":
         micro_batch_size = _auto_micro_batch(model, memory_budget, batch_size, format, bits, group_size, adapter,
                                              rank, targets, max_len, optimizer, grad_checkpointing, compile, dropout,
@@ -157,6 +162,10 @@ def train_adapter(
         # the parts left unquantized (embeddings, tied head, norms) held in bf16 as a bf16 base holds them, so that
         # the two bases differ only in their linear layers (an fp32 residual stream cost a 4-bit step ~2%)
         cast_unquantized(m, torch.bfloat16)
+    if large:
+        for q in m.modules():
+            if isinstance(q, QuantizedWeight):
+                q.keep_layouts = False
     torch.manual_seed(seed)  # adapter init must not depend on how the base was built (cache or not)
     if adapter == "lora":
         lcfg = LoRAConfig(r=rank, alpha=alpha, dropout=dropout, use_rslora=rslora,
