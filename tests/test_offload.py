@@ -93,3 +93,15 @@ def test_an_offloaded_quantized_checkpoint_decodes_as_the_resident_one(folder, t
 def test_offloading_needs_a_mapped_model(folder):
     with pytest.raises(ValueError, match="mapped from the file"):
         offload(load_model(str(folder)).model)
+
+
+def test_decoding_an_offloaded_model_pages_its_blocks_out(folder):
+    """greedy_generate decodes an offloaded model through its modules (whose hooks page), not the lean forward."""
+    from restora.core.modules import decoder_blocks
+    from restora.infer.generate import greedy_generate
+
+    loaded = load_model(str(folder), mapped=True)
+    offload(loaded.model)
+    greedy_generate(loaded.model, loaded.tokenizer, ["w1 w2 w3"], max_new_tokens=4)
+    blocks = [t for b in decoder_blocks(loaded.model) for t in b.parameters()]
+    assert _resident_kb(blocks[:1]) < 0.3 * mapped_bytes(loaded.model) // 1024

@@ -163,7 +163,7 @@ def _generate(
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths together
     results: list[str] = [""] * len(prompts)
     use_bf16 = bf16 and device.type == "cpu"
-    lean = lean and supports(model)
+    lean = lean and supports(model) and not is_offloaded(model)  # the lean forward skips the blocks' paging hooks
     if speculate and not lean:
         warnings.warn(f"speculate={speculate} needs the lean forward of a Llama-family model; decoding without drafts",
                       stacklevel=3)
