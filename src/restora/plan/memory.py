@@ -50,6 +50,9 @@ __all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "
 # `python -c "import restora.cli"` and SmolLM2's tokenizer, measured with /usr/bin/time (398 MiB, CPU build of
 # torch 2.13, transformers 5.25).
 FRAMEWORK_BYTES = 400 * 2**20
+# What `restora serve` adds to it: FastAPI and uvicorn (15 MiB more, measured the same way) and the threads of the
+# engine, the tokenizer pool and the event loop.
+SERVER_BYTES = 32 * 2**20
 LOGIT_CHUNK = 1024  # restora.train.loop.LOGIT_CHUNK: label positions projected to the vocabulary at once
 LOGIT_BYTES = 12  # bytes per (label, vocab) entry live while one chunk's CE is differentiated
 # compiled: the head's bf16 logits and bf16 gradient (restora.kernels.head_loss fuses the fp32 softmax in between)
@@ -425,10 +428,15 @@ def plan_memory(
                           16 if format == "float" else bits, items, settings)
     sizes = _adapter_params(shape, adapter, rank, targets)
     what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
-    head_cast = V * H * 2 if bf16 and fb != 2 else 0  # the bf16 copy of a float LM head, kept once made
-    if head_cast:  # kept: the loss's cast in training (restora.kernels.head_loss), the server's packed head (restora.kernels.packed)
-        items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the float head under bf16 autocast"))
+    # kept once made: training's bf16 cast of a float head (restora.kernels.head_loss: none when the head is bf16
+    # already), and the server's packed bf16 head (restora.kernels.packed: a copy in oneDNN's layout, whatever the
+    # head's dtype; `restora serve` packs it on a CPU with bf16)
+    head_cast = V * H * 2 if bf16 and (fb != 2 or mode == "serve") else 0
+    if head_cast:
+        items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the head under bf16 autocast"
+                          + (" (packed for decoding)" if mode == "serve" else "")))
     if mode == "serve":
+        items.append(Item("server", SERVER_BYTES, "FastAPI, uvicorn, engine and tokenizer threads"))
         P = seq_len if prompt_len is None else prompt_len
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
         layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 and not offload else 0
