@@ -161,7 +161,6 @@ def plan_figure(model: Path, stage: str, args: argparse.Namespace) -> int | None
     """The planner's peak for a stage, as `restora plan` computes it (restora.plan.memory.plan_memory)."""
     from transformers import AutoConfig
 
-    from restora.models.bases import CALIB_MAX_LEN
     from restora.plan.memory import plan_memory
     from restora.plan.choice import compiles, source_dtype
 
@@ -183,8 +182,8 @@ def plan_figure(model: Path, stage: str, args: argparse.Namespace) -> int | None
         return plan.total
     if stage in ("restore-8", "restore-16"):
         fmt, bits = ("int8", 8) if stage == "restore-8" else ("float", 16)
-        return plan_memory(config, "serve", format=fmt, bits=bits, float_dtype=src, source_dtype=src, batch_size=1,
-                           seq_len=1, targets="attn", adapters=1, calib_tokens=500 * CALIB_MAX_LEN).total
+        return plan_memory(config, "restore", format=fmt, bits=bits, float_dtype=src, source_dtype=src,
+                           targets="attn").total
     return None
 
 
@@ -247,12 +246,18 @@ def fmt(n: float | None) -> str:
     return "-" if n is None else f"{n / GiB:.2f}"
 
 
-def report(paths: list[str]) -> str:
-    """The markdown table of result files (later files replace earlier rows of the same shape and stage)."""
+def report(paths: list[str], root: str | None = None) -> str:
+    """The markdown table of result files (later files replace earlier rows of the same shape and stage); with
+    `root` (where the models are), each row's planner figure is recomputed by the current planner."""
     rows: dict[tuple[str, str], dict] = {}
     for path in paths:
         for r in json.loads(Path(path).read_text()):
             rows[(r["shape"], r["stage"])] = r
+    if root:
+        for (shape, stage), r in rows.items():
+            batch = r.get("batch", 1 if shape == "8b" else 8)
+            r["planned"] = plan_figure(Path(root) / f"llama-{shape}", stage,
+                                       argparse.Namespace(batch=batch, seq=r.get("seq", 128), steps=1))
     order = {s: i for i, s in enumerate(STAGES)}
     lines = ["| shape | stage | peak RSS (GiB) | planner (GiB) | measured / planned | wall (s) |",
              "|---|---|---|---|---|---|"]
@@ -277,9 +282,10 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=7200)
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--report", nargs="+", default=None, help="print the markdown table of these result files")
+    ap.add_argument("--replan", action="store_true", help="with --report: planner figures from the current planner")
     args = ap.parse_args()
     if args.report:
-        print(report(args.report))
+        print(report(args.report, args.root if args.replan else None))
         return
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "TQDM_DISABLE": "1"}
     results = []
@@ -306,7 +312,7 @@ def main() -> None:
                 shutil.rmtree(cmd[cmd.index("--out") + 1], ignore_errors=True)  # each run starts from nothing
             r = run_measured(cmd, env, args.timeout)
             planned = plan_figure(model, stage, args)
-            row = {"shape": shape, "stage": stage, **r, "planned": planned,
+            row = {"shape": shape, "stage": stage, **r, "planned": planned, "batch": args.batch, "seq": args.seq,
                    "command": " ".join(shlex.quote(c) for c in cmd[2:] if "\n" not in c)}
             results.append(row)
             ratio = f"{r['peak_rss'] / planned:.2f}" if planned and r["peak_rss"] else "-"

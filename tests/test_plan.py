@@ -168,7 +168,7 @@ def test_parse_budget_errors(text: str) -> None:
 def test_bad_settings_are_one_line_errors() -> None:
     with pytest.raises(ValueError, match="does not support 5 bits"):
         plan_memory(SMOL, "serve", format="rtn", bits=5)
-    with pytest.raises(ValueError, match="mode must be train, serve or quantize"):
+    with pytest.raises(ValueError, match="mode must be train, serve, quantize or restore"):
         plan_memory(SMOL, "infer")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="targets must be all, attn or ia3"):
         plan_memory(SMOL, "train", targets="mlp")

@@ -10,6 +10,7 @@ are loaded), itemising:
     serve     framework + W0 at l bits + float parts + N adapters + KV cache (B, T)
               + the prefill transient (logits of the whole prompt)
     quantize  framework + W0 at k bits + float parts (what `restora quantize` builds and writes)
+    restore   the same at l bits, plus the adapter (what `restora restore` builds and writes)
 
 Building the base streams the source (restora.models.stream) and is a phase of its own, before the first
 step or request: the peak is what stays resident plus the larger of that phase's transient (`load_items`: one
@@ -51,8 +52,9 @@ __all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "
 # torch 2.13, transformers 5.25).
 FRAMEWORK_BYTES = 400 * 2**20
 # What `restora serve` adds to it: FastAPI and uvicorn (15 MiB more, measured the same way) and the threads of the
-# engine, the tokenizer pool and the event loop.
-SERVER_BYTES = 32 * 2**20
+# engine, the tokenizer pool and the event loop (the 1B benchmark's server ran 34 MiB above its plan without
+# this item: benchmarks/scale.py).
+SERVER_BYTES = 48 * 2**20
 LOGIT_CHUNK = 1024  # restora.train.loop.LOGIT_CHUNK: label positions projected to the vocabulary at once
 LOGIT_BYTES = 12  # bytes per (label, vocab) entry live while one chunk's CE is differentiated
 # compiled: the head's bf16 logits and bf16 gradient (restora.kernels.head_loss fuses the fp32 softmax in between)
@@ -64,7 +66,7 @@ COMPILE_BYTES = 260 * 2**20
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # restora.train.optim8bit: smaller tensors keep fp32 moments
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
-Mode = Literal["train", "serve", "quantize"]
+Mode = Literal["train", "serve", "quantize", "restore"]
 
 
 @dataclass(frozen=True)
@@ -387,8 +389,8 @@ def plan_memory(
     offload: serve with the decoder blocks paged in from their file a block at a time (restora.models.offload):
     two blocks' weights resident (the running one and the one read ahead), no packed or kernel copies.
     """
-    if mode not in ("train", "serve", "quantize"):
-        raise ValueError(f"mode must be train, serve or quantize, got {mode!r}")
+    if mode not in ("train", "serve", "quantize", "restore"):
+        raise ValueError(f"mode must be train, serve, quantize or restore, got {mode!r}")
     if source_dtype is not None and source_dtype not in DTYPE_BYTES:
         raise ValueError(f"source_dtype must be one of {', '.join(DTYPE_BYTES)}, got {source_dtype!r}")
     if float_dtype not in DTYPE_BYTES:
@@ -420,12 +422,17 @@ def plan_memory(
     ]
     if source_dtype is not None and not offload:  # an offloaded base maps a checkpoint written before
         items += load_items(shape, format, bits, DTYPE_BYTES[source_dtype], calib_tokens, from_cache)
-    if mode == "quantize":
+    if mode in ("quantize", "restore"):  # restore: the l-bit base built from the source, plus the adapter
         settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, float_dtype=float_dtype,
                         double_quant=double_quant, source_dtype=source_dtype, calib_tokens=calib_tokens,
-                        framework_bytes=framework_bytes)
-        return MemoryPlan(mode, f"{label} checkpoint from a {source_dtype or float_dtype} source", format,
-                          16 if format == "float" else bits, items, settings)
+                        framework_bytes=framework_bytes, adapter=adapter, rank=rank, targets=targets)
+        if mode == "restore":
+            sizes = _adapter_params(shape, adapter, rank, targets)
+            items.append(Item("adapter", 2 * 4 * sum(sizes), f"{adapter} r{rank} {targets}, fp32, and its bytes "
+                              "while safetensors writes them"))
+        return MemoryPlan(mode, f"{label} {'checkpoint' if mode == 'quantize' else 'base + adapter'} from a "
+                          f"{source_dtype or float_dtype} source", format, 16 if format == "float" else bits, items,
+                          settings)
     sizes = _adapter_params(shape, adapter, rank, targets)
     what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
     # kept once made: training's bf16 cast of a float head (restora.kernels.head_loss: none when the head is bf16
@@ -436,7 +443,7 @@ def plan_memory(
         items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the head under bf16 autocast"
                           + (" (packed for decoding)" if mode == "serve" else "")))
     if mode == "serve":
-        items.append(Item("server", SERVER_BYTES, "FastAPI, uvicorn, engine and tokenizer threads"))
+        items.append(Item("server", SERVER_BYTES, "FastAPI, uvicorn, engine and tokenizer threads (measured)"))
         P = seq_len if prompt_len is None else prompt_len
         items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
         layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 and not offload else 0
