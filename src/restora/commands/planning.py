@@ -24,7 +24,7 @@ __all__ = ["plan"]
 def plan(
     model: str,
     budget: str = "8GiB",
-    mode: Literal["train", "serve", "quantize"] = "serve",
+    mode: Literal["train", "serve", "quantize", "restore"] = "serve",
     format: Literal["auto", "float", "nf4", "fp4", "int8", "rtn", "gptq"] = "auto",
     group_size: int = 64,
     float_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto",
@@ -48,7 +48,7 @@ def plan(
         model: hub id, local HF folder, .gguf file, or smollm2-135m (only config.json is read).
         budget: memory available, e.g. 8GiB, 512MiB, 4GB, or bytes.
         mode: serve (pick the highest restore bits l that fits), train (which k, rank, micro-batch fit) or
-            quantize (what `restora quantize` holds: one plan per precision).
+            quantize / restore (what `restora quantize` / `restora restore` hold: one plan per precision).
         format: restrict the candidates to one format family (auto: float, int8, nf4, rtn 4/3/2).
         group_size: quantization group size.
         float_dtype: storage of embeddings, norms, LM head and float bases; auto = as `restora` holds them: the
@@ -78,8 +78,10 @@ def plan(
                               calib_tokens=calib_samples * calib_len, from_cache=from_cache, double_quant=double_quant)
     fmt = None if format == "auto" else format
     print(f"{model}: {mode}, budget {format_bytes(limit)}")
-    if mode == "quantize":
-        plans = [plan_memory(config, "quantize", format=f, bits=b, **kw) for f, b in ladder(fmt) if f != "float"]
+    if mode in ("quantize", "restore"):
+        extra = dict(adapter=adapter, rank=rank, targets=targets) if mode == "restore" else {}
+        plans = [plan_memory(config, mode, format=f, bits=b, **kw, **extra) for f, b in ladder(fmt)
+                 if f != "float" or mode == "restore"]
         for p in plans:
             print(f"  {p.label:<60} {format_bytes(p.total):>10}  {'fits' if p.total <= limit else '-'}")
         chosen = choose_plan(plans, limit)
