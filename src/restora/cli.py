@@ -83,7 +83,7 @@ def _add_flag(p: Any, name: str, tp: Any, default: Any, help_: str, dest: str, k
     """One option (or positional) for a typed parameter or a settings field."""
     tp = _unwrap_optional(tp)
     flag = "--" + name.replace("_", "-")
-    kwargs: dict[str, Any] = {"help": help_}
+    kwargs: dict[str, Any] = {"help": help_, "metavar": name.upper()}
     if get_origin(tp) in (typing.Union, types.UnionType):  # e.g. int | Literal["auto"]: a number or a word
         tp = _number_or_word(tp)
     elif get_origin(tp) is Literal:
@@ -98,6 +98,8 @@ def _add_flag(p: Any, name: str, tp: Any, default: Any, help_: str, dest: str, k
     if tp is bool:
         p.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=default, help=help_)
         return
+    if "choices" in kwargs:
+        del kwargs["metavar"]  # argparse lists the choices
     if get_origin(tp) in (list, tuple):
         inner = get_args(tp)[0] if get_args(tp) else str
         p.add_argument(flag, dest=dest, type=inner, nargs="+", default=default, **kwargs)

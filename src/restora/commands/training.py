@@ -83,7 +83,7 @@ def eval(
         read_adapter_config(adapter)
         read_provenance(adapter)
         read_adapter_weights(adapter)
-        loaded, rinfo, restoration = restored(adapter, bits, model, replace(options, base="source"), data_dir,
+        loaded, rinfo, restoration = restored(adapter, bits, model, options, data_dir,
                                               calib_task=task, seed=seed, quiet=True)
         trained_on = rinfo.train_spec.to_dict() if rinfo.train_spec else None
         choice = replace(choice, spec=rinfo.restore_spec)  # what restore built (auto may keep the k-bit base)
