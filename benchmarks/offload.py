@@ -7,7 +7,7 @@ short prompt; peak RSS is the whole process's (/usr/bin/time). The file's pages 
 machine has the room): offloading re-reads them from memory, not from the disk, so these are its costs on a
 machine whose page cache holds the model but whose process budget does not.
 
-    python benchmarks/offload.py --model /tmp/restora-scale/llama-1b [--tokens 32] [--threads 2]
+    python benchmarks/offload.py --model runs/scale/llama-1b [--tokens 32] [--threads 2]
 """
 
 from __future__ import annotations

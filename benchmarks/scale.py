@@ -17,7 +17,7 @@ Each stage runs in a fresh process; its peak RSS comes from wait4's rusage, its 
 Beside each restora stage, the planner's figure (`restora plan --mode train|serve|quantize`) and
 measured / planned.
 
-    python benchmarks/scale.py --shapes 1b [3b 8b] [--stages ...] [--root /tmp/restora-scale] --out RESULTS.json
+    python benchmarks/scale.py --shapes 1b [3b 8b] [--stages ...] [--root runs/scale] --out RESULTS.json
     python benchmarks/scale.py --report RESULTS.json [MORE.json ...]     # the markdown table
 """
 
@@ -274,7 +274,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=["1b"], choices=list(SHAPES))
     ap.add_argument("--stages", nargs="+", default=STAGES, choices=STAGES)
-    ap.add_argument("--root", default="/tmp/restora-scale")
+    ap.add_argument("--root", default="runs/scale", help="where the models and outputs go (gitignored)")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--seq", type=int, default=128)

@@ -332,7 +332,7 @@ def test_packing_is_skipped_when_memory_is_short(monkeypatch):
     import restora.kernels.packed as packed
 
     model = tiny_llama()
-    monkeypatch.setattr(packed, "_available_bytes", lambda: 4 * 2 * 64 * 64)  # a quarter holds less than the weights
+    monkeypatch.setattr(packed, "available_memory", lambda: 4 * 2 * 64 * 64)  # a quarter holds less than the weights
     with packed_linears(model) as n:
         assert n == 0 and type(model.model.layers[0].mlp.up_proj) is nn.Linear
 

@@ -21,7 +21,7 @@ import ctypes
 import os
 import sys
 
-__all__ = ["release_freed_memory"]
+__all__ = ["available_memory", "release_freed_memory"]
 
 M_MMAP_THRESHOLD = -3
 THRESHOLD = 128 * 1024
@@ -38,3 +38,15 @@ def release_freed_memory(default: bool = False) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
     except (OSError, AttributeError):
         return False
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux): what a new allocation can take without swapping; None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None

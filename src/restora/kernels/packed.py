@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from restora.kernels.derived import Derived, fingerprint
+from restora.core.runtime import available_memory
 
 __all__ = ["PackedLinear", "can_pack", "forget_packed", "packed_linears"]
 
@@ -129,17 +130,6 @@ def forget_packed(model: nn.Module) -> int:
     return _PACKED.forget(model.modules())
 
 
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def _adapter_part(name: str) -> bool:
     return any(part.startswith(("lora_", "ia3_")) for part in name.split("."))
 
@@ -165,7 +155,7 @@ def packed_linears(model: nn.Module, batch_hint: int = 1, enabled: bool = True,
         packed = {key: p for key, child in unique.items()
                   if (p := _PACKED.find(child, (child.weight, child.bias))) is not None}
         fresh = [c for key, c in unique.items() if key not in packed]
-        free = _available_bytes()
+        free = available_memory()
         if fresh and free is not None and 2 * sum(c.weight.numel() for c in fresh) > free // 4:
             # a new bf16 copy would crowd the memory the model was sized for: those layers decode unpacked
             swapped = [(parent, name, child) for parent, name, child in swapped if id(child) in packed]

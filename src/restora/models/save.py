@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from restora.core.modules import unique_state_dict
 from restora.core.safetensors_file import write_file
 from restora.models.stream import INDEX, SINGLE
 
@@ -22,24 +23,11 @@ __all__ = ["save_hf", "SHARD_BYTES"]
 SHARD_BYTES = 2 << 30
 
 
-def _unique(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with each tensor once (the first name of tied ones: embed_tokens before lm_head)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.numel())
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t
-    return out
-
-
 def save_hf(model: nn.Module, folder: str | Path, tokenizer: Any = None, shard_bytes: int = SHARD_BYTES) -> Path:
     """config.json, generation_config.json, safetensors shard(s) (+ index) and the tokenizer, into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = _unique(model)
+    tensors = unique_state_dict(model)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name, t in tensors.items():

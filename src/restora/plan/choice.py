@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from restora.core.runtime import available_memory
 from restora.kernels.compiled import auto_compiles
 from restora.plan.memory import (
     SERVE_LADDER,
@@ -22,7 +23,7 @@ from restora.plan.memory import (
     plan_memory,
 )
 
-__all__ = ["COMPILED_DEQUANT_MAX", "compile_for_training", "auto_micro_batch", "available_memory", "ladder", "serve_candidates", "train_candidates", "choose_plan", "best_train_setting", "compiles",
+__all__ = ["COMPILED_DEQUANT_MAX", "compile_for_training", "auto_micro_batch", "budget_or_available", "ladder", "serve_candidates", "train_candidates", "choose_plan", "best_train_setting", "compiles",
            "source_dtype"]
 
 
@@ -104,16 +105,14 @@ def auto_micro_batch(config: Any, budget: int, batch_size: int, format: str, bit
                      f"needs {format_bytes(p.total)} (try --grad-checkpointing, a lower --bits or a shorter --max-len)")
 
 
-def available_memory() -> int:
-    """MemAvailable from /proc/meminfo (Linux): what a new process can use without swapping."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    raise ValueError("cannot read the available memory here: pass --memory-budget (e.g. 16GiB)")
+def budget_or_available(budget: int | None) -> int:
+    """`budget`, else the memory available now; a one-line error where neither is known."""
+    if budget is not None:
+        return budget
+    free = available_memory()
+    if free is None:
+        raise ValueError("cannot read the available memory here: pass --memory-budget (e.g. 16GiB)")
+    return free
 
 
 # Compiled blocks keep each quantized layer's dequantized bf16 weight for the backward (2 bytes a weight), where

@@ -22,11 +22,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from restora import __version__
 from restora.core.atomic import atomic_dir, recover
+from restora.core.modules import unique_state_dict
 from restora.core.safetensors_file import write_file
 from restora.quant.linear import QuantLinear
 from restora.quant.spec import QuantSpec
@@ -38,19 +38,6 @@ MANIFEST = "restora_manifest.json"
 WEIGHTS = "model.safetensors"
 
 
-def _unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied tensors stored once (safetensors refuses shared storage)."""
-    out: dict[str, torch.Tensor] = {}
-    seen: set[tuple[int, int]] = set()
-    for name, t in model.state_dict().items():
-        key = (t.data_ptr(), t.numel())
-        if t.numel() and key in seen:
-            continue
-        seen.add(key)
-        out[name] = t.detach().contiguous()
-    return out
-
-
 def storage_sizes(model: nn.Module) -> dict[str, int]:
     """Bytes of quantized linear layers, of the rest, and what the linears take in bf16."""
     q_bytes = bf16_equiv = 0
@@ -58,7 +45,7 @@ def storage_sizes(model: nn.Module) -> dict[str, int]:
         if isinstance(m, QuantLinear):
             q_bytes += m.qweight.nbytes() + (m.bias.numel() * m.bias.element_size() if m.bias is not None else 0)
             bf16_equiv += 2 * m.in_features * m.out_features
-    total = sum(t.numel() * t.element_size() for t in _unique_state_dict(model).values())
+    total = sum(t.numel() * t.element_size() for t in unique_state_dict(model).values())
     return {
         "quantized_linear_bytes": q_bytes,
         "quantized_linear_bf16_bytes": bf16_equiv,
@@ -90,7 +77,7 @@ def save_quantized(
         "layers": layers,
     }
     with atomic_dir(out) as tmp:
-        write_file(_unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt", "restora": __version__})
+        write_file(unique_state_dict(model), tmp / WEIGHTS, metadata={"format": "pt", "restora": __version__})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)

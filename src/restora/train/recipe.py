@@ -21,7 +21,7 @@ from restora.core.mapped import to_dtype
 from restora.core.runtime import release_freed_memory
 from restora.data import encode_rows, get_task, split_rows
 from restora.models.load import resolve_source
-from restora.plan.choice import auto_micro_batch, available_memory, compile_for_training, compiles, source_dtype
+from restora.plan.choice import auto_micro_batch, budget_or_available, compile_for_training, compiles, source_dtype
 from restora.plan.memory import ModelShape, format_bytes, parse_budget
 from restora.models.bases import CALIB_MAX_LEN, base_choice, build_base, build_loftq_base
 from restora.quant.base import QuantizedWeight
@@ -241,7 +241,7 @@ def _auto_micro_batch(model: str, memory_budget: str | None, batch_size: int, fo
                       compile: str, dropout: float, bf16: bool, calib_samples: int) -> int:
     """--micro-batch-size auto: the largest micro-batch dividing batch_size whose plan fits the budget."""
     config = AutoConfig.from_pretrained(str(resolve_source(model)))
-    budget = parse_budget(memory_budget) if memory_budget else available_memory()
+    budget = budget_or_available(parse_budget(memory_budget) if memory_budget else None)
     source = source_dtype(config)
     plan = auto_micro_batch(
         config, budget, batch_size, format, 16 if format == "float" else bits, group_size=group_size,
