@@ -39,12 +39,14 @@ from typing import Any
 
 import torch
 
-from restora.data import task_split
+from restora.data import encode_rows, get_task, task_split
 from restora.experiments.report import write_reports
+from restora.experiments.study import write_study
 from restora.infer.evaluate import evaluate_task
 from restora.quant.spec import SUPPORTED_BITS
 from restora.restore.modes import RestorationMode, restore_with_mode
-from restora.restore.plr import dequantize_model, restore_base
+from restora.restore.plr import dequantize_model, merge_and_unload, restore_base
+from restora.train.loss import row_losses
 from restora.train.recipe import train_adapter as train
 
 if sys.version_info >= (3, 11):
@@ -55,14 +57,15 @@ else:  # pragma: no cover - Python 3.10
 __all__ = ["GridConfig", "Unit", "load_grid_config", "plan_units", "run_grid", "collect", "parse_shard"]
 
 _TOP = {"model", "tasks", "seeds", "restore_bits", "methods", "train", "eval", "data_dir"}
-_METHOD = {"name", "format", "bits", "init", "group_size", "train"}
+_METHOD = {"name", "format", "bits", "init", "group_size", "train", "seeds", "eval", "tasks"}
 _TRAIN = {
     "adapter", "rank", "alpha", "dropout", "rslora", "targets", "loftq_iters", "epochs", "max_steps", "lr",
     "batch_size", "micro_batch_size", "schedule", "warmup_ratio", "optimizer", "bf16", "grad_checkpointing",
     "compile", "max_samples", "val_samples", "max_len", "chat", "calib_samples",
 }
-_EVAL = {"split", "limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize", "restore_modes",
-         "auto_min_gain", "compile"}
+_EVAL = {"split", "limit", "loss_limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize",
+         "restore_modes", "mode_bits", "auto_min_gain", "compile", "merge_dtypes"}
+_MERGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,9 @@ class Method:
     init: str = "default"
     group_size: int = 64
     train: tuple[tuple[str, Any], ...] = ()  # overrides of the config's [train] for this method
+    seeds: tuple[int, ...] | None = None  # this method's seeds (None: the config's)
+    eval: tuple[tuple[str, Any], ...] = ()  # overrides of the config's [eval] for this method
+    tasks: tuple[str, ...] | None = None  # this method's tasks (None: the config's)
 
 
 @dataclass
@@ -121,10 +127,25 @@ def load_grid_config(path: str | Path) -> GridConfig:
         if not isinstance(overrides, dict):
             raise ValueError(f"{p}: key methods[{i}].train must be a table of [train] settings")
         _check_keys(f"methods[{i}].train.", overrides, _TRAIN, str(p))
-        if any(prev.name == m["name"] for prev in methods):
-            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice: method names must be unique")
+        same = [prev for prev in methods if prev.name == m["name"]]
+        twice = sorted({int(b) for b in bits} & {b for prev in same for b in prev.bits})
+        if twice:  # one name over several entries orders its bits by priority; each (name, bits) is one method
+            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice at {twice[0]} bits: a method's "
+                             "bits must be unique")
+        if same and any((prev.format, prev.init, prev.train) != (m["format"], m.get("init", "default"),
+                                                                 tuple(sorted(m.get("train", {}).items()))) for prev in same):
+            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice with different settings: "
+                             "entries of one name differ only in bits, seeds and eval")
+        seeds = m.get("seeds")
+        eval_overrides = m.get("eval", {})
+        if not isinstance(eval_overrides, dict):
+            raise ValueError(f"{p}: key methods[{i}].eval must be a table of [eval] settings")
+        _check_keys(f"methods[{i}].eval.", eval_overrides, _EVAL, str(p))
         methods.append(Method(m["name"], m["format"], tuple(int(b) for b in bits), m.get("init", "default"),
-                              int(m.get("group_size", 64)), tuple(sorted(overrides.items()))))
+                              int(m.get("group_size", 64)), tuple(sorted(overrides.items())),
+                              None if seeds is None else tuple(int(x) for x in seeds),
+                              tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in eval_overrides.items())),
+                              None if m.get("tasks") is None else tuple(str(t) for t in m["tasks"])))
     _check_keys("train.", raw.get("train", {}), _TRAIN, str(p))
     _check_keys("eval.", raw.get("eval", {}), _EVAL, str(p))
     return GridConfig(
@@ -150,13 +171,20 @@ class Unit:
 
 
 def plan_units(cfg: GridConfig) -> list[Unit]:
+    """Every unit, in the config's method order (its priority): per method, its seeds, bits, then tasks.
+
+    The task order turns around from one (method, seed, bits) to the next, so that `--shard i/2` deals each
+    shard every task in turn rather than one task each."""
     units = []
-    for task in cfg.tasks:
-        for method in cfg.methods:
+    turn = 0
+    for method in cfg.methods:
+        for seed in method.seeds if method.seeds is not None else cfg.seeds:
             for k in method.bits:
                 levels = (k,) + tuple(level for level in cfg.restore_bits if level > k)
-                for seed in cfg.seeds:
+                tasks = list(method.tasks if method.tasks is not None else cfg.tasks)
+                for task in tasks if turn % 2 == 0 else tasks[::-1]:
                     units.append(Unit(task, method, k, seed, levels))
+                turn += len(tasks) % 2 == 0
     return units
 
 
@@ -200,9 +228,27 @@ def _restore_format(unit: Unit, level: int, cfg: GridConfig) -> str:
     return fmt if level in SUPPORTED_BITS.get(fmt, ()) else ("int8" if level == 8 else "rtn")
 
 
+def _eval_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
+    """The config's [eval] settings with this unit's method overrides applied; a per-task table is resolved."""
+    return _per_task({**cfg.eval, **dict(unit.method.eval)}, unit)
+
+
 def _train_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
-    """The config's [train] settings with this unit's method overrides applied."""
-    return {**cfg.train, **dict(unit.method.train)}
+    """The config's [train] settings with this unit's method overrides applied; a per-task table is resolved."""
+    return _per_task({**cfg.train, **dict(unit.method.train)}, unit)
+
+
+def _per_task(settings: dict[str, Any], unit: Unit) -> dict[str, Any]:
+    """A setting given as a table of task names ({ sql = 1024, gsm8k = 512 }) takes the unit's task's value."""
+    task = Path(unit.task).stem
+    out = {}
+    for k, v in settings.items():
+        if isinstance(v, dict):
+            if task not in v and "default" not in v:
+                raise ValueError(f"setting {k!r} has no value for task {task!r}: expected a key {task} or default")
+            v = v.get(task, v.get("default"))
+        out[k] = v
+    return out
 
 
 def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
@@ -221,29 +267,39 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
 
 
 def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str = "plain") -> dict[str, Any]:
-    e = cfg.eval
+    e = _eval_settings(unit, cfg)
     fmt = _restore_format(unit, level, cfg)
     t0 = time.perf_counter()
     restoration = None
-    if mode == "plain":
-        loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, calib_task=unit.task,
-                                    calib_samples=int(_train_settings(unit, cfg).get("calib_samples", 500)), seed=unit.seed,
-                                    data_dir=cfg.data_dir)
+    if mode in ("plain", "trained"):
+        loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, base="source" if mode == "plain" else mode,
+                                    calib_task=unit.task, seed=unit.seed, data_dir=cfg.data_dir,
+                                    calib_samples=int(_train_settings(unit, cfg).get("calib_samples", 500)))
     else:
         levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
         rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,),
-                                min_gain=float(cfg.eval.get("auto_min_gain", 0.0)))
+                                min_gain=float(e.get("auto_min_gain", 0.0)))
         loaded, info, restoration = restore_with_mode(adapter, level, rmode, fmt if mode != "auto" else None,
                                                       data_dir=cfg.data_dir, seed=unit.seed)
         level = int(restoration["restore_bits"])
-    if e.get("materialize", True):  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
-
+    rows = _test_rows(unit, cfg)
+    chat = bool(_train_settings(unit, cfg).get("chat", False))
+    merged: dict[str, list[tuple[float, int]]] = {}
+    if mode == "trained":  # merged into the dequantized k-bit base, stored in bf16: what such an export holds
+        exact = _merged_state(loaded.model)
+        merged = _merged_losses(loaded, exact, unit, rows, e, chat, skip="bfloat16")
+        loaded.model.load_state_dict(exact)
+        loaded.model.to(torch.bfloat16)
+    elif e.get("materialize", True):  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
         dequantize_model(loaded.model, torch.bfloat16)
-    rows = task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=e.get("limit"))
     res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, int(e.get("max_new_tokens", 96)),
                         int(e.get("batch_size", 8)), generate=bool(e.get("generate", True)),
-                        use_chat_template=bool(_train_settings(unit, cfg).get("chat", False)), progress=False,
-                        compile=bool(e.get("compile", False)))
+                        use_chat_template=chat, progress=False, compile=bool(e.get("compile", False)),
+                        generate_limit=e.get("limit"))
+    if mode == "trained":
+        merged["bfloat16"] = res["row_losses"]
+    elif mode == "plain" and level == 16 and e.get("merge_dtypes"):  # merged into W16 (the source weights)
+        merged = _merged_losses(loaded, _merged_state(loaded.model), unit, rows, e, chat)
     trained = json.loads((adapter / "restora.json").read_text())
     gt = adapter / "grid_train.json"
     train_info = json.loads(gt.read_text()) if gt.is_file() else {}
@@ -251,14 +307,62 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
         "unit": unit.id, "task": unit.task, "method": unit.method.name, "init": unit.method.init,
         "train_format": unit.method.format, "train_bits": unit.train_bits, "train_overrides": dict(unit.method.train), "restore_bits": level,
         "restore_format": info.restore_spec.format, "restore_mode": mode, "seed": unit.seed,
+        "targets": _train_settings(unit, cfg).get("targets", "attn"),
         "restoration": {k: v for k, v in (restoration or {}).items()},
         "metrics": res.get("metrics", {}), "test_log_loss": res["log_loss"], "n": res["n"],
+        "merged_log_loss": {d: _mean_loss(r) for d, r in merged.items()},
+        "merged_row_losses": {d: [[round(x, 5), n] for x, n in r] for d, r in merged.items()},
         "val_loss": (trained.get("metrics") or {}).get("best_val_loss"),
         "best_epoch": (trained.get("metrics") or {}).get("best_epoch"),
+        "train_steps": (trained.get("metrics") or {}).get("steps"),
         "train_seconds": train_info.get("train_seconds"), "eval_seconds": time.perf_counter() - t0,
         "peak_rss_bytes": _peak_rss_bytes(), "examples": res.get("examples", [])[:2],
         "compiled_decoding": res["compiled_decoding"],
+        "row_losses": [[round(x, 5), n] for x, n in res["row_losses"]],
+        "row_scores": res.get("row_scores", []),
     }
+
+
+def _test_rows(unit: Unit, cfg: GridConfig) -> list[dict[str, Any]]:
+    """The held-out rows: log loss over the first `loss_limit` (default `limit`), generation over the first `limit`."""
+    e = _eval_settings(unit, cfg)
+    n = e.get("loss_limit", e.get("limit"))
+    if n is not None and e.get("limit") is not None:
+        n = max(int(n), int(e["limit"]))
+    return task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=n)
+
+
+def _merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter folded into its base in float32 (W + s·BA formed once), as a state dict; the model is left
+    as a plain float32 model."""
+    model.to(torch.float32)
+    dequantize_model(model, torch.float32)
+    merge_and_unload(model)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _mean_loss(per_row: list[tuple[float, int]]) -> float:
+    return sum(x for x, _ in per_row) / max(sum(n for _, n in per_row), 1)
+
+
+def _merged_losses(loaded: Any, exact: dict[str, torch.Tensor], unit: Unit, rows: list[dict[str, Any]],
+                   e: dict[str, Any], chat: bool, skip: str | None = None) -> dict[str, list[tuple[float, int]]]:
+    """Per-row test losses of the merged weights `exact` rounded once to each of `merge_dtypes` (as
+    `export --to merged-hf` writes them), each scored without autocast, in its own precision."""
+    names = [str(d) for d in e.get("merge_dtypes") or []]
+    bad = [d for d in names if d not in _MERGE_DTYPES]
+    if bad:
+        raise ValueError(f"[eval] merge_dtypes: {bad[0]!r} is unknown: expected some of {sorted(_MERGE_DTYPES)}")
+    encoded = encode_rows(get_task(unit.task), loaded.tokenizer, rows, 512, chat)
+    out = {}
+    for name in names:
+        if name == skip:
+            continue
+        loaded.model.load_state_dict(exact)
+        loaded.model.to(_MERGE_DTYPES[name])
+        out[name] = row_losses(loaded.model, encoded, loaded.tokenizer.pad_token_id, int(e.get("batch_size", 8)),
+                               bf16=False)
+    return out
 
 
 def run_grid(cfg: GridConfig, out: str | Path, shard: tuple[int, int] = (0, 1), progress: bool = True) -> list[Path]:
@@ -268,9 +372,9 @@ def run_grid(cfg: GridConfig, out: str | Path, shard: tuple[int, int] = (0, 1), 
     i, n = shard
     units = [u for j, u in enumerate(plan_units(cfg)) if j % n == i]
     written = []
-    modes = list(cfg.eval.get("restore_modes", ["plain"]))
     for u_idx, unit in enumerate(units):
-        wanted = _cells(unit, modes)
+        e = _eval_settings(unit, cfg)
+        wanted = _cells(unit, list(e.get("restore_modes", ["plain"])), e.get("mode_bits"))
         pending = [(lvl, mode, cid) for lvl, mode, cid in wanted if not (out / "cells" / f"{cid}.json").is_file()]
         if progress:
             print(f"[grid {i}/{n}] unit {u_idx + 1}/{len(units)} {unit.id}: {len(pending)} cells to evaluate", flush=True)
@@ -287,14 +391,19 @@ def run_grid(cfg: GridConfig, out: str | Path, shard: tuple[int, int] = (0, 1), 
     return written
 
 
-def _cells(unit: Unit, modes: list[str]) -> list[tuple[int, str, str]]:
-    """(restore level, mode, cell id): the own base once, each higher level per mode, auto once."""
+def _cells(unit: Unit, modes: list[str], mode_bits: list[int] | None = None) -> list[tuple[int, str, str]]:
+    """(restore level, mode, cell id): the own base once, the dequantized own base ("trained") once, each higher
+    level per mode (modes other than plain only at `mode_bits`, when given), auto once."""
     out = [(unit.train_bits, "plain", f"{unit.id}-l{unit.train_bits}")]
+    if "trained" in modes and unit.train_bits < 16:
+        out.append((unit.train_bits, "trained", f"{unit.id}-l{unit.train_bits}-trained"))
     for level in unit.restore_levels[1:]:
         for mode in modes:
             if mode == "loftq" and unit.method.init != "loftq":
                 continue  # the loftq mode swaps LoftQ's init fit: only LoftQ units have one
-            if mode != "auto":
+            if mode != "plain" and mode_bits is not None and level not in mode_bits:
+                continue
+            if mode not in ("auto", "trained"):
                 out.append((level, mode, f"{unit.id}-l{level}" + ("" if mode == "plain" else f"-{mode}")))
     if "auto" in modes and len(unit.restore_levels) > 1:
         out.append((unit.restore_levels[-1], "auto", f"{unit.id}-auto"))
@@ -302,11 +411,13 @@ def _cells(unit: Unit, modes: list[str]) -> list[tuple[int, str, str]]:
 
 
 def collect(out: str | Path) -> list[dict[str, Any]]:
-    """Merge all cell files under OUT/cells into results.json, results.csv, table.md and plr.png."""
+    """Merge all cell files under OUT/cells into results.json, results.csv, table.md and plr.png, and (for cells
+    with per-row numbers) study.md and its plots (restora.experiments.study)."""
 
     out = Path(out)
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))]
     if not cells:
         raise ValueError(f"{out}/cells holds no results yet: run the grid first")
     write_reports(cells, out)
+    write_study(cells, out)
     return cells

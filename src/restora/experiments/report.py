@@ -28,8 +28,13 @@ def main_metric(cells: list[dict[str, Any]]) -> str | None:
     return next((m for m in _PREFERRED if m in names), None)
 
 
+_PER_ROW = ("row_losses", "row_scores", "merged_row_losses")  # per-test-row data: in the cell files, for paired statistics only
+
+
 def _flat(cell: dict[str, Any]) -> dict[str, Any]:
-    row = {k: v for k, v in cell.items() if k not in ("metrics", "examples")}
+    row = {k: v for k, v in cell.items() if k not in ("metrics", "examples", "merged_log_loss") + _PER_ROW}
+    for dtype, loss in (cell.get("merged_log_loss") or {}).items():
+        row[f"merged_{dtype}_log_loss"] = loss
     for name, est in cell.get("metrics", {}).items():
         row[name] = est["value"]
         row[f"{name}_ci95_low"] = est["ci95_low"]
@@ -200,7 +205,8 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> None:
 
 def write_reports(cells: list[dict[str, Any]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(cells, indent=2, default=str) + "\n")
+    compact = [{k: v for k, v in c.items() if k not in _PER_ROW} for c in cells]
+    (out / "results.json").write_text(json.dumps(compact, indent=2, default=str) + "\n")
     rows = [_flat(c) for c in cells]
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "method", "train_bits", "restore_bits", "seed"), k))
     with (out / "results.csv").open("w", newline="") as f:

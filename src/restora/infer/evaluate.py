@@ -14,7 +14,7 @@ from torch import nn
 
 from restora.data import encode_rows, get_task, summarize
 from restora.infer.generate import greedy_generate
-from restora.train.loop import evaluate_loss
+from restora.train.loss import row_losses
 
 __all__ = ["evaluate_task"]
 
@@ -32,14 +32,22 @@ def evaluate_task(
     progress: bool = True,
     speculate: int = 0,
     compile: bool = False,
+    generate_limit: int | None = None,
 ) -> dict[str, Any]:
-    """Metrics (value, n, 95% CI) and mean completion log loss of `model` on task `rows`."""
+    """Metrics (value, n, 95% CI) and mean completion log loss of `model` on task `rows`.
+
+    Also each row's (summed loss, label count) as `row_losses` and, when generating, each row's scores as
+    `row_scores`: what a paired comparison of two models on the same rows needs. `generate_limit` generates
+    for the first that many rows only (the log loss still covers all of them)."""
     t = get_task(task)
     t0 = time.perf_counter()
     encoded = encode_rows(t, tokenizer, rows, max_len, use_chat_template)
-    loss = evaluate_loss(model, encoded, tokenizer.pad_token_id, batch_size)
-    out: dict[str, Any] = {"task": t.name, "n": len(rows), "log_loss": loss, "compiled_decoding": compile and generate}
+    per_row = row_losses(model, encoded, tokenizer.pad_token_id, batch_size)
+    loss = sum(s for s, _ in per_row) / max(sum(n for _, n in per_row), 1)
+    out: dict[str, Any] = {"task": t.name, "n": len(rows), "log_loss": loss, "compiled_decoding": compile and generate,
+                           "row_losses": per_row}
     if generate:
+        rows = rows[:generate_limit] if generate_limit is not None else rows
         prompts = [t.prompt(r, tokenizer, use_chat_template) for r in rows]
         preds = greedy_generate(
             model, tokenizer, prompts, max_new_tokens=max_new_tokens, stop=t.stop, batch_size=batch_size,
@@ -48,6 +56,7 @@ def evaluate_task(
         )
         scores = [t.score(p, r) for p, r in zip(preds, rows)]
         out["metrics"] = {k: v.as_dict() for k, v in summarize(scores).items()}
+        out["row_scores"] = [dict(sc) for sc in scores]
         out["examples"] = [{"prediction": p, "reference": t.completion(r)} for p, r in list(zip(preds, rows))[:5]]
     out["seconds"] = time.perf_counter() - t0
     return out

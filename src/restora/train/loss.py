@@ -24,7 +24,7 @@ from restora.kernels.head_loss import frozen_head, frozen_head_ce
 from restora.kernels.unpadded import unpad, unpaddable_family
 from restora.train.distributed import DistInfo, all_reduce_sum
 
-__all__ = ["Example", "LOGIT_CHUNK", "LossFn", "completion_loss", "evaluate_loss"]
+__all__ = ["Example", "LOGIT_CHUNK", "LossFn", "completion_loss", "evaluate_loss", "row_losses"]
 
 Example = dict[str, list[int]]  # {"input_ids": [...], "labels": [...]} with -100 on prompt positions
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, int]]  # (ids, labels, mask) -> (sum, n)
@@ -82,10 +82,9 @@ def _chunk_ce(head: nn.Module, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(logits, y, reduction="sum")
 
 
-def completion_loss(
-    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """Summed CE over label positions (and their count), logits only at those positions."""
+def _label_states(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, nn.Module]:
+    """The decoder's hidden states at label positions and their targets, (N, H) and (N,), row-major."""
     backbone, head = _backbone_and_head(model)
     if can_unpad(model):  # padding-free: the projections see only real tokens (restora.kernels.unpadded)
         u = unpad(ids, labels, mask, backbone.get_input_embeddings().weight.dtype)
@@ -99,12 +98,20 @@ def completion_loss(
         sel = target != -100  # (B, T-1)
         h = hidden[:, :-1][sel]  # (N, H)
         y = target[sel]  # (N,)
+    return h, y, head
+
+
+def completion_loss(
+    model: nn.Module, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, int]:
+    """Summed CE over label positions (and their count), logits only at those positions."""
+    h, y, head = _label_states(model, ids, labels, mask)
     extra = -h.shape[0] % 64  # ignored rows: the head's matmuls take fewer distinct (kernel-cached) shapes
     if extra:
         h, y = F.pad(h, (0, 0, 0, extra)), F.pad(y, (0, extra), value=-100)
     if frozen_head(head):  # the usual case: dL/dh computed with the loss, no logits kept or recomputed
         return frozen_head_ce(head, h, y, LOGIT_CHUNK), int(y.numel()) - extra
-    total = hidden.new_zeros((), dtype=torch.float32)
+    total = h.new_zeros((), dtype=torch.float32)
     for a in range(0, h.shape[0], LOGIT_CHUNK):
         hc, yc = h[a : a + LOGIT_CHUNK], y[a : a + LOGIT_CHUNK]
         if torch.is_grad_enabled():
@@ -165,3 +172,33 @@ def _loss_over(rows: Sequence[Example], pad_id: int, micro_batch_size: int, bf16
             total += float(s)
             count += n
     return total, count
+
+
+@torch.no_grad()
+def row_losses(
+    model: nn.Module, rows: Sequence[Example], pad_id: int, micro_batch_size: int = 8, bf16: bool = True
+) -> list[tuple[float, int]]:
+    """Each row's summed completion loss (nats) and label count, in the order of `rows`.
+
+    The per-row numbers a paired bootstrap over test rows needs: sum(s) / sum(n) is `evaluate_loss`'s mean.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding
+    with _attention(model, _scoring_attention(model, device)):
+        for a in range(0, len(order), micro_batch_size):
+            b = order[a : a + micro_batch_size]
+            ids, labels, mask = (t.to(device) for t in _collate([rows[i] for i in b], pad_id))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                h, y, head = _label_states(model, ids, labels, mask)
+                per_token = torch.cat([F.cross_entropy(head(h[c : c + LOGIT_CHUNK]).float(), y[c : c + LOGIT_CHUNK],
+                                                       reduction="none") for c in range(0, h.shape[0], LOGIT_CHUNK)])
+            counts = (labels[:, 1:] != -100).sum(1).tolist()
+            if sum(counts) != per_token.numel():
+                raise RuntimeError(f"row_losses: {per_token.numel()} label positions, expected {sum(counts)}")
+            for i, part, n in zip(b, per_token.split(counts), counts):
+                out[i] = (float(part.sum()), int(n))
+    model.train(was_training)
+    return out
