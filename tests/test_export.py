@@ -254,3 +254,33 @@ def test_overwrite_replaces_out(cache, tmp_path, capsys):
     assert run(capsys, adapter, "--to", "peft", out, "--overwrite")[0] == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "restora.json"]
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary folders left
+
+
+def _rows(n: int = 6) -> list[dict[str, list[int]]]:
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for i in range(n):
+        ids = torch.randint(5, 1000, (10 + 3 * i,), generator=g).tolist()
+        rows.append({"input_ids": ids, "labels": [-100] * 6 + ids[6:]})
+    return rows
+
+
+@pytest.mark.parametrize("bits,base", [(16, "source"), (4, "trained")])
+def test_merged_weights_score_as_the_unmerged_adapter(cache, tmp_path, bits, base):
+    """The study's merged arms: W + s·BA formed in float32 scores as the unmerged adapter does (float32, no autocast);
+    row_losses' per-row sums add up to evaluate_loss's mean."""
+    from restora.experiments.grid import _merged_state
+    from restora.train.loss import evaluate_loss, row_losses
+
+    adapter = make_adapter(cache, tmp_path / "a", targets="attn")
+    loaded, _ = restore_base(adapter, bits, base=base)
+    model = loaded.model.float()
+    rows = _rows()
+    unmerged = row_losses(model, rows, 0, 4, bf16=False)
+    assert [n for _, n in unmerged] == [len(r["input_ids"]) - 6 for r in rows]  # the labelled positions
+    mean = sum(s for s, _ in unmerged) / sum(n for _, n in unmerged)
+    assert mean == pytest.approx(evaluate_loss(model, rows, 0, 4, bf16=False), rel=1e-5)
+    state = _merged_state(model)
+    assert not any("lora" in k for k in state)
+    merged = row_losses(model, rows, 0, 4, bf16=False)
+    assert [s for s, _ in merged] == pytest.approx([s for s, _ in unmerged], rel=1e-4)

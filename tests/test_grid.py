@@ -168,3 +168,49 @@ def test_plot_has_one_column_per_restoration_mode(tmp_path):
     _plot(cells, tmp_path / "plr.png")
     width, height = Image.open(tmp_path / "plr.png").size
     assert width == 3 * 550 and height == 400  # 3 mode columns x 1 (task, metric) row at 100 dpi
+
+
+def test_priority_order_alternates_tasks_and_takes_method_overrides(tmp_path, tiny_dir):
+    text = CONFIG.format(model=tiny_dir).replace('tasks = ["sql"]', 'tasks = ["sql", "gsm8k"]')
+    text = text.replace('bits = [4, 2]\n', 'bits = [4, 2]\nseeds = [0, 1]\n')
+    text += '\n[[methods]]\nname = "rtn"\nformat = "rtn"\nbits = [3]\ntasks = ["sql"]\ntrain = { max_steps = 1 }\n'
+    p = tmp_path / "g.toml"
+    p.write_text(text)
+    units = [u.id for u in plan_units(load_grid_config(p))]
+    assert units == ["sql-lora-16b-s0", "gsm8k-lora-16b-s0",
+                     "gsm8k-rtn-4b-s0", "sql-rtn-4b-s0", "sql-rtn-2b-s0", "gsm8k-rtn-2b-s0",
+                     "gsm8k-rtn-4b-s1", "sql-rtn-4b-s1", "sql-rtn-2b-s1", "gsm8k-rtn-2b-s1",
+                     "sql-rtn-3b-s0"]  # shard 0/2 and 1/2 each get both tasks in turn
+    p.write_text(text.replace("bits = [3]", "bits = [4]"))
+    with pytest.raises(ValueError, match="'rtn' is used twice at 4 bits"):
+        load_grid_config(p)
+
+
+def test_trained_arm_merges_and_per_row_numbers(tmp_path, tiny_dir):
+    """The study's cells: the dequantized-base arm, non-plain modes only at mode_bits, merged scores per dtype,
+    per-task settings, and per-row numbers that add up to the cell's log loss."""
+    from restora.experiments.grid import _cells
+
+    text = CONFIG.format(model=tiny_dir).replace("bits = [4, 2]", 'bits = [4]\neval = { merge_dtypes = ["float32", "bfloat16"] }')
+    text = text.replace("limit = 6", "limit = 4\nloss_limit = { sql = 7 }\nrestore_modes = [\"plain\", \"trained\", \"bias-correct\"]"
+                                     "\nmode_bits = [16]")
+    cfg = tmp_path / "g.toml"
+    cfg.write_text(text)
+    unit = plan_units(load_grid_config(cfg))[1]
+    assert [c[2] for c in _cells(unit, ["plain", "trained", "bias-correct"], [16])] == [
+        "sql-rtn-4b-s0-l4", "sql-rtn-4b-s0-l4-trained", "sql-rtn-4b-s0-l8", "sql-rtn-4b-s0-l16",
+        "sql-rtn-4b-s0-l16-bias-correct"]
+    assert main(["grid", str(cfg), "--out", str(tmp_path / "g")]) == 0
+    cells = {c.name[:-5]: json.loads(c.read_text()) for c in (tmp_path / "g" / "cells").glob("*.json")}
+    assert sorted(cells) == ["sql-lora-16b-s0-l16", "sql-rtn-4b-s0-l16", "sql-rtn-4b-s0-l16-bias-correct",
+                             "sql-rtn-4b-s0-l4", "sql-rtn-4b-s0-l4-trained", "sql-rtn-4b-s0-l8"]
+    for c in cells.values():
+        assert len(c["row_losses"]) == 7 and len(c["row_scores"]) == 4
+        assert sum(s for s, _ in c["row_losses"]) / sum(n for _, n in c["row_losses"]) == pytest.approx(c["test_log_loss"], rel=1e-4)
+    trained, plr16 = cells["sql-rtn-4b-s0-l4-trained"], cells["sql-rtn-4b-s0-l16"]
+    assert trained["restore_format"] == "float" and trained["restore_mode"] == "trained"
+    assert sorted(trained["merged_log_loss"]) == sorted(plr16["merged_log_loss"]) == ["bfloat16", "float32"]
+    assert trained["merged_log_loss"]["bfloat16"] == pytest.approx(trained["test_log_loss"])  # its headline: merged bf16
+    assert not cells["sql-rtn-4b-s0-l8"]["merged_log_loss"] and not cells["sql-lora-16b-s0-l16"]["merged_log_loss"]
+    study = (tmp_path / "g" / "study.md").read_text()
+    assert "| rtn 4-bit |" in study and "dequantized merged float32" in study
