@@ -214,3 +214,12 @@ def test_trained_arm_merges_and_per_row_numbers(tmp_path, tiny_dir):
     assert not cells["sql-rtn-4b-s0-l8"]["merged_log_loss"] and not cells["sql-lora-16b-s0-l16"]["merged_log_loss"]
     study = (tmp_path / "g" / "study.md").read_text()
     assert "| rtn 4-bit |" in study and "dequantized merged float32" in study
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert configs
+    for p in configs:
+        assert plan_units(load_grid_config(p)), p

@@ -29,16 +29,21 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from restora import __version__
+from restora.adapters.ia3 import IA3Config, IA3Linear
+from restora.adapters.inject import (
+    adapter_state_dict,
+    add_ia3,
+    add_lora,
+    load_adapter_state_dict,
+    remove_adapters,
+    target_names,
+)
+from restora.adapters.lora import LoRAConfig, LoRALinear, adapter_modules
 from restora.core.atomic import atomic_files, recover
+from restora.core.jsonfile import read_json_object
 from restora.quant.checkpoint import check_safetensors
 from restora.quant.linear import quantization_of
 from restora.quant.spec import QuantSpec
-
-from restora.adapters.ia3 import IA3Config, IA3Linear
-from restora.adapters.inject import (
-    add_ia3, add_lora, adapter_state_dict, load_adapter_state_dict, remove_adapters, target_names,
-)
-from restora.adapters.lora import LoRAConfig, LoRALinear, adapter_modules
 
 __all__ = ["AdapterInfo", "save_adapter", "load_adapter", "read_adapter_config", "read_adapter_weights",
            "read_provenance", "CONFIG_NAME", "WEIGHTS_NAME", "PROVENANCE_NAME"]
@@ -167,14 +172,7 @@ def save_adapter(model: nn.Module, out_dir: str | os.PathLike, provenance: dict[
 def read_adapter_config(folder: str | os.PathLike) -> tuple[str, LoRAConfig | IA3Config]:
     """Parse and check a PEFT adapter_config.json: ("lora" | "ia3", the restora config)."""
     path = recover(folder) / CONFIG_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (not an adapter folder)")
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+    raw = read_json_object(path, ": no such file (not an adapter folder)")
     peft_type = raw.get("peft_type")
     if peft_type not in _USED:
         raise ValueError(f"{path}: peft_type {peft_type!r} is not supported: expected LORA or IA3")
@@ -227,12 +225,7 @@ def read_provenance(
     prov_path = folder / PROVENANCE_NAME
     provenance = None
     if prov_path.is_file():
-        try:
-            provenance = json.loads(prov_path.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{prov_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(provenance, dict):
-            raise ValueError(f"{prov_path}: expected a JSON object, got {type(provenance).__name__}")
+        provenance = read_json_object(prov_path)
     if expected_source_hash is not None:
         recorded = (provenance or {}).get("source_hash")
         if recorded is None:

@@ -20,7 +20,6 @@ weight is ever held; GPTQ (restora.quant.gptq) holds one decoder block's.
 
 from __future__ import annotations
 
-import json
 import mmap
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -30,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from restora.core.jsonfile import read_json_object
 from restora.core.modules import decoder_blocks
 from restora.core.safetensors_file import Entry, read_header, read_tensor
 
@@ -50,10 +50,9 @@ class CheckpointFiles:
         self.folder = Path(folder)
         index = self.folder / INDEX
         if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"{index}: expected a JSON object with a 'weight_map' ({e})") from None
+            weight_map = read_json_object(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index}: field 'weight_map' is missing: expected a safetensors index")
             files = sorted({self.folder / f for f in weight_map.values()})
             missing = [p.name for p in files if not p.is_file()]
             if missing:

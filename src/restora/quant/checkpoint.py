@@ -26,6 +26,7 @@ from torch import nn
 
 from restora import __version__
 from restora.core.atomic import atomic_dir, recover
+from restora.core.jsonfile import read_json_object
 from restora.core.modules import unique_state_dict
 from restora.core.safetensors_file import write_file
 from restora.quant.linear import QuantLinear
@@ -149,14 +150,7 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     """The manifest of a checkpoint folder, its fields and the recorded file sizes checked (one-line errors)."""
     folder = recover(folder)
     path = folder / MANIFEST
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path} is missing: not a restora quantized checkpoint") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(manifest, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
+    manifest = read_json_object(path, " is missing: not a restora quantized checkpoint")
     for key in ("quantization", "layers", "source_hash"):
         if key not in manifest:
             raise ValueError(f"{path}: field {key!r} is missing")

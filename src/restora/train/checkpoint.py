@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from restora.core.atomic import atomic_dir, recover
+from restora.core.jsonfile import read_json_object
 from restora.train.config import TrainConfig
 from restora.train.distributed import DistInfo
 
@@ -89,14 +90,9 @@ def save_checkpoint(
 
 def _read_trainer_state(folder: Path) -> dict[str, Any]:
     path = recover(folder) / "trainer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: nothing to resume")
-    try:
-        state = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    state = read_json_object(path, " is missing: nothing to resume")
     for key in ("step", "config", "history"):
-        if not isinstance(state, dict) or key not in state:
+        if key not in state:
             raise ValueError(f"{path}: field {key!r} is missing: expected a trainer state written by restora train")
     return state
 
