@@ -125,3 +125,13 @@ def test_write_study_draws_a_plot_per_task_and_the_steps_plot(tmp_path):
     names = sorted(p.name for p in written)
     assert names == ["steps-sql-3b.png", "study-sql.png", "study.md"]
     assert all(p.stat().st_size > 1000 for p in written)
+
+
+def test_rows_that_cannot_be_scored_are_left_out_of_both_arms():
+    own = _cell("g", 4, 4, correct=[1] * 30 + [0] * 90)
+    plr = _cell("g", 4, 16, correct=[1] * 60 + [0] * 60)
+    for c in (own, plr):
+        for s in c["row_scores"][:30]:
+            s["execution_match"] = None  # the reference query of these rows does not execute
+    c = compare([(plr, own)], "accuracy")
+    assert c.value == pytest.approx(30 / 90)

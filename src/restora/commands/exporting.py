@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -17,9 +18,6 @@ TARGETS = ("peft", "merged-hf")
 
 
 def _serve_hint(out: Path) -> str:
-    import json
-
-
     cfg = json.loads((out / "adapter_config.json").read_text())
     rank = next(r for r in VLLM_MAX_LORA_RANKS if r >= int(cfg["r"]))
     flag = f" --max-lora-rank {rank}" if rank > 16 else ""  # vLLM's default is 16

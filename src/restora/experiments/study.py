@@ -62,11 +62,19 @@ def _losses(cell: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _correct(cell: dict[str, Any]) -> np.ndarray | None:
+    """Each generated row's correctness in the task's headline metric; NaN where the row cannot be scored (an SQL
+    reference query that does not execute: a property of the row, so the same in every arm)."""
     metric = _ACCURACY.get(_task_name(cell))
     scores = cell.get("row_scores") or []
-    if metric is None or not scores or any(s.get(metric) is None for s in scores):
+    if metric is None or not scores:
         return None
-    return np.asarray([float(s[metric]) for s in scores])
+    return np.asarray([np.nan if s.get(metric) is None else float(s[metric]) for s in scores])
+
+
+def _scored(*vectors: np.ndarray) -> list[np.ndarray]:
+    """The vectors restricted to the rows every one of them scored."""
+    keep = np.all([np.isfinite(v) for v in vectors], axis=0)
+    return [v[keep] for v in vectors]
 
 
 @dataclass(frozen=True)
@@ -105,9 +113,11 @@ def compare(pairs: list[tuple[dict[str, Any], dict[str, Any]]], metric: str = "l
         boot = (w @ diff) / (w @ count)
         value = float(diff.sum() / count.sum())
     else:
-        vectors = [(_correct(a), _correct(b)) for a, b in pairs]
-        if any(ca is None or cb is None or len(ca) != len(cb) for ca, cb in vectors):
+        raw = [(_correct(a), _correct(b)) for a, b in pairs]
+        if any(ca is None or cb is None or len(ca) != len(cb) for ca, cb in raw):
             return None
+        flat = _scored(*[v for pair in raw for v in pair])  # type: ignore[misc]
+        vectors = [(flat[2 * i], flat[2 * i + 1]) for i in range(len(raw))]
         diff = np.mean([ca - cb for ca, cb in vectors], axis=0)  # type: ignore[operator]
         seeds = tuple(float((ca - cb).mean()) for ca, cb in vectors)  # type: ignore[operator]
         boot = (_draws(len(diff), 1, draws) @ diff) / len(diff)
@@ -131,9 +141,10 @@ def _gap_closed(own: list[dict[str, Any]], restored: list[dict[str, Any]], ref: 
         c_ref = _correct(ref)
         c_own = [_correct(c) for c in own]
         c_res = [_correct(c) for c in restored]
-        if c_ref is None or any(c is None for c in c_own + c_res):
+        if c_ref is None or any(c is None or len(c) != len(c_ref) for c in c_own + c_res):
             return None
-        m_own, m_res = np.mean(c_own, axis=0), np.mean(c_res, axis=0)
+        c_ref, *rest = _scored(c_ref, *c_own, *c_res)  # type: ignore[arg-type]
+        m_own, m_res = np.mean(rest[: len(own)], axis=0), np.mean(rest[len(own) :], axis=0)
         w = _draws(len(c_ref), 1, draws)
         num, den = -(w @ (m_own - m_res)), -(w @ (m_own - c_ref))  # accuracy: higher is better, so the gap is ref - own
         total = float((c_ref - m_own).sum())
@@ -237,7 +248,7 @@ def _absolute(cells: list[dict[str, Any]]) -> str:
     acc = [_correct(c) for c in cells]
     text = f"{loss:.4f}"
     if acc and all(a is not None for a in acc):
-        text += f" ({100 * np.mean([a.mean() for a in acc]):.1f}%)"  # type: ignore[union-attr]
+        text += f" ({100 * np.mean([np.nanmean(a) for a in acc]):.1f}%)"  # type: ignore[arg-type]
     return text
 
 
