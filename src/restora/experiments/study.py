@@ -336,12 +336,17 @@ def study_markdown(cells: list[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def _plot_task(index: _Index, task: str, path: Path) -> None:
-    import matplotlib  # a dependency; imported here because only reports draw
+def _pyplot() -> Any:
+    import matplotlib  # a dependency; imported here because only reports draw (it costs ~0.3 s to import)
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _plot_task(index: _Index, task: str, path: Path) -> None:
+    plt = _pyplot()
     units = [u for u in index.units if u[0] == task and "own" in index.arms[u]]
     if not units:
         return
@@ -391,11 +396,7 @@ def _plot_task(index: _Index, task: str, path: Path) -> None:
 
 def _plot_steps(index: _Index, task: str, bits: int, path: Path) -> bool:
     """Restoration gain (own - restored log loss) against training steps, for the attention GPTQ adapters at k."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     points = []
     for u in index.units:
         if u[0] != task or u[2] != bits or "own" not in index.arms[u]:
