@@ -16,8 +16,8 @@ Building the base streams the source (restora.models.stream) and is a phase of i
 step or request: the peak is what stays resident plus the larger of that phase's transient (`load_items`: one
 float layer, or one GPTQ block with its Hessians) and the working phase's.
 
-Storage follows restora's formats exactly (quant/nf4.py, int8.py, uniform.py): see
-`linear_bytes`, which tests check against `QuantizedWeight.nbytes()`. Activation counts
+Storage follows restora's formats exactly: see `restora.plan.shape.linear_bytes`, which tests check
+against `QuantizedWeight.nbytes()`. Activation counts
 follow what autograd saves in a Llama-style decoder layer under restora's trainer (bf16
 autocast, frozen base whose QuantLinear saves nothing, LoRA saving its input); they were
 checked with `torch.autograd.graph.saved_tensors_hooks`. The framework constant and the
@@ -39,10 +39,11 @@ restora.plan.choice.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from restora.plan.shape import DTYPE_BYTES, ModelShape, linear_bytes
+from restora.plan.sizes import format_bytes, parse_budget
 from restora.quant.spec import QuantSpec
 
 __all__ = ["ModelShape", "Item", "MemoryPlan", "parse_budget", "format_bytes", "linear_bytes", "load_items", "plan_memory"]
@@ -64,94 +65,8 @@ COMPILED_LOGIT_BYTES = 4
 # (benchmarks/plan_accuracy.py, "compiled" rows)
 COMPILE_BYTES = 260 * 2**20
 ADAM8_MIN_SIZE, ADAM8_BLOCK = 4096, 256  # restora.train.optim8bit: smaller tensors keep fp32 moments
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 Mode = Literal["train", "serve", "quantize", "restore"]
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The sizes that decide memory, read from a transformers config."""
-
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    tied: bool
-    gated_mlp: bool = True  # Llama/Qwen2/Mistral/Gemma: gate, up, down; GPT-2: fc, proj
-    positions: int = 0  # learned position embeddings (GPT-2), else 0
-
-    def __post_init__(self) -> None:
-        for name in ("hidden", "intermediate", "layers", "heads", "kv_heads", "head_dim", "vocab"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"model config: {name} must be positive, got {getattr(self, name)}")
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
-        """From a transformers PretrainedConfig (Llama-family names, or GPT-2's n_embd/n_layer/n_head)."""
-        get = lambda *names, default=None: next(  # noqa: E731
-            (getattr(config, n) for n in names if getattr(config, n, None) is not None), default
-        )
-        hidden = get("hidden_size", "n_embd")
-        heads = get("num_attention_heads", "n_head")
-        if hidden is None or heads is None or get("num_hidden_layers", "n_layer") is None:
-            raise ValueError(f"model config {type(config).__name__}: cannot find hidden size, heads and layers")
-        gpt2 = getattr(config, "model_type", "") == "gpt2"
-        return cls(
-            hidden=hidden,
-            intermediate=get("intermediate_size", "n_inner", default=None) or 4 * hidden,
-            layers=get("num_hidden_layers", "n_layer"),
-            heads=heads,
-            kv_heads=get("num_key_value_heads", default=heads),
-            head_dim=get("head_dim", default=None) or hidden // heads,
-            vocab=get("vocab_size"),
-            tied=bool(get("tie_word_embeddings", default=True)),
-            gated_mlp=not gpt2,
-            positions=get("n_positions", default=0) if gpt2 else 0,
-        )
-
-    def linears(self) -> list[tuple[str, int, int]]:
-        """(name, out_features, in_features) of one block's linear layers."""
-        H, I, q, kv = self.hidden, self.intermediate, self.heads * self.head_dim, self.kv_heads * self.head_dim
-        attn = [("q_proj", q, H), ("k_proj", kv, H), ("v_proj", kv, H), ("o_proj", H, q)]
-        mlp = [("gate_proj", I, H), ("up_proj", I, H), ("down_proj", H, I)] if self.gated_mlp else [
-            ("up_proj", I, H), ("down_proj", H, I)]
-        return attn + mlp
-
-    def targets(self, targets: str) -> list[tuple[str, int, int]]:
-        """The linear layers of one block an adapter preset wraps (restora.adapters.inject.PRESETS)."""
-        every = self.linears()
-        if targets == "all":
-            return every
-        if targets == "attn":
-            return every[:4]
-        if targets == "ia3":
-            return [t for t in every if t[0] in ("k_proj", "v_proj", "down_proj")]
-        raise ValueError(f"targets must be all, attn or ia3 for planning, got {targets!r}")
-
-    def linear_params(self) -> int:
-        return self.layers * sum(o * i for _, o, i in self.linears())
-
-
-def linear_bytes(out_f: int, in_f: int, format: str, bits: int, group_size: int = 64, double_quant: bool = False,
-                 act_order: bool = False, float_bytes: int = 4) -> int:
-    """Bytes of one (out, in) weight stored by restora's format (QuantizedWeight.nbytes())."""
-    n = out_f * in_f
-    if format == "float":
-        return n * float_bytes
-    if format in ("nf4", "fp4"):  # NF4Weight: packed codes + fp32 absmax (or 8-bit absmax + fp32 scales + offset)
-        blocks = n // group_size
-        scales = blocks + 4 * -(-blocks // 256) + 4 if double_quant else 4 * blocks
-        return n // 2 + scales
-    groups = 1 if group_size == -1 else in_f // group_size
-    if format == "int8":  # Int8Weight: int8 codes + fp32 scale per group
-        return n + 4 * out_f * groups
-    if format in ("rtn", "gptq"):  # UniformWeight: packed codes + fp16 scale + uint8 zero per group
-        return out_f * (in_f * bits // 8) + 3 * out_f * groups + (4 * in_f if act_order else 0)
-    raise ValueError(f"unknown format {format!r}: expected float, nf4, fp4, int8, rtn or gptq")
 
 
 @dataclass(frozen=True)
@@ -203,33 +118,6 @@ class MemoryPlan:
 
 
 _STATIC = {"framework", "base linear weights", "float weights", "adapter parameters", "adapters"}
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
-def parse_budget(text: str | int) -> int:
-    """"8GiB", "512MiB", "4GB", "1.5 GiB" or plain bytes -> bytes."""
-    if isinstance(text, int):
-        value = text
-    else:
-        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
-        unit = m.group(2).lower() if m else ""
-        if not m or unit not in _UNITS:
-            raise ValueError(f"budget {text!r} is not a size: expected e.g. 8GiB, 512MiB, 4GB or a number of bytes")
-        value = int(float(m.group(1)) * _UNITS[unit])
-    if value <= 0:
-        raise ValueError(f"budget {text!r} must be positive")
-    return value
 
 
 def _adapter_params(shape: ModelShape, adapter: str, rank: int, targets: str) -> list[int]:
