@@ -27,16 +27,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from restora.kernels.compiled import room_for_variants
 from restora.infer.decode import LeanDecoder, supports
 from restora.infer.lookup import lookup_draft
+from restora.kernels.compiled import room_for_variants
 from restora.kernels.packed import can_pack, packed_linears
 from restora.models.offload import is_offloaded
 
-__all__ = ["greedy_generate", "greedy_tokens", "cache_kwargs", "output_cache"]
+__all__ = ["greedy_generate", "greedy_tokens", "cache_kwargs", "cut_at_stop", "output_cache"]
 
 
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
+    """`text` cut before its first stop string, and whether one was found."""
     cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
     return (text[:cut], True) if cut >= 0 else (text, False)
 
@@ -124,7 +125,7 @@ def _take(tokenizer: Any, tokens: list[int], new: Sequence[int], stop: Sequence[
         if t == tokenizer.eos_token_id:
             return True
         tokens.append(t)
-        if stop and _cut_at_stop(tokenizer.decode(tokens[-16:]), stop)[1]:
+        if stop and cut_at_stop(tokenizer.decode(tokens[-16:]), stop)[1]:
             return True
         if len(tokens) >= max_new_tokens:
             return True
@@ -197,7 +198,7 @@ def _generate(
                     out_tokens = _greedy_rows(steps(model, ids, mask, room), tokenizer, max_new_tokens, stop,
                                               adapters_of)
             for j, i in enumerate(rows):
-                results[i] = _cut_at_stop(tokenizer.decode(out_tokens[j], skip_special_tokens=True), stop)[0]
+                results[i] = cut_at_stop(tokenizer.decode(out_tokens[j], skip_special_tokens=True), stop)[0]
     return results
 
 

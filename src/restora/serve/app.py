@@ -31,11 +31,24 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 
-from restora.serve.adapters_root import AdapterBusyError, AdapterLoadError, AdapterPathError, public_message
-from restora.serve.engine import Engine, EngineStoppedError, QueueFullError, Request as GenRequest
+from restora.serve.adapters_root import (
+    AdapterBusyError,
+    AdapterLoadError,
+    AdapterPathError,
+    public_message,
+)
+from restora.serve.engine import Engine, EngineStoppedError, QueueFullError
+from restora.serve.engine import Request as GenRequest
 from restora.serve.errors import APIError, api_error_handler, server_error_handler
 from restora.serve.requests import RequestParser, ServeLimits
-from restora.serve.responses import EngineStream, Reply, ServerInfo, health_body, models_body, sse_events
+from restora.serve.responses import (
+    EngineStream,
+    Reply,
+    ServerInfo,
+    health_body,
+    models_body,
+    sse_events,
+)
 
 __all__ = ["ServeLimits", "ServerInfo", "APIError", "create_app"]
 

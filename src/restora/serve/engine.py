@@ -41,7 +41,6 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -50,94 +49,19 @@ from torch import nn
 from restora.infer.generate import cache_kwargs, greedy_tokens, output_cache
 from restora.kernels.packed import can_pack, packed_linears
 from restora.serve.adapters_root import ResidentAdapters, public_message
+from restora.serve.sequence import (
+    EngineConfig,
+    EngineStoppedError,
+    QueueFullError,
+    Request,
+    SamplingParams,
+    cut_at_stop,
+    streamable_length,
+)
 
 __all__ = ["SamplingParams", "EngineConfig", "Request", "Engine", "QueueFullError", "EngineStoppedError"]
 
 log = logging.getLogger("restora.serve")
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue holds max_queue requests (HTTP 429)."""
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is draining for shutdown and takes no new requests (HTTP 503)."""
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How one request decodes."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0  # 0: greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    ignore_eos: bool = False  # vLLM's extension: always generate max_tokens (benchmarks)
-
-    def __post_init__(self) -> None:
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
-        if not 0 <= self.temperature <= 2:
-            raise ValueError(f"temperature must be in [0, 2], got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """Scheduler limits."""
-
-    max_batch: int = 32  # rows decoded together
-    max_queue: int = 256  # requests waiting to join the batch
-    max_prefill_tokens: int = 2048  # rows x padded length of one prefill (one longer prompt still goes alone)
-    bf16: bool = True  # bf16 autocast on CPU, as restora.infer.generate
-
-    def __post_init__(self) -> None:
-        if min(self.max_batch, self.max_queue, self.max_prefill_tokens) < 1:
-            raise ValueError(f"max_batch, max_queue and max_prefill_tokens must be >= 1, got {self.max_batch}, "
-                             f"{self.max_queue}, {self.max_prefill_tokens}")
-
-
-@dataclass(eq=False)
-class Request:
-    """One completion: prompt token ids, the adapter (None: base) and where results go.
-
-    emit receives ("delta", text) while streaming, then ("done", finish_reason, text, n_tokens)
-    or ("error", status, message).
-    """
-
-    prompt_ids: list[int]
-    adapter: str | None
-    params: SamplingParams
-    emit: Callable[[tuple[Any, ...]], None]
-    stream: bool = False
-    cancelled: bool = False
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    sent: int = 0  # characters of text already streamed
-    slot: int = 0
-    generator: torch.Generator | None = None
-    failed: bool = False  # answered with an error while in the batch; its row leaves at the next _advance
-
-
-def _cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
-    cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
-    return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-def _safe_len(text: str, stops: Sequence[str]) -> int:
-    """How much of `text` can be streamed: hold back a tail that may start a stop string or is a
-    partial UTF-8 character."""
-    n = len(text)
-    for s in stops:
-        for k in range(min(len(s) - 1, n), 0, -1):
-            if text.endswith(s[:k]):
-                n = min(n, len(text) - k)
-                break
-    while n > 0 and text[n - 1] == "\ufffd":
-        n -= 1
-    return n
 
 
 def _left_pad(t: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -451,18 +375,18 @@ class Engine:
                 r.tokens.append(t)
                 self.counts["tokens"] += 1
                 if r.stream or r.params.stop:
-                    r.text, hit = _cut_at_stop(self.tok.decode(r.tokens, skip_special_tokens=True), r.params.stop)
+                    r.text, hit = cut_at_stop(self.tok.decode(r.tokens, skip_special_tokens=True), r.params.stop)
                     finish = "stop" if hit else None
                 if finish is None and len(r.tokens) >= r.params.max_tokens:
                     finish = "length"
             if finish is None:
                 if r.stream:
-                    n = _safe_len(r.text, r.params.stop)
+                    n = streamable_length(r.text, r.params.stop)
                     if n > r.sent:
                         self._send(r, ("delta", r.text[r.sent:n]))
                         r.sent = n
                 continue
-            text = _cut_at_stop(self.tok.decode(r.tokens, skip_special_tokens=True), r.params.stop)[0]
+            text = cut_at_stop(self.tok.decode(r.tokens, skip_special_tokens=True), r.params.stop)[0]
             self.rows[b] = None  # before the client hears "done": /health must not count it as running then
             self.counts["completed"] += 1
             if r.stream and len(text) > r.sent:

@@ -15,7 +15,11 @@ from typing import Any
 
 from fastapi import Request
 
-from restora.serve.adapters_root import AdapterPathError, ResidentAdapters, public_message
+from restora.serve.adapters_root import (
+    AdapterPathError,
+    ResidentAdapters,
+    public_message,
+)
 from restora.serve.engine import SamplingParams
 from restora.serve.errors import APIError, show
 

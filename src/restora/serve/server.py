@@ -18,6 +18,7 @@ from restora.adapters.batched import MultiAdapterModel
 from restora.adapters.files import CONFIG_NAME
 from restora.models.bases import BaseChoice, build_base
 from restora.models.load import MANIFEST, load_model, resolve_source
+from restora.models.offload import offload as offload_blocks
 from restora.plan.choice import choose_plan, serve_candidates, source_dtype
 from restora.plan.memory import MemoryPlan, format_bytes, parse_budget, plan_memory
 from restora.quant.spec import QuantSpec
@@ -25,7 +26,6 @@ from restora.restore.plr import restore_spec
 from restora.serve.adapters_root import AdapterPathError, AdapterRoot, ResidentAdapters
 from restora.serve.app import ServeLimits, ServerInfo, create_app
 from restora.serve.engine import Engine, EngineConfig
-from restora.models.offload import offload as offload_blocks
 
 __all__ = ["build_server", "serve_plan"]
 
