@@ -197,7 +197,8 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> None:
             ax.set_xticks([2, 3, 4, 8, 16], labels=["2", "3", "4", "8", "16"])
             ax.set_title(f"{Path(task).stem}, {mode}: {'log loss' if m == 'test_log_loss' else m}")
             ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -359,7 +359,8 @@ def _plot_task(index: _Index, task: str, path: Path) -> None:
         ref = index.reference(task, index.targets(u))
         if ref is not None:
             ax.axhline(ref["test_log_loss"], color="grey", linestyle="--", label="16-bit LoRA")
-        ax.axhline(own, color="black", linewidth=0.8, label=f"own {k}-bit base")
+        ax.axhline(own, color="black", linewidth=0.8)
+        ax.plot([k], [own], marker="o", color="black", linestyle="none", label=f"own {k}-bit base")
         series = [("PLR", [a for a in index.arms[u] if a.startswith("PLR ")], "tab:blue", "o", 0.0),
                   ("dequantized", ["dequantized"], "tab:orange", "s", -0.25),
                   ("mean-match", [a for a in index.arms[u] if a.startswith("mean-match ")], "tab:green", "^", 0.25),
@@ -387,8 +388,8 @@ def _plot_task(index: _Index, task: str, path: Path) -> None:
     for ax in list(axes.flat)[len(units):]:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{Path(task).stem}: each adapter on its own base, the dequantized base and restored bases "
-                 "(bars: paired 95% interval)", fontsize=10)
+    fig.suptitle(f"{Path(task).stem}: test log loss by base bits\n(bars: paired 95% interval of the difference "
+                 "from the own base)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
