@@ -284,3 +284,25 @@ def test_merged_weights_score_as_the_unmerged_adapter(cache, tmp_path, bits, bas
     assert not any("lora" in k for k in state)
     merged = row_losses(model, rows, 0, 4, bf16=False)
     assert [s for s, _ in merged] == pytest.approx([s for s, _ in unmerged], rel=1e-4)
+
+
+@pytest.mark.smollm
+def test_merged_hf_default_is_the_studys_choice_and_says_why(cache, tmp_path, capsys):
+    from restora.restore.export import DEFAULT_MERGE_MODE
+
+    def run(capsys, *argv):
+        capsys.readouterr()
+        code = main(["export", *map(str, argv)])
+        return code, capsys.readouterr().err
+
+    adapter = make_adapter(cache, tmp_path / "q", targets="attn")
+    code, err = run(capsys, adapter, "--to", "merged-hf", tmp_path / "m", "--dtype", "float32")
+    assert code == 0
+    assert f"restoration: {DEFAULT_MERGE_MODE} at 16 bits (the PLR study (docs/plr-study.md)" in err
+    record = json.loads((tmp_path / "m" / "restora_export.json").read_text())
+    assert record["restore_mode"] == DEFAULT_MERGE_MODE and "PLR study" in record["why"]
+    code, err = run(capsys, adapter, "--to", "merged-hf", tmp_path / "p16", "--bits", 16)
+    assert code == 0 and "restoration: plain at 16 bits (as asked)" in err
+    float_adapter = make_adapter(cache, tmp_path / "f", targets="attn", quantized=False)
+    code, err = run(capsys, float_adapter, "--to", "merged-hf", tmp_path / "f16")
+    assert code == 0 and "(the adapter was trained on the 16-bit base)" in err

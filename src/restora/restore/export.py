@@ -21,6 +21,7 @@ Both folders are written atomically (restora.core.atomic).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,20 @@ import torch
 from torch import nn
 
 from restora.adapters import adapter_modules, read_adapter_config, save_adapter
-from restora.adapters.files import CONFIG_NAME
+from restora.adapters.files import CONFIG_NAME, read_provenance
 from restora.core.atomic import atomic_dir
 from restora.models.load import resolve_source
 from restora.models.loaded import LoadedModel
 from restora.models.save import save_hf
 from restora.quant.model import quantizable_layers
-from restora.restore.plr import RestoreInfo, dequantize_model, merge_and_unload, restore_base
+from restora.restore.adapter import RestoreOptions
+from restora.restore.plr import (
+    RestoreInfo,
+    dequantize_model,
+    merge_and_unload,
+    restore_base,
+    train_spec,
+)
 
 __all__ = [
     "EXPORT_RECORD",
@@ -43,6 +51,7 @@ __all__ = [
     "carried_provenance",
     "check_servable",
     "declare_biases",
+    "default_merge",
     "export_merged_hf",
     "export_peft",
     "served_source",
@@ -171,6 +180,25 @@ def write_hf_folder(model: nn.Module, tokenizer: Any, out: str | Path, dtype: to
         if record is not None:
             (tmp / EXPORT_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True, default=str) + "\n")
     return Path(out)
+
+
+# What `export --to merged-hf` merges into when neither --bits nor a restoration is given: the choice the PLR
+# study (docs/plr-study.md) supports for a QLoRA adapter, and the reason printed with it.
+DEFAULT_MERGE_MODE = "auto"
+DEFAULT_MERGE_REASON = ("the PLR study (docs/plr-study.md) found plain PLR16 better than the adapter's own k-bit base "
+                        "for some adapters and worse for others, and auto keeps the k-bit base unless a restoration "
+                        "scores better on the validation split")
+
+
+def default_merge(adapter_dir: str | Path, bits: int | None, options: RestoreOptions) -> tuple[int, RestoreOptions, str]:
+    """The restore bits and options `export --to merged-hf` uses, and why: the user's choice when --bits or a
+    restoration is given, the 16-bit base an adapter trained on one, else the study's default."""
+    if bits is not None or options.restore_mode != "plain" or options.base != "source":
+        return bits if bits is not None else 16, options, "as asked"
+    train = train_spec(read_provenance(adapter_dir))
+    if train is None or train.is_float:
+        return 16, options, "the adapter was trained on the 16-bit base"
+    return 16, replace(options, restore_mode=DEFAULT_MERGE_MODE), DEFAULT_MERGE_REASON
 
 
 def export_merged_hf(loaded: LoadedModel, out: str | Path, dtype: torch.dtype = torch.bfloat16,
