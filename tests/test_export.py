@@ -306,3 +306,16 @@ def test_merged_hf_default_is_the_studys_choice_and_says_why(cache, tmp_path, ca
     float_adapter = make_adapter(cache, tmp_path / "f", targets="attn", quantized=False)
     code, err = run(capsys, float_adapter, "--to", "merged-hf", tmp_path / "f16")
     assert code == 0 and "(the adapter was trained on the 16-bit base)" in err
+
+
+def test_merged_weights_are_rounded_once(cache, tmp_path):
+    """Each merged dtype holds the float32 sum rounded once, whatever dtype the model held before."""
+    from restora.experiments.grid import _load_rounded, _merged_state
+
+    loaded, _ = restore_base(make_adapter(cache, tmp_path / "a", targets="attn"), 16)
+    exact = _merged_state(loaded.model)
+    for before, after in ((torch.float16, torch.bfloat16), (torch.bfloat16, torch.float16)):
+        loaded.model.to(before)
+        _load_rounded(loaded.model, exact, after)
+        for k, v in loaded.model.state_dict().items():
+            assert torch.equal(v, exact[k].to(after)), k

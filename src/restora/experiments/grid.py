@@ -288,8 +288,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     if mode == "trained":  # merged into the dequantized k-bit base, stored in bf16: what such an export holds
         exact = _merged_state(loaded.model)
         merged = _merged_losses(loaded, exact, unit, rows, e, chat, skip="bfloat16")
-        loaded.model.load_state_dict(exact)
-        loaded.model.to(torch.bfloat16)
+        _load_rounded(loaded.model, exact, torch.bfloat16)
     elif e.get("materialize", True):  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
         dequantize_model(loaded.model, torch.bfloat16)
     res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, int(e.get("max_new_tokens", 96)),
@@ -341,6 +340,14 @@ def _merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
+def _load_rounded(model: torch.nn.Module, exact: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """The float32 merged weights `exact`, rounded once to `dtype` (the model goes to float32 first, so loading
+    does not round them through the dtype it held before)."""
+    model.to(torch.float32)
+    model.load_state_dict(exact)
+    model.to(dtype)
+
+
 def _mean_loss(per_row: list[tuple[float, int]]) -> float:
     return sum(x for x, _ in per_row) / max(sum(n for _, n in per_row), 1)
 
@@ -358,8 +365,7 @@ def _merged_losses(loaded: Any, exact: dict[str, torch.Tensor], unit: Unit, rows
     for name in names:
         if name == skip:
             continue
-        loaded.model.load_state_dict(exact)
-        loaded.model.to(_MERGE_DTYPES[name])
+        _load_rounded(loaded.model, exact, _MERGE_DTYPES[name])
         out[name] = row_losses(loaded.model, encoded, loaded.tokenizer.pad_token_id, int(e.get("batch_size", 8)),
                                bf16=False)
     return out
