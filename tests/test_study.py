@@ -87,9 +87,13 @@ def _study(own_extra=0.2, restored_extra=0.1):
     own = _cell("g", 3, 3, losses=BASE + own_extra)
     plr = _cell("g", 3, 16, losses=BASE + restored_extra)
     deq = _cell("g", 3, 3, "trained", losses=BASE + own_extra)
-    deq["merged_row_losses"] = {"float32": deq["row_losses"]}
-    deq["merged_log_loss"] = {"float32": deq["test_log_loss"]}
+    deq["merged_row_losses"] = {"float32": deq["row_losses"], "bfloat16": [[s + 0.01 * n, n] for s, n in deq["row_losses"]]}
+    deq["merged_log_loss"] = {"float32": deq["test_log_loss"], "bfloat16": deq["test_log_loss"] + 0.01}
     return [ref, own, plr, deq]
+
+
+def deq_loss(extra):
+    return _cell("g", 3, 3, losses=BASE + extra)["test_log_loss"]
 
 
 def test_gap_closed_is_the_fraction_of_the_qlora_gap():
@@ -97,7 +101,9 @@ def test_gap_closed_is_the_fraction_of_the_qlora_gap():
     gap = next(line for line in text.splitlines() if "| log loss |" in line)
     assert "| 50% [50, 50] |" in gap  # PLR 16 halves the gap on every row
     assert "| 0% [0, 0] |" in gap  # the dequantized base is the own base
-    assert "## Merged weights by dtype" in text and "dequantized merged float32" in text
+    assert "## Merged weights by storage dtype" in text
+    merge = next(line for line in text.splitlines() if "| dequantized k-bit base |" in line)
+    assert f"| {ROWS} | {deq_loss(0.2):.4f} | +0.0100 [+0.0100, +0.0100] **worse** |" in merge
 
 
 def test_gap_closed_in_accuracy():
