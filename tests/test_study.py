@@ -115,7 +115,8 @@ def test_gap_closed_in_accuracy():
 
 def test_no_gap_no_fraction():
     text = study_markdown(_study(0.0, -0.1))
-    assert "| log loss |" not in text  # the own base is not worse than the 16-bit LoRA: nothing to close
+    gap = next(line for line in text.splitlines() if "| log loss |" in line)
+    assert "no resolved gap: own − 16-bit LoRA = +0.0000" in gap and "%" not in gap  # nothing to close
 
 
 def test_write_study_draws_a_plot_per_task_and_the_steps_plot(tmp_path):
@@ -141,3 +142,13 @@ def test_rows_that_cannot_be_scored_are_left_out_of_both_arms():
             s["execution_match"] = None  # the reference query of these rows does not execute
     c = compare([(plr, own)], "accuracy")
     assert c.value == pytest.approx(30 / 90)
+
+
+def test_accuracy_marks_higher_as_better():
+    own = _cell("g", 4, 4, correct=[1] * 30 + [0] * 90)
+    plr = _cell("g", 4, 16, correct=[1] * 60 + [0] * 60)
+    ref = _cell("lora", 16, 16, correct=[1] * 30 + [0] * 90)
+    text = study_markdown([ref, own, plr])
+    line = next(x for x in text.splitlines() if x.startswith("| g 4-bit |") and "+25.0" in x)
+    assert "**better**" in line
+    assert "no resolved gap: own − 16-bit LoRA = +0.0" in text  # own equals the reference in accuracy

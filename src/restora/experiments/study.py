@@ -180,10 +180,10 @@ class _Index:
         return next(iter(self.arms[unit]["own"].values())).get("targets") if self.arms[unit].get("own") else None
 
 
-def _fmt(c: Comparison | None, scale: float, digits: int) -> str:
+def _fmt(c: Comparison | None, scale: float, digits: int, higher_is_better: bool = False) -> str:
     if c is None:
         return ""
-    mark = "" if not c.resolved else (" **better**" if c.value < 0 else " **worse**")
+    mark = "" if not c.resolved else (" **better**" if (c.value > 0) == higher_is_better else " **worse**")
     spread = ""
     if len(c.seeds) > 1:
         spread = f"; seeds {' / '.join(f'{scale * v:+.{digits}f}' for v in c.seeds)}"
@@ -214,12 +214,12 @@ def _delta_table(index: _Index, task: str, metric: str, against: str) -> list[st
             if a not in index.arms[u]:
                 cells.append("")
             elif against == "own":
-                cells.append(_fmt(compare(index.pairs(u, a, "own"), metric), scale, digits))
+                cells.append(_fmt(compare(index.pairs(u, a, "own"), metric), scale, digits, metric != "log_loss"))
             elif ref is None:
                 cells.append("")
             else:
                 pairs = [(c, ref) for _, c in sorted(index.arms[u][a].items())]
-                cells.append(_fmt(compare(pairs, metric), scale, digits))
+                cells.append(_fmt(compare(pairs, metric), scale, digits, metric != "log_loss"))
         lines.append(f"| {_unit_label(u, index)} | " + " | ".join(cells) + " |")
     return lines
 
@@ -269,6 +269,12 @@ def _gap_table(index: _Index, task: str) -> list[str]:
                 row.append("" if g is None else f"{100 * g[0]:.0f}% [{100 * g[1]:.0f}, {100 * g[2]:.0f}]")
             if any(row):
                 lines.append(f"| {_unit_label(u, index)} | {name} | " + " | ".join(row) + " |")
+            else:
+                gap = compare([(c, ref) for c in index.arms[u]["own"].values()], metric)
+                if gap is not None:
+                    scale, digits = (1.0, 4) if metric == "log_loss" else (100.0, 1)
+                    lines.append(f"| {_unit_label(u, index)} | {name} | no resolved gap: own − 16-bit LoRA = "
+                                 f"{_fmt(gap, scale, digits, metric != 'log_loss')} |" + " |" * (len(arms) - 1))
     return lines
 
 
