@@ -185,9 +185,9 @@ def write_hf_folder(model: nn.Module, tokenizer: Any, out: str | Path, dtype: to
 # What `export --to merged-hf` merges into when neither --bits nor a restoration is given: the choice the PLR
 # study (docs/plr-study.md) supports for a QLoRA adapter, and the reason printed with it.
 DEFAULT_MERGE_MODE = "auto"
-DEFAULT_MERGE_REASON = ("the PLR study (docs/plr-study.md) found plain PLR16 better than the adapter's own k-bit base "
-                        "for some adapters and worse for others, and auto keeps the k-bit base unless a restoration "
-                        "scores better on the validation split")
+DEFAULT_MERGE_REASON = ("the PLR study (docs/plr-study.md) found that restoring the base to 16 bits helps some QLoRA "
+                        "adapters and hurts others; auto keeps the k-bit base (the adapter merged into its "
+                        "dequantized base) unless a restoration scores better on the validation split")
 
 
 def default_merge(adapter_dir: str | Path, bits: int | None, options: RestoreOptions) -> tuple[int, RestoreOptions, str]:
