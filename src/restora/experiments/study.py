@@ -271,7 +271,8 @@ def _gap_table(index: _Index, task: str) -> list[str]:
                 lines.append(f"| {_unit_label(u, index)} | {name} | " + " | ".join(row) + " |")
             else:
                 gap = compare([(c, ref) for c in index.arms[u]["own"].values()], metric)
-                if gap is not None:
+                own_worse = gap is not None and gap.resolved and (gap.value > 0) == (metric == "log_loss")
+                if gap is not None and not own_worse:  # (own worse: a gap, and no restored arm scored yet)
                     scale, digits = (1.0, 4) if metric == "log_loss" else (100.0, 1)
                     lines.append(f"| {_unit_label(u, index)} | {name} | no resolved gap: own − 16-bit LoRA = "
                                  f"{_fmt(gap, scale, digits, metric != 'log_loss')} |" + " |" * (len(arms) - 1))
