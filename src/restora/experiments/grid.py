@@ -128,10 +128,13 @@ def load_grid_config(path: str | Path) -> GridConfig:
             raise ValueError(f"{p}: key methods[{i}].train must be a table of [train] settings")
         _check_keys(f"methods[{i}].train.", overrides, _TRAIN, str(p))
         same = [prev for prev in methods if prev.name == m["name"]]
-        twice = sorted({int(b) for b in bits} & {b for prev in same for b in prev.bits})
-        if twice:  # one name over several entries orders its bits by priority; each (name, bits) is one method
-            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice at {twice[0]} bits: a method's "
-                             "bits must be unique")
+        default_seeds = [int(x) for x in raw.get("seeds", [0])]
+        runs = {(int(b), int(s)) for b in bits for s in m.get("seeds", default_seeds)}
+        twice = sorted(runs & {(b, s) for prev in same for b in prev.bits
+                               for s in (prev.seeds if prev.seeds is not None else default_seeds)})
+        if twice:  # one name over several entries orders its (bits, seed) runs by priority; each is one unit
+            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice at {twice[0][0]} bits, seed "
+                             f"{twice[0][1]}: a method's (bits, seed) pairs must be unique")
         if same and any((prev.format, prev.init, prev.train) != (m["format"], m.get("init", "default"),
                                                                  tuple(sorted(m.get("train", {}).items()))) for prev in same):
             raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice with different settings: "
