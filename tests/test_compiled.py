@@ -35,7 +35,8 @@ def _run(tmp_path, name: str, compile: bool) -> tuple[list[float], dict[str, tor
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    cfg = TrainConfig(epochs=2, batch_size=4, micro_batch_size=2, bf16=False, compile=compile, save_every=0)
+    cfg = TrainConfig(epochs=2, batch_size=4, micro_batch_size=2, bf16=False, compile="on" if compile else "off",
+                      save_every=0)
     out = tmp_path / name
     summary = train(model, _rows(8, 1), _rows(3, 2), cfg, out, 0, lambda f, m: None, progress=False)
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]

@@ -17,7 +17,7 @@ from conftest import tiny_llama
 from restora import commands
 from restora.adapters import LoRAConfig, add_lora, load_adapter, save_adapter
 from restora.cli import main
-from restora.core.atomic import KILL_AT_ENV, PENDING, atomic_dir, atomic_files, recover
+from restora.core.atomic import KILL_AT_ENV, PENDING, atomic_dir, atomic_files, recover, write_text_atomic
 from restora.train.loop import TrainConfig, train
 
 WRITER = """
@@ -97,6 +97,22 @@ def _lora(r: int, seed: int):
             if "lora_B" in n:
                 p.normal_(0, 0.02, generator=g)
     return model
+
+
+def test_write_text_atomic_replaces_whole_or_keeps_the_old(tmp_path, monkeypatch):
+    path = tmp_path / "cells" / "a.json"
+    write_text_atomic(path, "old\n")  # makes the folder
+    write_text_atomic(path, "new\n")
+    assert path.read_text() == "new\n"
+
+    def fail(*_):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        write_text_atomic(path, "newer\n")
+    assert path.read_text() == "new\n"
+    assert [f.name for f in path.parent.iterdir()] == ["a.json"]  # no temporary left behind
 
 
 def test_save_adapter_killed_at_every_step_leaves_old_or_new(tmp_path):

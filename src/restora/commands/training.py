@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -14,6 +13,7 @@ from restora.adapters.files import (
     read_adapter_weights,
     read_provenance,
 )
+from restora.core.atomic import write_text_atomic
 from restora.data import task_split
 from restora.infer.evaluate import evaluate_task
 from restora.models.bases import base_choice, build_base
@@ -102,8 +102,5 @@ def eval(
         print(f"{name}: {100 * est['value']:.2f}% (95% CI {100 * est['ci95_low']:.1f}-{100 * est['ci95_high']:.1f}, n={est['n']})")
     print(f"log loss: {res['log_loss']:.4f} nats/token on {res['n']} {split} rows ({choice.spec.label()} base)")
     if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=2) + "\n")
-        tmp.replace(out)
+        write_text_atomic(out, json.dumps(res, indent=2) + "\n")
     return 0

@@ -13,6 +13,9 @@ place take turns and every temporary left there by someone else is a dead writer
   are then moved out one by one. A kill before the commit leaves the old files; after it, `recover`
   finishes the moves, so the reader sees the new files.
 
+A single file (a result, a record) is written by `write_text_atomic`: a temporary beside it, fsynced, renamed over
+it, the folder fsynced.
+
 Leftover `.NAME.tmp*` and `.restora-stage*` temporaries are removed by the next write. For tests of
 the above, RESTORA_TEST_KILL_AT=k makes the process SIGKILL itself at the k-th step of its writes.
 """
@@ -32,7 +35,7 @@ try:
 except ImportError:  # not POSIX: writes stay atomic, without the lock
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["atomic_dir", "atomic_files", "recover", "fsync_file", "locked", "KILL_AT_ENV", "PENDING"]
+__all__ = ["atomic_dir", "atomic_files", "recover", "fsync_file", "locked", "write_text_atomic", "KILL_AT_ENV", "PENDING"]
 
 KILL_AT_ENV = "RESTORA_TEST_KILL_AT"
 PENDING = ".restora-pending"
@@ -71,6 +74,23 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Replace one file's text all at once: a reader sees the old text or the new, even if the writer is killed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
 
 
 def _fsync_tree(root: Path) -> None:

@@ -33,12 +33,13 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from restora.core.atomic import write_text_atomic
 from restora.data import encode_rows, get_task, task_split
 from restora.experiments.report import write_reports
 from restora.experiments.study import write_study
@@ -46,6 +47,7 @@ from restora.infer.evaluate import evaluate_task
 from restora.quant.spec import SUPPORTED_BITS
 from restora.restore.modes import RestorationMode, restore_with_mode
 from restora.restore.plr import dequantize_model, merge_and_unload, restore_base
+from restora.train.config import SETTING_GROUPS, group_settings
 from restora.train.loss import row_losses
 from restora.train.recipe import train_adapter as train
 
@@ -58,11 +60,9 @@ __all__ = ["GridConfig", "Unit", "load_grid_config", "plan_units", "run_grid", "
 
 _TOP = {"model", "tasks", "seeds", "restore_bits", "methods", "train", "eval", "data_dir"}
 _METHOD = {"name", "format", "bits", "init", "group_size", "train", "seeds", "eval", "tasks"}
-_TRAIN = {
-    "adapter", "rank", "alpha", "dropout", "rslora", "targets", "loftq_iters", "epochs", "max_steps", "lr",
-    "batch_size", "micro_batch_size", "schedule", "warmup_ratio", "optimizer", "bf16", "grad_checkpointing",
-    "compile", "max_samples", "val_samples", "max_len", "chat", "calib_samples",
-}
+# [train] keys: train_adapter's adapter kind and the fields of its settings groups, but those a method or unit sets
+_UNIT_SET = {"format", "bits", "group_size", "init", "seed"}
+_TRAIN = {"adapter"} | {f.name for cls in SETTING_GROUPS.values() for f in fields(cls)} - _UNIT_SET
 _EVAL = {"split", "limit", "loss_limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize",
          "restore_modes", "mode_bits", "auto_min_gain", "compile", "merge_dtypes", "merge_limit"}
 _MERGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -211,10 +211,7 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str) + "\n")
 
 
 def _peak_rss_bytes() -> int:
@@ -241,6 +238,15 @@ def _train_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
     return _per_task({**cfg.train, **dict(unit.method.train)}, unit)
 
 
+def _unit_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
+    """train_adapter's adapter kind and settings groups for this unit: the [train] table, the method's overrides,
+    and the unit's format, bits, group size, init and seed."""
+    flat = {**_train_settings(unit, cfg), "format": unit.method.format, "bits": unit.train_bits,
+            "group_size": unit.method.group_size, "init": unit.method.init, "seed": unit.seed}
+    adapter = flat.pop("adapter", "lora")
+    return {"adapter": adapter, **group_settings(flat)}
+
+
 def _per_task(settings: dict[str, Any], unit: Unit) -> dict[str, Any]:
     """A setting given as a table of task names ({ sql = 1024, gsm8k = 512 }) takes the unit's task's value."""
     task = Path(unit.task).stem
@@ -260,11 +266,10 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
     if done.is_file() and "steps" in (json.loads(done.read_text()).get("metrics") or {}):
         return folder
     t0 = time.perf_counter()
-    kwargs = _train_settings(unit, cfg)
+    settings = _unit_settings(unit, cfg)
     resume = (folder / "checkpoint" / "trainer.json").is_file()
-    train(cfg.model, out=str(folder), task=unit.task, format=unit.method.format, bits=unit.train_bits,  # type: ignore[arg-type]
-          group_size=unit.method.group_size, init=unit.method.init, seed=unit.seed, resume=resume, overwrite=not resume,  # type: ignore[arg-type]
-          data_dir=cfg.data_dir, **kwargs)
+    train(cfg.model, out=str(folder), task=unit.task, adapter=settings.pop("adapter"), **settings, resume=resume,
+          overwrite=not resume, data_dir=cfg.data_dir)
     _write_json(folder / "grid_train.json", {"train_seconds": time.perf_counter() - t0, "peak_rss_bytes": _peak_rss_bytes()})
     return folder
 
@@ -277,7 +282,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     if mode in ("plain", "trained"):
         loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, base="source" if mode == "plain" else mode,
                                     calib_task=unit.task, seed=unit.seed, data_dir=cfg.data_dir,
-                                    calib_samples=int(_train_settings(unit, cfg).get("calib_samples", 500)))
+                                    calib_samples=_unit_settings(unit, cfg)["base"].calib_samples)
     else:
         levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
         rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,),
@@ -286,7 +291,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
                                                       data_dir=cfg.data_dir, seed=unit.seed)
         level = int(restoration["restore_bits"])
     rows = _test_rows(unit, cfg)
-    chat = bool(_train_settings(unit, cfg).get("chat", False))
+    chat = _unit_settings(unit, cfg)["data"].chat
     merged: dict[str, list[tuple[float, int]]] = {}
     if mode == "trained":  # merged into the dequantized k-bit base, stored in bf16: what such an export holds
         exact = _merged_state(loaded.model)
@@ -307,7 +312,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
         "unit": unit.id, "task": unit.task, "method": unit.method.name, "init": unit.method.init,
         "train_format": unit.method.format, "train_bits": unit.train_bits, "train_overrides": dict(unit.method.train), "restore_bits": level,
         "restore_format": info.restore_spec.format, "restore_mode": mode, "seed": unit.seed,
-        "targets": _train_settings(unit, cfg).get("targets", "attn"),
+        "targets": _unit_settings(unit, cfg)["lora"].targets,
         "restoration": {k: v for k, v in (restoration or {}).items()},
         "metrics": res.get("metrics", {}), "test_log_loss": res["log_loss"], "n": res["n"],
         "merged_log_loss": {d: _mean_loss(r) for d, r in merged.items()},

@@ -13,10 +13,13 @@ one line per (method, train bits), the 16-bit LoRA as a dashed reference.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
+
+from restora.core.atomic import write_text_atomic
 
 __all__ = ["write_reports", "main_metric", "markdown_table", "modes_table"]
 
@@ -207,13 +210,14 @@ def _plot(cells: list[dict[str, Any]], path: Path) -> None:
 def write_reports(cells: list[dict[str, Any]], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     compact = [{k: v for k, v in c.items() if k not in _PER_ROW} for c in cells]
-    (out / "results.json").write_text(json.dumps(compact, indent=2, default=str) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(compact, indent=2, default=str) + "\n")
     rows = [_flat(c) for c in cells]
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k not in ("task", "method", "train_bits", "restore_bits", "seed"), k))
-    with (out / "results.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        w.writerows(rows)
-    (out / "table.md").write_text(markdown_table(cells))
-    (out / "modes.md").write_text(modes_table(cells))
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=fields)
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out / "results.csv", text.getvalue())
+    write_text_atomic(out / "table.md", markdown_table(cells))
+    write_text_atomic(out / "modes.md", modes_table(cells))
     _plot(cells, out / "plr.png")

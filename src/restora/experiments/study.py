@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from restora.core.atomic import write_text_atomic
+
 __all__ = ["BOOTSTRAP_DRAWS", "Comparison", "arm_of", "compare", "study_markdown", "write_study"]
 
 BOOTSTRAP_DRAWS = 2000
@@ -445,7 +447,7 @@ def write_study(cells: list[dict[str, Any]], out: Path) -> list[Path]:
         return []
     index = _Index(cells)
     written = [out / "study.md"]
-    (out / "study.md").write_text(study_markdown(cells))
+    write_text_atomic(out / "study.md", study_markdown(cells))
     for task in sorted({u[0] for u in index.arms}):
         path = out / f"study-{Path(task).stem}.png"
         _plot_task(index, task, path)

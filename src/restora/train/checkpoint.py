@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from restora.core.atomic import atomic_dir, recover
+from restora.core.atomic import atomic_dir, recover, write_text_atomic
 from restora.core.jsonfile import read_json_object
 from restora.train.config import TrainConfig
 from restora.train.distributed import DistInfo
@@ -156,9 +156,7 @@ def truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (json.JSONDecodeError, AttributeError):
             pass  # a line cut off by the kill
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in keep))
-    tmp.replace(path)
+    write_text_atomic(path, "".join(f"{line}\n" for line in keep))
 
 
 def prepare_out(out: str | Path, resume: bool, overwrite: bool, cfg: TrainConfig, run: dict[str, Any] | None,

@@ -25,6 +25,9 @@ from tqdm.auto import tqdm
 
 from restora.kernels.attention import training_attention
 from restora.kernels.compiled import compiled_blocks
+from restora.plan.choice import compile_for_training
+from restora.plan.shape import ModelShape
+from restora.quant.base import QuantizedWeight
 from restora.train.checkpoint import (
     RUN_SETTINGS,
     Piece,
@@ -40,7 +43,12 @@ from restora.train.checkpoint import (
 )
 from restora.train.config import TrainConfig
 from restora.train.distributed import DistInfo, barrier, init_distributed
-from restora.train.fsdp import full_tensor, gathered_adapter, shard_as, shard_for_training
+from restora.train.fsdp import (
+    full_tensor,
+    gathered_adapter,
+    shard_as,
+    shard_for_training,
+)
 from restora.train.loss import (  # _collate and _set_attention: imported from here by the benchmarks and tests
     LOGIT_CHUNK,
     Example,
@@ -100,7 +108,7 @@ def _wrap_for_ranks(
     if cfg.batch_size % info.world_size:
         raise ValueError(f"--parallel fsdp: batch_size {cfg.batch_size} must be a multiple of the {info.world_size}"
                          " ranks (every rank runs as many forward passes)")
-    if cfg.compile:
+    if cfg.compile == "on":
         raise ValueError("--parallel fsdp: compiled blocks are not supported under sharding; use --compile off")
     if cfg.optimizer != "adamw":
         raise ValueError(f"--parallel fsdp: optimizer {cfg.optimizer!r} cannot step sharded parameters; use adamw")
@@ -120,6 +128,16 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig) -> str | None:
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
     return attention
+
+
+def _compiles(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> bool:
+    """cfg.compile decided for this model (restora.plan.choice.compile_for_training: auto weighs its size, its
+    device, whether its base is quantized and whether it is sharded)."""
+    n_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
+    return compile_for_training(cfg.compile, n_params, next(model.parameters()).device,
+                                ModelShape.from_config(model.config).linear_params(), "quantized" if quantized else "float",
+                                sharded=info.fsdp)
 
 
 def _save_adapter(model: nn.Module, info: DistInfo, save_best: SaveBest, out: Path, metrics: dict) -> None:
@@ -181,11 +199,14 @@ def train(
     """
     if not train_rows:
         raise ValueError("the training set is empty after filtering")
+    if cfg.micro_batch_size == "auto":
+        raise ValueError("micro_batch_size auto is chosen by train_adapter (the planner reads the model's source)")
     info = dist_info or init_distributed()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("the model has no trainable parameters: add an adapter first")
+    compiled = _compiles(model, cfg, info)  # before FSDP wraps the model
     loss_of, whole, piece = _wrap_for_ranks(model, cfg, info)
     named = {n: p for n, p in model.named_parameters() if p.requires_grad}
     params = list(named.values())
@@ -201,7 +222,7 @@ def train(
     t_start, tokens_seen = time.perf_counter(), 0
     device = next(model.parameters()).device  # device-agnostic: batches follow the model (CPU here, CUDA for users)
     try:  # the attention is restored after the compile is undone
-        with _attention(model, attention), compiled_blocks(model, cfg.compile):
+        with _attention(model, attention), compiled_blocks(model, compiled):
             while at.step < total_steps:
                 epoch, k = divmod(at.step, steps_per_epoch)
                 batch = batch_rows(train_rows, cfg, epoch, k)
