@@ -187,6 +187,13 @@ def test_priority_order_alternates_tasks_and_takes_method_overrides(tmp_path, ti
     # the same bits again under another seed is a later-priority run of the same method
     p.write_text(text.replace("bits = [3]", "bits = [4]\nseeds = [2]"))
     assert [u.id for u in plan_units(load_grid_config(p))][-1] == "sql-rtn-4b-s2"
+    p.write_text(text.replace("bits = [3]", "bits = [4]\nseeds = [2]\neval = { limit = 3 }"))
+    with pytest.raises(ValueError, match="repeats bits of an entry with other eval settings"):
+        load_grid_config(p)
+    # a bad value fails when the config loads, naming the unit, not when the unit's turn comes
+    p.write_text(text.replace("train = { max_steps = 1 }", "train = { max_steps = 1.5 }"))
+    with pytest.raises(ValueError, match="g.toml: gsm8k-rtn-4b-s0: training setting 'max_steps' must be a whole number"):
+        load_grid_config(p)
 
 
 def test_trained_arm_merges_and_per_row_numbers(tmp_path, tiny_dir):

@@ -17,7 +17,7 @@ from conftest import tiny_llama
 from restora import commands
 from restora.adapters import LoRAConfig, add_lora, load_adapter, save_adapter
 from restora.cli import main
-from restora.core.atomic import KILL_AT_ENV, PENDING, atomic_dir, atomic_files, recover, write_text_atomic
+from restora.core.atomic import KILL_AT_ENV, PENDING, _umask, atomic_dir, atomic_files, recover, write_text_atomic
 from restora.train.loop import TrainConfig, train
 
 WRITER = """
@@ -113,6 +113,14 @@ def test_write_text_atomic_replaces_whole_or_keeps_the_old(tmp_path, monkeypatch
         write_text_atomic(path, "newer\n")
     assert path.read_text() == "new\n"
     assert [f.name for f in path.parent.iterdir()] == ["a.json"]  # no temporary left behind
+    monkeypatch.undo()
+    (path.parent / ".a.json.tmp123").write_text("a dead writer's")
+    os.chmod(path, 0o640)
+    write_text_atomic(path, "newest\n")
+    assert [f.name for f in path.parent.iterdir()] == ["a.json"]  # the dead writer's temporary is gone
+    assert path.stat().st_mode & 0o777 == 0o640  # the file keeps its mode
+    write_text_atomic(path.parent / "b.json", "{}")
+    assert (path.parent / "b.json").stat().st_mode & 0o777 == 0o666 & ~_umask()  # a new file: the umask's mode
 
 
 def test_save_adapter_killed_at_every_step_leaves_old_or_new(tmp_path):

@@ -37,6 +37,12 @@ def test_flat_settings_go_to_their_group_and_unknown_keys_are_named():
     assert groups["optim"].epochs == 2 and groups["optim"].seed == 7
     with pytest.raises(ValueError, match="g.toml: unknown training setting 'epochz'"):
         group_settings({"epochz": 2}, where="g.toml: ")
+    assert group_settings({"alpha": 16})["lora"].alpha == 16.0  # a whole number where a float goes is that float
+    for key, value, kind in (("rank", 16.0, "a whole number"), ("chat", 1, "true or false"),
+                             ("micro_batch_size", "many", "a whole number"), ("targets", 3, "a string")):
+        with pytest.raises(ValueError, match=f"g.toml: training setting '{key}' must be {kind}, got"):
+            group_settings({key: value}, where="g.toml: ")
+    assert group_settings({"micro_batch_size": "auto", "group_size": -1})["optim"].micro_batch_size == "auto"
     names = [f.name for cls in SETTING_GROUPS.values() for f in fields(cls)]
     assert len(names) == len(set(names))  # one flat namespace: a field name belongs to one group
 
@@ -44,7 +50,8 @@ def test_flat_settings_go_to_their_group_and_unknown_keys_are_named():
 @pytest.mark.parametrize(("make", "match"), [
     (lambda: LoRASettings(rank=0), "rank must be positive"),
     (lambda: LoRASettings(dropout=1.0), "dropout must be in"),
-    (lambda: BaseSettings(group_size=0), "group_size must be positive"),
+    (lambda: BaseSettings(group_size=0), "group_size must be positive, or -1"),
+    (lambda: TrainConfig(micro_batch_size=True), "micro_batch_size must be a positive number or auto"),
     (lambda: DataSettings(max_len=0), "max_len must be positive"),
     (lambda: TrainConfig(batch_size=8, micro_batch_size=3), "micro_batch_size 3 does not divide batch_size 8"),
     (lambda: TrainConfig(micro_batch_size="many"), "micro_batch_size must be a positive number or auto"),

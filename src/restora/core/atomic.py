@@ -13,8 +13,8 @@ place take turns and every temporary left there by someone else is a dead writer
   are then moved out one by one. A kill before the commit leaves the old files; after it, `recover`
   finishes the moves, so the reader sees the new files.
 
-A single file (a result, a record) is written by `write_text_atomic`: a temporary beside it, fsynced, renamed over
-it, the folder fsynced.
+A single file (a result, a record) is written by `write_text_atomic`: under the folder's lock, a temporary
+`.NAME.tmp*` beside it, fsynced, renamed over it, the folder fsynced.
 
 Leftover `.NAME.tmp*` and `.restora-stage*` temporaries are removed by the next write. For tests of
 the above, RESTORA_TEST_KILL_AT=k makes the process SIGKILL itself at the k-th step of its writes.
@@ -77,20 +77,35 @@ def _fsync_dir(path: Path) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace one file's text all at once: a reader sees the old text or the new, even if the writer is killed."""
+    """Replace one file's text all at once: a reader sees the old text or the new, even if the writer is killed.
+
+    Under the folder's lock, the text goes to `.NAME.tmp*` beside the file (fsynced, with the file's mode, else
+    the umask's), which is renamed over it; a dead writer's `.NAME.tmp*` is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with locked(path.parent):
+        for stale in path.parent.glob(f".{path.name}.tmp*"):
+            stale.unlink(missing_ok=True)
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                if hasattr(os, "fchmod"):  # POSIX
+                    os.fchmod(f.fileno(), mode)
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_tree(root: Path) -> None:

@@ -135,10 +135,15 @@ def load_grid_config(path: str | Path) -> GridConfig:
         if twice:  # one name over several entries orders its (bits, seed) runs by priority; each is one unit
             raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice at {twice[0][0]} bits, seed "
                              f"{twice[0][1]}: a method's (bits, seed) pairs must be unique")
-        if same and any((prev.format, prev.init, prev.train) != (m["format"], m.get("init", "default"),
-                                                                 tuple(sorted(m.get("train", {}).items()))) for prev in same):
+        if same and any((prev.format, prev.init, prev.group_size, prev.train)
+                        != (m["format"], m.get("init", "default"), int(m.get("group_size", 64)),
+                            tuple(sorted(m.get("train", {}).items()))) for prev in same):
             raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice with different settings: "
                              "entries of one name differ only in bits, seeds and eval")
+        evals = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in m.get("eval", {}).items()))
+        if any(set(prev.bits) & {int(b) for b in bits} and prev.eval != evals for prev in same):
+            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} repeats bits of an entry with other eval "
+                             "settings: the seeds of one (name, bits) are pooled, so they must be evaluated alike")
         seeds = m.get("seeds")
         eval_overrides = m.get("eval", {})
         if not isinstance(eval_overrides, dict):
@@ -151,11 +156,14 @@ def load_grid_config(path: str | Path) -> GridConfig:
                               None if m.get("tasks") is None else tuple(str(t) for t in m["tasks"])))
     _check_keys("train.", raw.get("train", {}), _TRAIN, str(p))
     _check_keys("eval.", raw.get("eval", {}), _EVAL, str(p))
-    return GridConfig(
+    cfg = GridConfig(
         model=raw["model"], tasks=list(raw["tasks"]), methods=methods, seeds=list(raw.get("seeds", [0])),
         restore_bits=sorted(int(b) for b in raw.get("restore_bits", [16])), train=dict(raw.get("train", {})),
         eval=dict(raw.get("eval", {})), data_dir=raw.get("data_dir"),
     )
+    for unit in plan_units(cfg):  # every unit's training settings checked now, not when its turn comes
+        _unit_settings(unit, cfg, where=f"{p}: {unit.id}: ")
+    return cfg
 
 
 @dataclass(frozen=True)
@@ -230,26 +238,28 @@ def _restore_format(unit: Unit, level: int, cfg: GridConfig) -> str:
 
 def _eval_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
     """The config's [eval] settings with this unit's method overrides applied; a per-task table is resolved."""
-    return _per_task({**cfg.eval, **dict(unit.method.eval)}, unit)
+    return _per_task({**cfg.eval, **dict(unit.method.eval)}, unit.task)
 
 
 def _train_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
     """The config's [train] settings with this unit's method overrides applied; a per-task table is resolved."""
-    return _per_task({**cfg.train, **dict(unit.method.train)}, unit)
+    return _per_task({**cfg.train, **dict(unit.method.train)}, unit.task)
 
 
-def _unit_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
+def _unit_settings(unit: Unit, cfg: GridConfig, where: str = "") -> dict[str, Any]:
     """train_adapter's adapter kind and settings groups for this unit: the [train] table, the method's overrides,
     and the unit's format, bits, group size, init and seed."""
     flat = {**_train_settings(unit, cfg), "format": unit.method.format, "bits": unit.train_bits,
             "group_size": unit.method.group_size, "init": unit.method.init, "seed": unit.seed}
     adapter = flat.pop("adapter", "lora")
-    return {"adapter": adapter, **group_settings(flat)}
+    if adapter not in ("lora", "ia3"):
+        raise ValueError(f"{where}training setting 'adapter' must be lora or ia3, got {adapter!r}")
+    return {"adapter": adapter, **group_settings(flat, where)}
 
 
-def _per_task(settings: dict[str, Any], unit: Unit) -> dict[str, Any]:
-    """A setting given as a table of task names ({ sql = 1024, gsm8k = 512 }) takes the unit's task's value."""
-    task = Path(unit.task).stem
+def _per_task(settings: dict[str, Any], task: str) -> dict[str, Any]:
+    """A setting given as a table of task names ({ sql = 1024, gsm8k = 512 }) takes the task's value."""
+    task = Path(task).stem
     out = {}
     for k, v in settings.items():
         if isinstance(v, dict):

@@ -21,7 +21,7 @@ class BaseSettings:
     Args:
         format: training base format (float = no quantization).
         bits: training base bits k.
-        group_size: quantization group size.
+        group_size: quantization group size (-1: one scale per row).
         calib_samples: GPTQ calibration rows (train split).
     """
 
@@ -31,10 +31,10 @@ class BaseSettings:
     calib_samples: int = 500
 
     def __post_init__(self) -> None:
-        if self.group_size <= 0:
-            raise ValueError(f"group_size must be positive, got {self.group_size}")
-        if self.calib_samples <= 0:
-            raise ValueError(f"calib_samples must be positive, got {self.calib_samples}")
+        if self.group_size <= 0 and self.group_size != -1:
+            raise ValueError(f"group_size must be positive, or -1 for one scale per row, got {self.group_size}")
+        if self.calib_samples < 0:
+            raise ValueError(f"calib_samples must be 0 or more, got {self.calib_samples}")
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         micro = self.micro_batch_size
-        if micro != "auto" and (not isinstance(micro, int) or micro <= 0):
+        if micro != "auto" and (not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0):
             raise ValueError(f"micro_batch_size must be a positive number or auto, got {micro!r}")
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
@@ -177,10 +177,33 @@ SETTING_GROUPS: dict[str, type] = {"base": BaseSettings, "lora": LoRASettings, "
 
 
 def group_settings(flat: dict[str, Any], where: str = "") -> dict[str, Any]:
-    """Flat settings (a grid's [train] table, field names as keys) as train_adapter's groups of settings; an unknown
-    key is a one-line error naming it and `where` it came from."""
-    owner = {f.name: group for group, cls in SETTING_GROUPS.items() for f in fields(cls)}
-    for key in flat:
+    """Flat settings (a grid's [train] table, field names as keys) as train_adapter's groups of settings. An unknown
+    key, or a value of the wrong type (a whole number, a flag, a word), is a one-line error naming the key and
+    `where` it came from; a whole number where a float is expected is taken as that float."""
+    owner = {f.name: (group, f) for group, cls in SETTING_GROUPS.items() for f in fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in flat.items():
         if key not in owner:
             raise ValueError(f"{where}unknown training setting {key!r}: expected one of {', '.join(sorted(owner))}")
-    return {group: cls(**{k: v for k, v in flat.items() if owner[k] == group}) for group, cls in SETTING_GROUPS.items()}
+        values[key] = _checked(key, value, owner[key][1].default, where)
+    try:
+        return {group: cls(**{k: v for k, v in values.items() if owner[k][0] == group})
+                for group, cls in SETTING_GROUPS.items()}
+    except ValueError as e:
+        raise ValueError(f"{where}{e}") from None
+
+
+def _checked(key: str, value: Any, default: Any, where: str) -> Any:
+    """`value` as the type of the field's default (bool, int, float, str); None and words such as auto pass on to
+    the dataclass's own checks."""
+    kind = type(default)
+    if value is None or default is None or (key == "micro_batch_size" and value == "auto"):
+        return value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"{where}training setting {key!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+
+
+_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}

@@ -133,6 +133,8 @@ def _prepare_model(model: nn.Module, cfg: TrainConfig) -> str | None:
 def _compiles(model: nn.Module, cfg: TrainConfig, info: DistInfo) -> bool:
     """cfg.compile decided for this model (restora.plan.choice.compile_for_training: auto weighs its size, its
     device, whether its base is quantized and whether it is sharded)."""
+    if cfg.compile != "auto":
+        return cfg.compile == "on"
     n_params = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
     quantized = any(isinstance(m, QuantizedWeight) for m in model.modules())
     return compile_for_training(cfg.compile, n_params, next(model.parameters()).device,
