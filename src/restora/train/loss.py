@@ -13,6 +13,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -154,20 +155,30 @@ def _scoring_attention(model: nn.Module, device: torch.device) -> str | None:
     return training_attention(model, recompute=False) if swap else None
 
 
+def _shortest_first(rows: Sequence[Example], indices: Sequence[int], micro_batch_size: int) -> list[list[int]]:
+    """`indices` of `rows` in micro-batches, shortest rows first (less padding)."""
+    order = sorted(indices, key=lambda i: len(rows[i]["input_ids"]))
+    return [order[a : a + micro_batch_size] for a in range(0, len(order), micro_batch_size)]
+
+
+def _scored(rows: Sequence[Example], b: list[int], pad_id: int, device: torch.device, bf16: bool,
+            score: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Any]) -> Any:
+    """`score(ids, labels, mask)` on the micro-batch of rows `b`, under bf16 autocast if asked."""
+    ids, labels, mask = (t.to(device) for t in _collate([rows[i] for i in b], pad_id))
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return score(ids, labels, mask)
+
+
 def _loss_over(rows: Sequence[Example], pad_id: int, micro_batch_size: int, bf16: bool, info: DistInfo,
                loss_of: LossFn, device: torch.device) -> tuple[float, int]:
     """Summed loss and label count over this rank's share of `rows`, shortest rows first (less padding)."""
     total, count = 0.0, 0
-    mine = info.shard(range(len(rows)))
-    order = sorted(mine, key=lambda i: len(rows[i]["input_ids"]))  # less padding
-    batches: list[list[int] | None] = [order[a : a + micro_batch_size] for a in range(0, len(order), micro_batch_size)]
+    batches: list[list[int] | None] = list(_shortest_first(rows, info.shard(range(len(rows))), micro_batch_size))
     if info.fsdp:  # every forward gathers parameters: all ranks run as many; a short rank repeats a row, unscored
         most = math.ceil(math.ceil(len(rows) / info.world_size) / micro_batch_size)
         batches += [None] * (most - len(batches))
     for b in batches:
-        ids, labels, mask = (t.to(device) for t in _collate([rows[i] for i in b] if b is not None else [rows[0]], pad_id))
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            s, n = loss_of(ids, labels, mask)
+        s, n = _scored(rows, b if b is not None else [0], pad_id, device, bf16, loss_of)
         if b is not None:
             total += float(s)
             count += n
@@ -185,17 +196,17 @@ def row_losses(
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+
+    def per_row(ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        h, y, head = _label_states(model, ids, labels, mask)
+        per_token = torch.cat([F.cross_entropy(head(h[c : c + LOGIT_CHUNK]).float(), y[c : c + LOGIT_CHUNK],
+                                               reduction="none") for c in range(0, h.shape[0], LOGIT_CHUNK)])
+        return per_token, (labels[:, 1:] != -100).sum(1).tolist()
+
     out: list[tuple[float, int]] = [(0.0, 0)] * len(rows)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # less padding
     with _attention(model, _scoring_attention(model, device)):
-        for a in range(0, len(order), micro_batch_size):
-            b = order[a : a + micro_batch_size]
-            ids, labels, mask = (t.to(device) for t in _collate([rows[i] for i in b], pad_id))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                h, y, head = _label_states(model, ids, labels, mask)
-                per_token = torch.cat([F.cross_entropy(head(h[c : c + LOGIT_CHUNK]).float(), y[c : c + LOGIT_CHUNK],
-                                                       reduction="none") for c in range(0, h.shape[0], LOGIT_CHUNK)])
-            counts = (labels[:, 1:] != -100).sum(1).tolist()
+        for b in _shortest_first(rows, range(len(rows)), micro_batch_size):
+            per_token, counts = _scored(rows, b, pad_id, device, bf16, per_row)
             if sum(counts) != per_token.numel():
                 raise RuntimeError(f"row_losses: {per_token.numel()} label positions, expected {sum(counts)}")
             for i, part, n in zip(b, per_token.split(counts), counts):
