@@ -26,7 +26,11 @@ from pathlib import Path
 
 import torch
 
-from restora.adapters.files import read_adapter_config, read_adapter_weights, read_provenance
+from restora.adapters.files import (
+    read_adapter_config,
+    read_adapter_weights,
+    read_provenance,
+)
 from restora.data import encode_rows, get_task, task_split
 from restora.models.bases import base_choice, build_base
 from restora.quant.linear import QuantLinear
