@@ -105,11 +105,20 @@ def kill_at_checkpoint(cmd: list[str], env: dict[str, str], out: Path, step: int
     import subprocess
     import time
 
+    from restora.core.atomic import recover
+
+    def at() -> int:  # the checkpoint folder is swapped atomically: between its two renames it is not there
+        try:
+            return json.loads(state.read_text())["step"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            return -1
+
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = Path(out) / "checkpoint" / "trainer.json"
     deadline = time.time() + timeout
-    while time.time() < deadline and not (state.is_file() and json.loads(state.read_text())["step"] >= step):
+    while time.time() < deadline and at() < step:
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    recover(state.parent)  # as a resuming run does: a swap the kill cut short is rolled back
     return json.loads(state.read_text())["step"]
