@@ -286,13 +286,14 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
 
 def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str = "plain") -> dict[str, Any]:
     e = _eval_settings(unit, cfg)
+    settings = _unit_settings(unit, cfg)  # the unit's training settings, read once per cell
     fmt = _restore_format(unit, level, cfg)
     t0 = time.perf_counter()
     restoration = None
     if mode in ("plain", "trained"):
         loaded, info = restore_base(adapter, level, fmt, unit.method.group_size, base="source" if mode == "plain" else mode,
                                     calib_task=unit.task, seed=unit.seed, data_dir=cfg.data_dir,
-                                    calib_samples=_unit_settings(unit, cfg)["base"].calib_samples)
+                                    calib_samples=settings["base"].calib_samples)
     else:
         levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
         rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,),
@@ -301,7 +302,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
                                                       data_dir=cfg.data_dir, seed=unit.seed)
         level = int(restoration["restore_bits"])
     rows = _test_rows(unit, cfg)
-    chat = _unit_settings(unit, cfg)["data"].chat
+    chat = settings["data"].chat
     merged: dict[str, list[tuple[float, int]]] = {}
     if mode == "trained":  # merged into the dequantized k-bit base, stored in bf16: what such an export holds
         exact = _merged_state(loaded.model)
@@ -322,7 +323,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
         "unit": unit.id, "task": unit.task, "method": unit.method.name, "init": unit.method.init,
         "train_format": unit.method.format, "train_bits": unit.train_bits, "train_overrides": dict(unit.method.train), "restore_bits": level,
         "restore_format": info.restore_spec.format, "restore_mode": mode, "seed": unit.seed,
-        "targets": _unit_settings(unit, cfg)["lora"].targets,
+        "targets": settings["lora"].targets,
         "restoration": {k: v for k, v in (restoration or {}).items()},
         "metrics": res.get("metrics", {}), "test_log_loss": res["log_loss"], "n": res["n"],
         "merged_log_loss": {d: _mean_loss(r) for d, r in merged.items()},
