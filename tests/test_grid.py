@@ -182,8 +182,12 @@ def test_priority_order_alternates_tasks_and_takes_method_overrides(tmp_path, ti
                      "gsm8k-rtn-4b-s1", "sql-rtn-4b-s1", "sql-rtn-2b-s1", "gsm8k-rtn-2b-s1",
                      "sql-rtn-3b-s0"]  # shard 0/2 and 1/2 each get both tasks in turn
     p.write_text(text.replace("bits = [3]", "bits = [4]"))
-    with pytest.raises(ValueError, match="'rtn' is used twice at 4 bits, seed 0"):
+    with pytest.raises(ValueError, match="'rtn' is used twice for task sql at 4 bits, seed 0"):
         load_grid_config(p)
+    # one task's runs may come before another's: an entry may repeat bits and seeds for tasks not yet run
+    p.write_text(text.replace('bits = [4, 2]\n', 'bits = [4, 2]\ntasks = ["sql"]\n', 1)
+                 .replace('bits = [3]\ntasks = ["sql"]', 'bits = [4]\ntasks = ["gsm8k"]'))
+    assert [u.id for u in plan_units(load_grid_config(p))][-2:] == ["sql-rtn-2b-s1", "gsm8k-rtn-4b-s0"]
     # the same bits again under another seed is a later-priority run of the same method
     p.write_text(text.replace("bits = [3]", "bits = [4]\nseeds = [2]"))
     assert [u.id for u in plan_units(load_grid_config(p))][-1] == "sql-rtn-4b-s2"

@@ -129,12 +129,14 @@ def load_grid_config(path: str | Path) -> GridConfig:
         _check_keys(f"methods[{i}].train.", overrides, _TRAIN, str(p))
         same = [prev for prev in methods if prev.name == m["name"]]
         default_seeds = [int(x) for x in raw.get("seeds", [0])]
-        runs = {(int(b), int(s)) for b in bits for s in m.get("seeds", default_seeds)}
-        twice = sorted(runs & {(b, s) for prev in same for b in prev.bits
+        default_tasks = [str(t) for t in raw.get("tasks", [])]
+        runs = {(t, int(b), int(s)) for t in m.get("tasks", default_tasks) for b in bits
+                for s in m.get("seeds", default_seeds)}
+        twice = sorted(runs & {(t, b, s) for prev in same for t in (prev.tasks or default_tasks) for b in prev.bits
                                for s in (prev.seeds if prev.seeds is not None else default_seeds)})
-        if twice:  # one name over several entries orders its (bits, seed) runs by priority; each is one unit
-            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice at {twice[0][0]} bits, seed "
-                             f"{twice[0][1]}: a method's (bits, seed) pairs must be unique")
+        if twice:  # one name over several entries orders its (task, bits, seed) runs by priority; each is one unit
+            raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice for task {twice[0][0]} at "
+                             f"{twice[0][1]} bits, seed {twice[0][2]}: a method's (task, bits, seed) runs must be unique")
         if same and any((prev.format, prev.init, prev.group_size, prev.train)
                         != (m["format"], m.get("init", "default"), int(m.get("group_size", 64)),
                             tuple(sorted(m.get("train", {}).items()))) for prev in same):
