@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from restora.core.atomic import atomic_dir
+from restora.core.atomic import atomic_dir, write_text_atomic
 from restora.core.cache import cache_dir
 from restora.models.loaded import LoadedModel
 from restora.models.quantized import load_quantized
@@ -56,10 +55,35 @@ def _alias_gguf(alias: str) -> Path:
     return path
 
 
+def _remembered_hash(key_parts: list, compute: Callable[[], str]) -> str:
+    """`compute()`, remembered in restora's cache under a key of `key_parts` (a file's path, size and mtime)."""
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
+    cached = cache_dir() / "hashes" / f"{key}.txt"
+    if cached.is_file():
+        return cached.read_text().strip()
+    digest = compute()
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(cached, digest + "\n")
+    return digest
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, remembered per (path, size, mtime) so a large GGUF is read once."""
+    st = path.stat()
+
+    def compute() -> str:
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    return _remembered_hash(["file", str(path), st.st_size, st.st_mtime_ns], compute)
+
+
 def _convert_gguf(gguf: Path, name: str) -> Path:
-    """Dequantize a GGUF file once into a cached safetensors folder; return the folder."""
-    st = gguf.stat()
-    out = cache_dir() / "models" / f"{name}-{st.st_size}-{int(st.st_mtime)}"
+    """Dequantize a GGUF file once into a cached safetensors folder; return the folder.
+
+    The folder is named by the file's content, so a reinstalled package (same bytes, new path and mtime)
+    finds the folder it converted before instead of converting, and storing, the model again."""
+    out = cache_dir() / "models" / f"{name}-{_file_sha256(gguf)[:16]}"
     if (out / "config.json").is_file() and (out / HASH_FILE).is_file():
         return out
     try:
@@ -160,10 +184,9 @@ class Source:
         """
         if (self.folder / HASH_FILE).is_file():
             return (self.folder / HASH_FILE).read_text().strip()
-        key = hashlib.sha256(json.dumps([str(self.folder.resolve()), self.files.stats()]).encode()).hexdigest()[:32]
-        cached = cache_dir() / "hashes" / f"{key}.txt"
-        if cached.is_file():
-            return cached.read_text().strip()
+        return _remembered_hash([str(self.folder.resolve()), self.files.stats()], lambda: self._stream_hash(model))
+
+    def _stream_hash(self, model: nn.Module) -> str:
         state = model.state_dict(keep_vars=True)
         held_by = {id(t): name for name, t in state.items() if name in self.files.where}  # tied: the stored name
         h = hashlib.sha256()
@@ -181,12 +204,7 @@ class Source:
             flat = x.reshape(-1)
             for i in range(0, flat.numel(), HASH_CHUNK):  # fp32 bytes in order, a chunk at a time
                 h.update(flat[i : i + HASH_CHUNK].float().numpy())
-        digest = h.hexdigest()
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(digest + "\n")
-        tmp.replace(cached)
-        return digest
+        return h.hexdigest()
 
 
 def open_source(spec: str) -> Source:
