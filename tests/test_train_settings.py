@@ -39,10 +39,13 @@ def test_flat_settings_go_to_their_group_and_unknown_keys_are_named():
         group_settings({"epochz": 2}, where="g.toml: ")
     assert group_settings({"alpha": 16})["lora"].alpha == 16.0  # a whole number where a float goes is that float
     for key, value, kind in (("rank", 16.0, "a whole number"), ("chat", 1, "true or false"),
-                             ("micro_batch_size", "many", "a whole number"), ("targets", 3, "a string")):
+                             ("micro_batch_size", "many", "a whole number or one of 'auto'"), ("targets", 3, "a string"),
+                             ("schedule", "linear", "one of 'constant', 'cosine'"), ("format", True, "one of 'float', 'nf4'.*"),
+                             ("memory_budget", 4, "a string or unset")):
         with pytest.raises(ValueError, match=f"g.toml: training setting '{key}' must be {kind}, got"):
             group_settings({key: value}, where="g.toml: ")
     assert group_settings({"micro_batch_size": "auto", "group_size": -1})["optim"].micro_batch_size == "auto"
+    assert group_settings({"memory_budget": None, "compile": "off"})["optim"].compile == "off"
     names = [f.name for cls in SETTING_GROUPS.values() for f in fields(cls)]
     assert len(names) == len(set(names))  # one flat namespace: a field name belongs to one group
 

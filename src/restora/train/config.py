@@ -7,7 +7,8 @@ the grid maps its flat keys onto the groups (`group_settings`). Values are check
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 __all__ = ["Base", "BaseSettings", "DataSettings", "LoRASettings", "SETTING_GROUPS", "TrainConfig", "group_settings"]
 
@@ -176,6 +177,9 @@ class TrainConfig:
 SETTING_GROUPS: dict[str, type] = {"base": BaseSettings, "lora": LoRASettings, "data": DataSettings, "optim": TrainConfig}
 
 
+_HINTS = {k: v for cls in SETTING_GROUPS.values() for k, v in get_type_hints(cls).items()}
+
+
 def group_settings(flat: dict[str, Any], where: str = "") -> dict[str, Any]:
     """Flat settings (a grid's [train] table, field names as keys) as train_adapter's groups of settings. An unknown
     key, or a value of the wrong type (a whole number, a flag, a word), is a one-line error naming the key and
@@ -185,7 +189,7 @@ def group_settings(flat: dict[str, Any], where: str = "") -> dict[str, Any]:
     for key, value in flat.items():
         if key not in owner:
             raise ValueError(f"{where}unknown training setting {key!r}: expected one of {', '.join(sorted(owner))}")
-        values[key] = _checked(key, value, owner[key][1].default, where)
+        values[key] = _checked(key, value, _HINTS[key], where)
     try:
         return {group: cls(**{k: v for k, v in values.items() if owner[k][0] == group})
                 for group, cls in SETTING_GROUPS.items()}
@@ -193,17 +197,36 @@ def group_settings(flat: dict[str, Any], where: str = "") -> dict[str, Any]:
         raise ValueError(f"{where}{e}") from None
 
 
-def _checked(key: str, value: Any, default: Any, where: str) -> Any:
-    """`value` as the type of the field's default (bool, int, float, str); None and words such as auto pass on to
-    the dataclass's own checks."""
-    kind = type(default)
-    if value is None or default is None or (key == "micro_batch_size" and value == "auto"):
-        return value
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    raise ValueError(f"{where}training setting {key!r} must be {_KIND_NAMES[kind]}, got {value!r}")
+def _checked(key: str, value: Any, hint: Any, where: str) -> Any:
+    """`value` if the field's annotation `hint` admits it (a whole number where a float is expected becomes that
+    float); otherwise a one-line error saying what the field takes."""
+    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
+    for option in options:
+        if get_origin(option) is Literal:
+            if value in get_args(option) and type(value) is not bool:
+                return value
+        elif option is type(None):
+            if value is None:
+                return value
+        elif option is float and type(value) in (int, float):
+            return float(value)
+        elif option in (bool, int, str) and type(value) is option:
+            return value
+        elif option not in _KIND_NAMES:
+            return value  # a type this check does not know: the dataclass's own checks decide
+    raise ValueError(f"{where}training setting {key!r} must be {_describe(options)}, got {value!r}")
+
+
+def _describe(options: tuple) -> str:
+    words = []
+    for option in options:
+        if get_origin(option) is Literal:
+            words.append("one of " + ", ".join(repr(v) for v in get_args(option)))
+        elif option is type(None):
+            words.append("unset")
+        else:
+            words.append(_KIND_NAMES[option])
+    return " or ".join(words)
 
 
 _KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
