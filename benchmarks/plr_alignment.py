@@ -114,13 +114,14 @@ def main() -> None:
     source_model = read_provenance(args.adapters[0])["base_model"]
     loaded = build_base(source_model, base_choice("float", 16, 64, "sql", 1, 0), args.data_dir)
     source = loaded.model.float().eval()
-    weights = {k: v for k, v in source.state_dict().items()}
+    weights = source.state_dict()
     task = (read_provenance(args.adapters[0]).get("training") or {}).get("task", "sql")
-    grams = input_grams(source, loaded.tokenizer, task, sorted(_deltas(args.adapters[0])), args.rows, args.data_dir)
+    first_deltas = _deltas(args.adapters[0])  # its layers are the ones every adapter is measured on
+    grams = input_grams(source, loaded.tokenizer, task, sorted(first_deltas), args.rows, args.data_dir)
     rows, first_errors = [], None
-    for folder in args.adapters:
+    for i, folder in enumerate(args.adapters):
         prov = read_provenance(folder)
-        deltas = _deltas(folder)
+        deltas = first_deltas if i == 0 else _deltas(folder)
         quantized = build_trained_base(prov, source_model, args.data_dir).model
         errors = _errors(quantized, weights, sorted(deltas))
         first_errors = first_errors or errors
