@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from typing import Literal
-
 import torch
 
 from restora.adapters.files import (
@@ -16,6 +14,7 @@ from restora.adapters.files import (
 from restora.core.atomic import write_text_atomic
 from restora.data import task_split
 from restora.infer.evaluate import evaluate_task
+from restora.infer.settings import EvalSettings
 from restora.models.bases import base_choice, build_base
 from restora.restore.adapter import RestoreOptions, restored
 from restora.restore.plr import dequantize_model
@@ -31,20 +30,13 @@ def eval(
     model: str,
     adapter: str | None = None,
     task: str = "sql",
-    split: Literal["train", "validation", "test"] = "test",
     bits: int = 16,
-    limit: int = 0,
-    max_new_tokens: int = 128,
-    batch_size: int = 8,
-    generate: bool = True,
     chat: bool = False,
     out: str | None = None,
     seed: int = 0,
     options: RestoreOptions = RestoreOptions(),
-    materialize: bool = True,
+    scoring: EvalSettings = EvalSettings(),
     data_dir: str | None = None,
-    speculate: int = 0,
-    compile: bool = False,
 ) -> int:
     """Evaluate MODEL (+ an adapter) on a task split, with the base at FORMAT/BITS (PLR: any l, not only k).
 
@@ -52,24 +44,14 @@ def eval(
         model: the float source model (hub id, folder, .gguf, smollm2-135m).
         adapter: adapter folder (restora or PEFT); none = the base alone.
         task: sql, gsm8k, or PATH.jsonl.
-        split: which split to score (test is never used in training).
         bits: evaluation base bits l (--format: its format; without an adapter --format is required below 16).
-        limit: score only the first N rows (0 = all).
-        max_new_tokens: generation cap.
-        batch_size: rows per forward pass.
-        generate: also generate and score answers (else log loss only).
         chat: use the tokenizer's chat template around prompts.
         out: write results.json here.
         seed: seed of the splits (must match training's).
         options: the evaluation base: its format and group size (default 64), and with an adapter how it is
             restored (restora.restore.adapter.RestoreOptions).
-        materialize: dequantize each layer once to bf16 for fast evaluation (same numbers under bf16 compute).
+        scoring: which rows are scored and how (restora.infer.settings.EvalSettings).
         data_dir: folder laid out like ../shared/data (else $RESTORA_DATA_DIR, else the hub).
-        speculate: verify up to K prompt-lookup draft tokens per decoding step (greedy output; 0 = off).
-        compile: run decoding steps as one torch.compile'd graph (SmolLM2, bf16, 2 threads: ~1.15x the tokens/s
-            at batch 8 and ~1.1x at batch 1, after a one-time compile of 40-75 s per shape: batch 1 or more,
-            1 or more tokens per step); worth it on long evaluations. bf16 results can differ from eager
-            decoding by rounding.
     """
     options = replace(options, group_size=options.group_size or 64)
     format = options.format
@@ -89,11 +71,13 @@ def eval(
         choice = replace(choice, spec=rinfo.restore_spec)  # what restore built (auto may keep the k-bit base)
     else:
         loaded = build_base(model, choice, data_dir)
-    if materialize:
+    if scoring.materialize:
         dequantize_model(loaded.model, torch.bfloat16)
-    rows = task_split(task, split, seed, data_dir, limit=limit or None)
-    res = evaluate_task(loaded.model, loaded.tokenizer, task, rows, max_new_tokens, batch_size,
-                        generate=generate, use_chat_template=chat, speculate=speculate, compile=compile)
+    split = scoring.split
+    rows = task_split(task, split, seed, data_dir, limit=scoring.limit or None)
+    res = evaluate_task(loaded.model, loaded.tokenizer, task, rows, scoring.max_new_tokens, scoring.batch_size,
+                        generate=scoring.generate, use_chat_template=chat, speculate=scoring.speculate,
+                        compile=scoring.compile)
     if adapter and restoration is not None:
         res["restoration"] = restoration
     res.update({"split": split, "adapter": adapter, "eval_base": choice.spec.to_dict(), "train_base": trained_on,

@@ -21,9 +21,10 @@ Config (TOML):
     name = "gptq"  format = "gptq"  bits = [4, 3]  init = "default"
     train = { epochs = 3, targets = "all" }   # optional: this method's overrides of [train]
     [train]                               # restora train settings (rank, alpha, targets, epochs, lr, ...)
-    [eval]                                # split, limit, max_new_tokens, batch_size, generate, compile
-                                          # (compile: decoding steps as one compiled graph, compiled once
-                                          # per process and reused by every cell of the same model)
+    [eval]                                # restora eval's scoring settings (EvalSettings: split, limit,
+                                          # max_new_tokens, batch_size, generate, materialize, speculate,
+                                          # compile) and the grid's own: loss_limit, restore_format,
+                                          # restore_modes, mode_bits, auto_min_gain, merge_dtypes, merge_limit
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ from typing import Any
 import torch
 
 from restora.core.atomic import write_text_atomic
+from restora.core.settings import settings_from
 from restora.data import encode_rows, get_task, task_split
 from restora.experiments.report import write_reports
 from restora.experiments.study import write_study
 from restora.infer.evaluate import evaluate_task
+from restora.infer.settings import EvalSettings
 from restora.quant.spec import SUPPORTED_BITS
 from restora.restore.modes import RestorationMode, restore_with_mode
 from restora.restore.plr import dequantize_model, merge_and_unload, restore_base
@@ -63,8 +66,10 @@ _METHOD = {"name", "format", "bits", "init", "group_size", "train", "seeds", "ev
 # [train] keys: train_adapter's adapter kind and the fields of its settings groups, but those a method or unit sets
 _UNIT_SET = {"format", "bits", "group_size", "init", "seed"}
 _TRAIN = {"adapter"} | {f.name for cls in SETTING_GROUPS.values() for f in fields(cls)} - _UNIT_SET
-_EVAL = {"split", "limit", "loss_limit", "max_new_tokens", "batch_size", "generate", "restore_format", "materialize",
-         "restore_modes", "mode_bits", "auto_min_gain", "compile", "merge_dtypes", "merge_limit"}
+# [eval]: how a split is scored (EvalSettings, shared with `restora eval`), plus the grid's own keys
+_GRID_EVAL = {"loss_limit", "restore_format", "restore_modes", "mode_bits", "auto_min_gain", "merge_dtypes",
+              "merge_limit"}
+_EVAL = _GRID_EVAL | {f.name for f in fields(EvalSettings)}
 _MERGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -163,8 +168,9 @@ def load_grid_config(path: str | Path) -> GridConfig:
         restore_bits=sorted(int(b) for b in raw.get("restore_bits", [16])), train=dict(raw.get("train", {})),
         eval=dict(raw.get("eval", {})), data_dir=raw.get("data_dir"),
     )
-    for unit in plan_units(cfg):  # every unit's training settings checked now, not when its turn comes
+    for unit in plan_units(cfg):  # every unit's settings checked now, not when its turn comes
         _unit_settings(unit, cfg, where=f"{p}: {unit.id}: ")
+        _scoring(_eval_settings(unit, cfg), where=f"{p}: {unit.id}: ")
     return cfg
 
 
@@ -243,6 +249,12 @@ def _eval_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
     return _per_task({**cfg.eval, **dict(unit.method.eval)}, unit.task)
 
 
+def _scoring(e: dict[str, Any], where: str = "") -> EvalSettings:
+    """The shared scoring settings among a unit's resolved [eval] settings."""
+    return settings_from(EvalSettings, {k: v for k, v in e.items() if k not in _GRID_EVAL}, where,
+                         "evaluation setting")
+
+
 def _train_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
     """The config's [train] settings with this unit's method overrides applied; a per-task table is resolved."""
     return _per_task({**cfg.train, **dict(unit.method.train)}, unit.task)
@@ -288,6 +300,7 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
 
 def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str = "plain") -> dict[str, Any]:
     e = _eval_settings(unit, cfg)
+    scoring = _scoring(e)
     settings = _unit_settings(unit, cfg)  # the unit's training settings, read once per cell
     fmt = _restore_format(unit, level, cfg)
     t0 = time.perf_counter()
@@ -308,16 +321,15 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     merged: dict[str, list[tuple[float, int]]] = {}
     if mode == "trained":  # merged into the dequantized k-bit base, stored in bf16: what such an export holds
         exact = _merged_state(loaded.model)
-        merged = _merged_losses(loaded, exact, unit, rows, e, chat)
+        merged = _merged_losses(loaded, exact, unit, rows, e, scoring.batch_size, chat)
         _load_rounded(loaded.model, exact, torch.bfloat16)
-    elif e.get("materialize", True):  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
+    elif scoring.materialize:  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
         dequantize_model(loaded.model, torch.bfloat16)
-    res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, int(e.get("max_new_tokens", 96)),
-                        int(e.get("batch_size", 8)), generate=bool(e.get("generate", True)),
-                        use_chat_template=chat, progress=False, compile=bool(e.get("compile", False)),
-                        generate_limit=e.get("limit"))
+    res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, scoring.max_new_tokens, scoring.batch_size,
+                        generate=scoring.generate, use_chat_template=chat, progress=False, compile=scoring.compile,
+                        generate_limit=scoring.limit or None, speculate=scoring.speculate)
     if mode == "plain" and level == 16 and e.get("merge_dtypes"):  # merged into W16 (the source weights)
-        merged = _merged_losses(loaded, _merged_state(loaded.model), unit, rows, e, chat)
+        merged = _merged_losses(loaded, _merged_state(loaded.model), unit, rows, e, scoring.batch_size, chat)
     trained = json.loads((adapter / "restora.json").read_text())
     gt = adapter / "grid_train.json"
     train_info = json.loads(gt.read_text()) if gt.is_file() else {}
@@ -342,12 +354,15 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
 
 
 def _test_rows(unit: Unit, cfg: GridConfig) -> list[dict[str, Any]]:
-    """The held-out rows: log loss over the first `loss_limit` (default `limit`), generation over the first `limit`."""
+    """The held-out rows: log loss over the first `loss_limit` (default `limit`), generation over the first `limit`
+    (0: all rows)."""
     e = _eval_settings(unit, cfg)
-    n = e.get("loss_limit", e.get("limit"))
-    if n is not None and e.get("limit") is not None:
-        n = max(int(n), int(e["limit"]))
-    return task_split(unit.task, e.get("split", "test"), unit.seed, cfg.data_dir, limit=n)
+    scoring = _scoring(e)
+    limit = scoring.limit or None
+    n = e.get("loss_limit", limit)
+    if n is not None and limit is not None:
+        n = max(int(n), limit)
+    return task_split(unit.task, scoring.split, unit.seed, cfg.data_dir, limit=n)
 
 
 def _merged_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -372,7 +387,7 @@ def _mean_loss(per_row: list[tuple[float, int]]) -> float:
 
 
 def _merged_losses(loaded: Any, exact: dict[str, torch.Tensor], unit: Unit, rows: list[dict[str, Any]],
-                   e: dict[str, Any], chat: bool) -> dict[str, list[tuple[float, int]]]:
+                   e: dict[str, Any], batch_size: int, chat: bool) -> dict[str, list[tuple[float, int]]]:
     """Per-row test losses, on the first `merge_limit` rows, of the merged weights `exact` stored in each of
     `merge_dtypes` (rounded once, as `export --to merged-hf` writes them) and computed in float32: the effect
     measured is the storage's rounding of W + s·BA alone. (float32 compute: this CPU's float16 matmul is 25 times
@@ -387,7 +402,7 @@ def _merged_losses(loaded: Any, exact: dict[str, torch.Tensor], unit: Unit, rows
     for name in names:
         _load_rounded(loaded.model, exact, _MERGE_DTYPES[name])
         loaded.model.to(torch.float32)
-        out[name] = row_losses(loaded.model, encoded, loaded.tokenizer.pad_token_id, int(e.get("batch_size", 8)),
+        out[name] = row_losses(loaded.model, encoded, loaded.tokenizer.pad_token_id, batch_size,
                                bf16=False)
     return out
 

@@ -7,8 +7,9 @@ the grid maps its flat keys onto the groups (`group_settings`). Values are check
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from types import UnionType
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Literal, get_type_hints
+
+from restora.core.settings import checked_value
 
 __all__ = ["Base", "BaseSettings", "DataSettings", "LoRASettings", "SETTING_GROUPS", "TrainConfig", "group_settings"]
 
@@ -189,44 +190,9 @@ def group_settings(flat: dict[str, Any], where: str = "") -> dict[str, Any]:
     for key, value in flat.items():
         if key not in owner:
             raise ValueError(f"{where}unknown training setting {key!r}: expected one of {', '.join(sorted(owner))}")
-        values[key] = _checked(key, value, _HINTS[key], where)
+        values[key] = checked_value(key, value, _HINTS[key], where, "training setting")
     try:
         return {group: cls(**{k: v for k, v in values.items() if owner[k][0] == group})
                 for group, cls in SETTING_GROUPS.items()}
     except ValueError as e:
         raise ValueError(f"{where}{e}") from None
-
-
-def _checked(key: str, value: Any, hint: Any, where: str) -> Any:
-    """`value` if the field's annotation `hint` admits it (a whole number where a float is expected becomes that
-    float); otherwise a one-line error saying what the field takes."""
-    options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
-    for option in options:
-        if get_origin(option) is Literal:
-            if value in get_args(option) and type(value) is not bool:
-                return value
-        elif option is type(None):
-            if value is None:
-                return value
-        elif option is float and type(value) in (int, float):
-            return float(value)
-        elif option in (bool, int, str) and type(value) is option:
-            return value
-        elif option not in _KIND_NAMES:
-            return value  # a type this check does not know: the dataclass's own checks decide
-    raise ValueError(f"{where}training setting {key!r} must be {_describe(options)}, got {value!r}")
-
-
-def _describe(options: tuple) -> str:
-    words = []
-    for option in options:
-        if get_origin(option) is Literal:
-            words.append("one of " + ", ".join(repr(v) for v in get_args(option)))
-        elif option is type(None):
-            words.append("unset")
-        else:
-            words.append(_KIND_NAMES[option])
-    return " or ".join(words)
-
-
-_KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", str: "a string"}
