@@ -223,6 +223,7 @@ def test_trained_arm_merges_and_per_row_numbers(tmp_path, tiny_dir):
         assert sum(s for s, _ in c["row_losses"]) / sum(n for _, n in c["row_losses"]) == pytest.approx(c["test_log_loss"], rel=1e-4)
     trained, plr16 = cells["sql-rtn-4b-s0-l4-trained"], cells["sql-rtn-4b-s0-l16"]
     assert trained["restore_format"] == "float" and trained["restore_mode"] == "trained"
+    assert trained["scoring"]["max_new_tokens"] == 4 and trained["scoring"]["split"] == "test"  # how it was scored
     assert sorted(trained["merged_log_loss"]) == sorted(plr16["merged_log_loss"]) == ["bfloat16", "float32"]
     assert all(len(rows) == 5 for c in (trained, plr16) for rows in c["merged_row_losses"].values())
     assert not cells["sql-rtn-4b-s0-l8"]["merged_log_loss"] and not cells["sql-lora-16b-s0-l16"]["merged_log_loss"]

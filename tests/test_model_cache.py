@@ -34,11 +34,24 @@ def test_file_hash_is_remembered_until_the_file_changes(tmp_path, monkeypatch):
     monkeypatch.setenv("RESTORA_CACHE", str(tmp_path / "cache"))
     f = tmp_path / "w.bin"
     f.write_bytes(b"abc")
-    calls = []
-    real = hashlib.file_digest
-    monkeypatch.setattr(hashlib, "file_digest", lambda *a: calls.append(1) or real(*a))
-    assert load._file_sha256(f) == load._file_sha256(f) == hashlib.sha256(b"abc").hexdigest()
-    assert len(calls) == 1
-    f.write_bytes(b"abcd")
     os.utime(f, ns=(10**18, 10**18))
-    assert load._file_sha256(f) == hashlib.sha256(b"abcd").hexdigest() and len(calls) == 2
+    assert load._file_sha256(f) == hashlib.sha256(b"abc").hexdigest()
+    f.write_bytes(b"xyz")  # same path, size and mtime: the remembered hash is used, the file is not read
+    os.utime(f, ns=(10**18, 10**18))
+    assert load._file_sha256(f) == hashlib.sha256(b"abc").hexdigest()
+    os.utime(f, ns=(2 * 10**18, 2 * 10**18))  # touched: read again
+    assert load._file_sha256(f) == hashlib.sha256(b"xyz").hexdigest()
+
+
+def test_a_folder_converted_under_the_older_name_is_renamed_not_converted_again(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTORA_CACHE", str(tmp_path / "cache"))
+    f = tmp_path / "m.gguf"
+    f.write_bytes(b"gguf bytes")
+    st = f.stat()
+    older = tmp_path / "cache" / "models" / f"m-{st.st_size}-{int(st.st_mtime)}"
+    older.mkdir(parents=True)
+    (older / "config.json").write_text("{}")
+    (older / load.HASH_FILE).write_text("x\n")
+    got = load._convert_gguf(f, "m")
+    assert got.name == f"m-{hashlib.sha256(b'gguf bytes').hexdigest()[:16]}" and (got / "config.json").is_file()
+    assert not older.exists()

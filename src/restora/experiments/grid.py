@@ -34,7 +34,7 @@ import os
 import resource
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,8 @@ def load_grid_config(path: str | Path) -> GridConfig:
         default_tasks = [str(t) for t in raw.get("tasks", [])]
         runs = {(t, int(b), int(s)) for t in m.get("tasks", default_tasks) for b in bits
                 for s in m.get("seeds", default_seeds)}
-        twice = sorted(runs & {(t, b, s) for prev in same for t in (prev.tasks or default_tasks) for b in prev.bits
+        twice = sorted(runs & {(t, b, s) for prev in same for t in (prev.tasks if prev.tasks is not None else default_tasks)
+                               for b in prev.bits
                                for s in (prev.seeds if prev.seeds is not None else default_seeds)})
         if twice:  # one name over several entries orders its (task, bits, seed) runs by priority; each is one unit
             raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice for task {twice[0][0]} at "
@@ -146,7 +147,7 @@ def load_grid_config(path: str | Path) -> GridConfig:
                         != (m["format"], m.get("init", "default"), int(m.get("group_size", 64)),
                             tuple(sorted(m.get("train", {}).items()))) for prev in same):
             raise ValueError(f"{p}: methods[{i}].name {m['name']!r} is used twice with different settings: "
-                             "entries of one name differ only in bits, seeds and eval")
+                             "entries of one name differ only in tasks, bits, seeds and eval")
         evals = tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in m.get("eval", {}).items()))
         if any(set(prev.bits) & {int(b) for b in bits} and prev.eval != evals for prev in same):
             raise ValueError(f"{p}: methods[{i}].name {m['name']!r} repeats bits of an entry with other eval "
@@ -337,6 +338,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
         "unit": unit.id, "task": unit.task, "method": unit.method.name, "init": unit.method.init,
         "train_format": unit.method.format, "train_bits": unit.train_bits, "train_overrides": dict(unit.method.train), "restore_bits": level,
         "restore_format": info.restore_spec.format, "restore_mode": mode, "seed": unit.seed,
+        "scoring": asdict(scoring),
         "targets": settings["lora"].targets,
         "restoration": {k: v for k, v in (restoration or {}).items()},
         "metrics": res.get("metrics", {}), "test_log_loss": res["log_loss"], "n": res["n"],
@@ -355,11 +357,11 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
 
 def _test_rows(unit: Unit, cfg: GridConfig) -> list[dict[str, Any]]:
     """The held-out rows: log loss over the first `loss_limit` (default `limit`), generation over the first `limit`
-    (0: all rows)."""
+    (either 0: all rows)."""
     e = _eval_settings(unit, cfg)
     scoring = _scoring(e)
     limit = scoring.limit or None
-    n = e.get("loss_limit", limit)
+    n = e.get("loss_limit", limit) or None
     if n is not None and limit is not None:
         n = max(int(n), limit)
     return task_split(unit.task, scoring.split, unit.seed, cfg.data_dir, limit=n)

@@ -72,8 +72,11 @@ def _file_sha256(path: Path) -> str:
     st = path.stat()
 
     def compute() -> str:
+        h = hashlib.sha256()
         with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
+            while chunk := f.read(HASH_CHUNK):
+                h.update(chunk)
+        return h.hexdigest()
 
     return _remembered_hash(["file", str(path), st.st_size, st.st_mtime_ns], compute)
 
@@ -84,6 +87,10 @@ def _convert_gguf(gguf: Path, name: str) -> Path:
     The folder is named by the file's content, so a reinstalled package (same bytes, new path and mtime)
     finds the folder it converted before instead of converting, and storing, the model again."""
     out = cache_dir() / "models" / f"{name}-{_file_sha256(gguf)[:16]}"
+    st = gguf.stat()
+    older = cache_dir() / "models" / f"{name}-{st.st_size}-{int(st.st_mtime)}"  # how restora named it before
+    if not out.exists() and (older / HASH_FILE).is_file():
+        older.rename(out)
     if (out / "config.json").is_file() and (out / HASH_FILE).is_file():
         return out
     try:
