@@ -113,6 +113,15 @@ def test_gap_closed_in_accuracy():
     assert "| 50% [" in gap
 
 
+def test_an_arm_equal_to_the_own_base_closes_none_of_a_small_gap():
+    # a gap resolved but small enough that some bootstrap draws hold no gap at all (0/0 there)
+    own = [1] * 60 + [0] * 60
+    cells = [_cell("lora", 16, 16, correct=[1] * 65 + [0] * 55), _cell("g", 3, 3, correct=own),
+             _cell("g", 3, 16, mode="auto", correct=own)]
+    gap = next(line for line in study_markdown(cells).splitlines() if "| accuracy |" in line)
+    assert "nan" not in gap and "| 0% [0, 0] |" in gap
+
+
 def test_no_gap_no_fraction():
     text = study_markdown(_study(0.0, -0.1))
     gap = next(line for line in text.splitlines() if "| log loss |" in line)

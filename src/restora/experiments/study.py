@@ -128,6 +128,11 @@ def compare(pairs: list[tuple[dict[str, Any], dict[str, Any]]], metric: str = "l
     return Comparison(value, float(low), float(high), seeds)
 
 
+def _pct(fraction: float) -> str:
+    """A fraction as whole percent, with no negative zero."""
+    return f"{round(100 * fraction) + 0:.0f}" if np.isfinite(fraction) else "nan"
+
+
 def _gap_closed(own: list[dict[str, Any]], restored: list[dict[str, Any]], ref: dict[str, Any],
                 metric: str, draws: int = BOOTSTRAP_DRAWS) -> tuple[float, float, float] | None:
     """(own - restored) / (own - ref) with its paired 95% interval; None where the gap is not resolved."""
@@ -154,7 +159,9 @@ def _gap_closed(own: list[dict[str, Any]], restored: list[dict[str, Any]], ref: 
     lo, hi = np.percentile(den, [2.5, 97.5])
     if lo <= 0:  # the own base is not resolved worse than the 16-bit LoRA: no gap to close
         return None
-    low, high = np.percentile(num / den, [2.5, 97.5])
+    # draws whose gap is 0 have no fraction (0/0 where the arm equals the own base): they are left out
+    ratio = np.divide(num, den, out=np.full(len(den), np.nan), where=den != 0)
+    low, high = np.nanpercentile(ratio, [2.5, 97.5])
     return point, float(low), float(high)
 
 
@@ -268,7 +275,7 @@ def _gap_table(index: _Index, task: str) -> list[str]:
                 seeds = [s for s in index.arms[u].get(a, {}) if s in index.arms[u]["own"]]
                 g = _gap_closed([index.arms[u]["own"][s] for s in seeds], [index.arms[u][a][s] for s in seeds], ref,
                                 metric) if seeds else None
-                row.append("" if g is None else f"{100 * g[0]:.0f}% [{100 * g[1]:.0f}, {100 * g[2]:.0f}]")
+                row.append("" if g is None else f"{_pct(g[0])}% [{_pct(g[1])}, {_pct(g[2])}]")
             if any(row):
                 lines.append(f"| {_unit_label(u, index)} | {name} | " + " | ".join(row) + " |")
             else:
