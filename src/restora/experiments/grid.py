@@ -317,7 +317,7 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
         loaded, info, restoration = restore_with_mode(adapter, level, rmode, fmt if mode != "auto" else None,
                                                       data_dir=cfg.data_dir, seed=unit.seed)
         level = int(restoration["restore_bits"])
-    rows = _test_rows(unit, cfg)
+    rows = _test_rows(unit, cfg, e, scoring)
     chat = settings["data"].chat
     merged: dict[str, list[tuple[float, int]]] = {}
     if mode == "trained":  # merged into the dequantized k-bit base, stored in bf16: what such an export holds
@@ -355,11 +355,9 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     }
 
 
-def _test_rows(unit: Unit, cfg: GridConfig) -> list[dict[str, Any]]:
+def _test_rows(unit: Unit, cfg: GridConfig, e: dict[str, Any], scoring: EvalSettings) -> list[dict[str, Any]]:
     """The held-out rows: log loss over the first `loss_limit` (default `limit`), generation over the first `limit`
-    (either 0: all rows)."""
-    e = _eval_settings(unit, cfg)
-    scoring = _scoring(e)
+    (either 0: all rows). `e` is the unit's resolved [eval] settings, `scoring` their shared part."""
     limit = scoring.limit or None
     n = e.get("loss_limit", limit) or None
     if n is not None and limit is not None:

@@ -7,9 +7,9 @@ the grid maps its flat keys onto the groups (`group_settings`). Values are check
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal, get_type_hints
+from typing import Any, Literal
 
-from restora.core.settings import checked_value
+from restora.core.settings import settings_from
 
 __all__ = ["Base", "BaseSettings", "DataSettings", "LoRASettings", "SETTING_GROUPS", "TrainConfig", "group_settings"]
 
@@ -178,21 +178,13 @@ class TrainConfig:
 SETTING_GROUPS: dict[str, type] = {"base": BaseSettings, "lora": LoRASettings, "data": DataSettings, "optim": TrainConfig}
 
 
-_HINTS = {k: v for cls in SETTING_GROUPS.values() for k, v in get_type_hints(cls).items()}
-
-
 def group_settings(flat: dict[str, Any], where: str = "") -> dict[str, Any]:
     """Flat settings (a grid's [train] table, field names as keys) as train_adapter's groups of settings. An unknown
     key, or a value of the wrong type (a whole number, a flag, a word), is a one-line error naming the key and
     `where` it came from; a whole number where a float is expected is taken as that float."""
-    owner = {f.name: (group, f) for group, cls in SETTING_GROUPS.items() for f in fields(cls)}
-    values: dict[str, Any] = {}
-    for key, value in flat.items():
+    owner = {f.name: group for group, cls in SETTING_GROUPS.items() for f in fields(cls)}
+    for key in flat:
         if key not in owner:
             raise ValueError(f"{where}unknown training setting {key!r}: expected one of {', '.join(sorted(owner))}")
-        values[key] = checked_value(key, value, _HINTS[key], where, "training setting")
-    try:
-        return {group: cls(**{k: v for k, v in values.items() if owner[k][0] == group})
-                for group, cls in SETTING_GROUPS.items()}
-    except ValueError as e:
-        raise ValueError(f"{where}{e}") from None
+    return {group: settings_from(cls, {k: v for k, v in flat.items() if owner[k] == group}, where, "training setting")
+            for group, cls in SETTING_GROUPS.items()}
