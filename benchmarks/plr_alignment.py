@@ -10,8 +10,8 @@ points along E, and the restored model gets that correction twice. Per adapter, 
   that the inputs use least, so the two spaces differ);
 - for comparison, the most a rank-r update could cancel in weight space, |E_r|² / |E|².
 
-A 16-bit LoRA adapter, which never saw the quantized base, is the control: pass it with --against-bits K to
-compare it with the error of the K-bit base of the adapters listed before it.
+A 16-bit LoRA adapter, which never saw the quantized base, is the control: pass it with --control to compare
+it with the error of the first adapter's base.
 
     python benchmarks/plr_alignment.py results/plr-study/adapters/sql-gptq-attn-steps16-3b-s0 \\
         results/plr-study/adapters/sql-gptq-attn-steps48-3b-s0 results/plr-study/adapters/sql-gptq-attn-3b-s0 \\
@@ -31,6 +31,7 @@ from restora.adapters.files import (
     read_adapter_weights,
     read_provenance,
 )
+from restora.adapters.loftq import lora_scaling
 from restora.data import encode_rows, get_task, task_split
 from restora.models.bases import base_choice, build_base
 from restora.quant.linear import QuantLinear
@@ -43,7 +44,7 @@ def _deltas(folder: Path) -> dict[str, torch.Tensor]:
     if kind != "lora":
         raise ValueError(f"{folder}: a LoRA adapter is needed, got {kind}")
     weights = read_adapter_weights(folder)
-    scale = config.alpha / (config.r ** 0.5 if config.use_rslora else config.r)
+    scale = lora_scaling(config.r, config.alpha, config.use_rslora)
     out = {}
     for key, a in weights.items():
         if ".lora_A." not in key:
