@@ -45,3 +45,31 @@ def test_a_bad_eval_value_fails_when_the_grid_config_loads(tmp_path):
     p.write_text(p.read_text().replace("{ gsm8k = 64 }", "{ sql = -1 }"))
     with pytest.raises(ValueError, match="g.toml: sql-lora-16b-s0: max_new_tokens must be positive, got -1"):
         load_grid_config(p)
+
+
+def test_the_grids_own_eval_keys_are_a_checked_dataclass():
+    from restora.experiments.grid import GridEvalSettings, _grid_eval
+
+    assert _grid_eval({"limit": 200}) == GridEvalSettings()  # scoring keys are not the grid's
+    got = _grid_eval({"loss_limit": 500, "restore_modes": ["plain", "trained", "auto"], "mode_bits": [16],
+                      "merge_dtypes": ("float32", "bfloat16"), "merge_limit": 100, "auto_min_gain": 0})
+    assert got == GridEvalSettings(loss_limit=500, restore_modes=("plain", "trained", "auto"), mode_bits=(16,),
+                                   merge_dtypes=("float32", "bfloat16"), merge_limit=100, auto_min_gain=0.0)
+    for flat, message in (({"restore_modes": "plain"}, "'restore_modes' must be a list, got 'plain'"),
+                          ({"restore_modes": ["plain", "mean-mach"]}, "restore_modes: 'mean-mach' is unknown"),
+                          ({"mode_bits": [16, "8"]}, r"'mode_bits\[1\]' must be a whole number, got '8'"),
+                          ({"mode_bits": [5]}, "mode_bits must be restore levels"),
+                          ({"merge_dtypes": ["fp16"]}, "merge_dtypes: 'fp16' is unknown: expected some of float32"),
+                          ({"loss_limit": -1}, "loss_limit must be 0 \\(all rows\\) or more"),
+                          ({"restore_format": "q4"}, "restore_format must be one of"),
+                          ({"auto_min_gain": "0.01"}, "'auto_min_gain' must be a number")):
+        with pytest.raises(ValueError, match=message):
+            _grid_eval(flat, where="g.toml: ")
+
+
+def test_a_bad_grid_eval_key_fails_when_the_config_loads(tmp_path):
+    p = tmp_path / "g.toml"
+    p.write_text('model = "m"\ntasks = ["sql"]\n[[methods]]\nname = "gptq"\nformat = "gptq"\nbits = [4]\n'
+                 'eval = { merge_dtypes = ["float32", "half"] }\n')
+    with pytest.raises(ValueError, match="g.toml: sql-gptq-4b-s0: merge_dtypes: 'half' is unknown"):
+        load_grid_config(p)

@@ -16,10 +16,15 @@ _KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", 
 
 def checked_value(key: str, value: Any, hint: Any, where: str = "", noun: str = "setting") -> Any:
     """`value` if the field's annotation `hint` admits it (a whole number where a float is expected becomes that
-    float); otherwise a one-line error saying what the field takes."""
+    float; a list or tuple where a list is expected becomes a tuple, each item checked); otherwise a one-line
+    error saying what the field takes."""
     options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
     for option in options:
-        if get_origin(option) is Literal:
+        if get_origin(option) in (list, tuple):
+            if isinstance(value, (list, tuple)):
+                item = get_args(option)[0]
+                return tuple(checked_value(f"{key}[{i}]", v, item, where, noun) for i, v in enumerate(value))
+        elif get_origin(option) is Literal:
             if value in get_args(option) and type(value) is not bool:
                 return value
         elif option is type(None):
@@ -37,7 +42,9 @@ def checked_value(key: str, value: Any, hint: Any, where: str = "", noun: str = 
 def _describe(options: tuple) -> str:
     words = []
     for option in options:
-        if get_origin(option) is Literal:
+        if get_origin(option) in (list, tuple):
+            words.append("a list")
+        elif get_origin(option) is Literal:
             words.append("one of " + ", ".join(repr(v) for v in get_args(option)))
         elif option is type(None):
             words.append("unset")

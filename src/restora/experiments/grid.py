@@ -48,7 +48,7 @@ from restora.experiments.study import write_study
 from restora.infer.evaluate import evaluate_task
 from restora.infer.settings import EvalSettings
 from restora.quant.spec import SUPPORTED_BITS
-from restora.restore.modes import RestorationMode, restore_with_mode
+from restora.restore.modes import MODES, RestorationMode, restore_with_mode
 from restora.restore.plr import dequantize_model, merge_and_unload, restore_base
 from restora.train.config import SETTING_GROUPS, group_settings
 from restora.train.loss import row_losses
@@ -59,18 +59,60 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-__all__ = ["GridConfig", "Unit", "load_grid_config", "plan_units", "run_grid", "collect", "parse_shard"]
+__all__ = ["GridConfig", "GridEvalSettings", "Unit", "load_grid_config", "plan_units", "run_grid", "collect", "parse_shard"]
 
 _TOP = {"model", "tasks", "seeds", "restore_bits", "methods", "train", "eval", "data_dir"}
 _METHOD = {"name", "format", "bits", "init", "group_size", "train", "seeds", "eval", "tasks"}
 # [train] keys: train_adapter's adapter kind and the fields of its settings groups, but those a method or unit sets
 _UNIT_SET = {"format", "bits", "group_size", "init", "seed"}
 _TRAIN = {"adapter"} | {f.name for cls in SETTING_GROUPS.values() for f in fields(cls)} - _UNIT_SET
-# [eval]: how a split is scored (EvalSettings, shared with `restora eval`), plus the grid's own keys
-_GRID_EVAL = {"loss_limit", "restore_format", "restore_modes", "mode_bits", "auto_min_gain", "merge_dtypes",
-              "merge_limit"}
-_EVAL = _GRID_EVAL | {f.name for f in fields(EvalSettings)}
 _MERGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_GRID_MODES = (*MODES, "trained")  # "trained": the adapter merged into its dequantized k-bit base
+
+
+@dataclass(frozen=True)
+class GridEvalSettings:
+    """The grid's own [eval] keys, beside the scoring settings it shares with `restora eval` (EvalSettings).
+
+    Args:
+        loss_limit: log loss over the first N test rows (at least `limit`; unset: `limit`; 0: all).
+        restore_format: the format of restored bases below 16 bits (unset: the method's, where it has the level).
+        restore_modes: the restorations evaluated above k (restora.restore.modes.MODES, and "trained": merged
+            into the dequantized k-bit base).
+        mode_bits: the levels at which modes other than plain are evaluated (unset: every level).
+        auto_min_gain: the validation gain auto needs before it restores.
+        merge_dtypes: storage dtypes in which the merged weights are also scored (float32, bfloat16, float16).
+        merge_limit: those merged scores over the first N test rows (unset: all scored rows).
+    """
+
+    loss_limit: int | None = None
+    restore_format: str | None = None
+    restore_modes: tuple[str, ...] = ("plain",)
+    mode_bits: tuple[int, ...] | None = None
+    auto_min_gain: float = 0.0
+    merge_dtypes: tuple[str, ...] = ()
+    merge_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name, value, known in (("restore_modes", self.restore_modes, _GRID_MODES),
+                                   ("merge_dtypes", self.merge_dtypes, tuple(_MERGE_DTYPES))):
+            bad = [v for v in value if v not in known]
+            if bad:
+                raise ValueError(f"{name}: {bad[0]!r} is unknown: expected some of {', '.join(known)}")
+        if self.restore_format is not None and self.restore_format not in SUPPORTED_BITS:
+            raise ValueError(f"restore_format must be one of {', '.join(SUPPORTED_BITS)}, got {self.restore_format!r}")
+        for name in ("loss_limit", "merge_limit"):
+            if (getattr(self, name) or 0) < 0:
+                raise ValueError(f"{name} must be 0 (all rows) or more, got {getattr(self, name)}")
+        levels = sorted(set().union(*SUPPORTED_BITS.values()))
+        if self.mode_bits is not None and any(b not in levels for b in self.mode_bits):
+            raise ValueError(f"mode_bits must be restore levels ({', '.join(map(str, levels))}), "
+                             f"got {list(self.mode_bits)}")
+
+
+# [eval]: how a split is scored (EvalSettings, shared with `restora eval`), plus the grid's own keys
+_GRID_EVAL = {f.name for f in fields(GridEvalSettings)}
+_EVAL = _GRID_EVAL | {f.name for f in fields(EvalSettings)}
 
 
 @dataclass(frozen=True)
@@ -172,6 +214,7 @@ def load_grid_config(path: str | Path) -> GridConfig:
     for unit in plan_units(cfg):  # every unit's settings checked now, not when its turn comes
         _unit_settings(unit, cfg, where=f"{p}: {unit.id}: ")
         _scoring(_eval_settings(unit, cfg), where=f"{p}: {unit.id}: ")
+        _grid_eval(_eval_settings(unit, cfg), where=f"{p}: {unit.id}: ")
     return cfg
 
 
@@ -235,12 +278,12 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _restore_format(unit: Unit, level: int, cfg: GridConfig) -> str:
+def _restore_format(unit: Unit, level: int, restore_format: str | None) -> str:
     if level == 16:
         return "float"
     if level == unit.train_bits:
         return "rtn" if unit.method.init == "loftq" and unit.method.format == "gptq" else unit.method.format
-    fmt = cfg.eval.get("restore_format", unit.method.format)
+    fmt = restore_format or unit.method.format
 
     return fmt if level in SUPPORTED_BITS.get(fmt, ()) else ("int8" if level == 8 else "rtn")
 
@@ -253,6 +296,12 @@ def _eval_settings(unit: Unit, cfg: GridConfig) -> dict[str, Any]:
 def _scoring(e: dict[str, Any], where: str = "") -> EvalSettings:
     """The shared scoring settings among a unit's resolved [eval] settings."""
     return settings_from(EvalSettings, {k: v for k, v in e.items() if k not in _GRID_EVAL}, where,
+                         "evaluation setting")
+
+
+def _grid_eval(e: dict[str, Any], where: str = "") -> GridEvalSettings:
+    """The grid's own settings among a unit's resolved [eval] settings."""
+    return settings_from(GridEvalSettings, {k: v for k, v in e.items() if k in _GRID_EVAL}, where,
                          "evaluation setting")
 
 
@@ -301,9 +350,9 @@ def _train_unit(unit: Unit, cfg: GridConfig, out: Path) -> Path:
 
 def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str = "plain") -> dict[str, Any]:
     e = _eval_settings(unit, cfg)
-    scoring = _scoring(e)
+    scoring, g = _scoring(e), _grid_eval(e)
     settings = _unit_settings(unit, cfg)  # the unit's training settings, read once per cell
-    fmt = _restore_format(unit, level, cfg)
+    fmt = _restore_format(unit, level, g.restore_format)
     t0 = time.perf_counter()
     restoration = None
     if mode in ("plain", "trained"):
@@ -313,24 +362,24 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     else:
         levels = tuple(lvl for lvl in unit.restore_levels if lvl > unit.train_bits) or (level,)
         rmode = RestorationMode(mode, auto_bits=levels if mode == "auto" else (level,),
-                                min_gain=float(e.get("auto_min_gain", 0.0)))
+                                min_gain=g.auto_min_gain)
         loaded, info, restoration = restore_with_mode(adapter, level, rmode, fmt if mode != "auto" else None,
                                                       data_dir=cfg.data_dir, seed=unit.seed)
         level = int(restoration["restore_bits"])
-    rows = _test_rows(unit, cfg, e, scoring)
+    rows = _test_rows(unit, cfg, g, scoring)
     chat = settings["data"].chat
     merged: dict[str, list[tuple[float, int]]] = {}
     if mode == "trained":  # merged into the dequantized k-bit base, stored in bf16: what such an export holds
         exact = _merged_state(loaded.model)
-        merged = _merged_losses(loaded, exact, unit, rows, e, scoring.batch_size, chat)
+        merged = _merged_losses(loaded, exact, unit, rows, g, scoring.batch_size, chat)
         _load_rounded(loaded.model, exact, torch.bfloat16)
     elif scoring.materialize:  # evaluation speed: one bf16 dequantization per layer (see dequantize_model)
         dequantize_model(loaded.model, torch.bfloat16)
     res = evaluate_task(loaded.model, loaded.tokenizer, unit.task, rows, scoring.max_new_tokens, scoring.batch_size,
                         generate=scoring.generate, use_chat_template=chat, progress=False, compile=scoring.compile,
                         generate_limit=scoring.limit or None, speculate=scoring.speculate)
-    if mode == "plain" and level == 16 and e.get("merge_dtypes"):  # merged into W16 (the source weights)
-        merged = _merged_losses(loaded, _merged_state(loaded.model), unit, rows, e, scoring.batch_size, chat)
+    if mode == "plain" and level == 16 and g.merge_dtypes:  # merged into W16 (the source weights)
+        merged = _merged_losses(loaded, _merged_state(loaded.model), unit, rows, g, scoring.batch_size, chat)
     trained = json.loads((adapter / "restora.json").read_text())
     gt = adapter / "grid_train.json"
     train_info = json.loads(gt.read_text()) if gt.is_file() else {}
@@ -355,11 +404,11 @@ def _eval_cell(unit: Unit, level: int, adapter: Path, cfg: GridConfig, mode: str
     }
 
 
-def _test_rows(unit: Unit, cfg: GridConfig, e: dict[str, Any], scoring: EvalSettings) -> list[dict[str, Any]]:
+def _test_rows(unit: Unit, cfg: GridConfig, g: GridEvalSettings, scoring: EvalSettings) -> list[dict[str, Any]]:
     """The held-out rows: log loss over the first `loss_limit` (default `limit`), generation over the first `limit`
-    (either 0: all rows). `e` is the unit's resolved [eval] settings, `scoring` their shared part."""
+    (either 0: all rows)."""
     limit = scoring.limit or None
-    n = e.get("loss_limit", limit) or None
+    n = (limit if g.loss_limit is None else g.loss_limit) or None
     if n is not None and limit is not None:
         n = max(int(n), limit)
     return task_split(unit.task, scoring.split, unit.seed, cfg.data_dir, limit=n)
@@ -387,19 +436,15 @@ def _mean_loss(per_row: list[tuple[float, int]]) -> float:
 
 
 def _merged_losses(loaded: Any, exact: dict[str, torch.Tensor], unit: Unit, rows: list[dict[str, Any]],
-                   e: dict[str, Any], batch_size: int, chat: bool) -> dict[str, list[tuple[float, int]]]:
+                   g: GridEvalSettings, batch_size: int, chat: bool) -> dict[str, list[tuple[float, int]]]:
     """Per-row test losses, on the first `merge_limit` rows, of the merged weights `exact` stored in each of
     `merge_dtypes` (rounded once, as `export --to merged-hf` writes them) and computed in float32: the effect
     measured is the storage's rounding of W + s·BA alone. (float32 compute: this CPU's float16 matmul is 25 times
     slower than its bfloat16 one, and a float16 compute would add its own rounding.)"""
-    names = [str(d) for d in e.get("merge_dtypes") or []]
-    bad = [d for d in names if d not in _MERGE_DTYPES]
-    if bad:
-        raise ValueError(f"[eval] merge_dtypes: {bad[0]!r} is unknown: expected some of {sorted(_MERGE_DTYPES)}")
-    limit = e.get("merge_limit")
-    encoded = encode_rows(get_task(unit.task), loaded.tokenizer, rows[: int(limit)] if limit else rows, 512, chat)
+    limit = g.merge_limit
+    encoded = encode_rows(get_task(unit.task), loaded.tokenizer, rows[:limit] if limit else rows, 512, chat)
     out = {}
-    for name in names:
+    for name in g.merge_dtypes:
         _load_rounded(loaded.model, exact, _MERGE_DTYPES[name])
         loaded.model.to(torch.float32)
         out[name] = row_losses(loaded.model, encoded, loaded.tokenizer.pad_token_id, batch_size,
@@ -415,8 +460,8 @@ def run_grid(cfg: GridConfig, out: str | Path, shard: tuple[int, int] = (0, 1), 
     units = [u for j, u in enumerate(plan_units(cfg)) if j % n == i]
     written = []
     for u_idx, unit in enumerate(units):
-        e = _eval_settings(unit, cfg)
-        wanted = _cells(unit, list(e.get("restore_modes", ["plain"])), e.get("mode_bits"))
+        g = _grid_eval(_eval_settings(unit, cfg))
+        wanted = _cells(unit, list(g.restore_modes), g.mode_bits)
         pending = [(lvl, mode, cid) for lvl, mode, cid in wanted if not (out / "cells" / f"{cid}.json").is_file()]
         if progress:
             print(f"[grid {i}/{n}] unit {u_idx + 1}/{len(units)} {unit.id}: {len(pending)} cells to evaluate", flush=True)
@@ -433,7 +478,7 @@ def run_grid(cfg: GridConfig, out: str | Path, shard: tuple[int, int] = (0, 1), 
     return written
 
 
-def _cells(unit: Unit, modes: list[str], mode_bits: list[int] | None = None) -> list[tuple[int, str, str]]:
+def _cells(unit: Unit, modes: list[str], mode_bits: tuple[int, ...] | None = None) -> list[tuple[int, str, str]]:
     """(restore level, mode, cell id): the own base once, the dequantized own base ("trained") once, each higher
     level per mode (modes other than plain only at `mode_bits`, when given), auto once."""
     out = [(unit.train_bits, "plain", f"{unit.id}-l{unit.train_bits}")]
