@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from restora.adapters import LoRAConfig, adapter_modules, add_lora, remove_adapters, save_adapter
-from restora.adapters.batched import BASE, load_adapters
+from restora.adapters import BASE, load_adapters
 from restora.models.load import load_model
 
 SQL = Path("/work/shared/data/sql_create_context/train.jsonl")

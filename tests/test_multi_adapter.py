@@ -1,4 +1,4 @@
-"""Many adapters in one batch (restora.adapters.batched) on a tiny random Llama.
+"""Many adapters in one batch (restora.adapters.batched, restora.adapters.multi) on a tiny random Llama.
 
 The reference is always the single-adapter path: a fresh copy of the base with `load_adapter`
 of one folder (or no adapter for a base row), run on that row alone. Checked:
@@ -25,7 +25,8 @@ from torch import nn
 
 from conftest import tiny_llama
 from restora.adapters import IA3Config, LoRAConfig, adapter_modules, add_ia3, add_lora, load_adapter, save_adapter
-from restora.adapters.batched import BASE, MultiAdapterModel, MultiLoRALinear, load_adapters, set_rows
+from restora.adapters.batched import BASE, MultiLoRALinear, set_rows
+from restora.adapters.multi import MultiAdapterModel, load_adapters
 from restora.infer.generate import greedy_generate
 from restora.quant import QuantSpec, quantize_model
 

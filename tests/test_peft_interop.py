@@ -228,6 +228,12 @@ def test_extra_tensor(lora_folder: Path) -> None:
     assert_fails_cleanly(lora_folder, rf"adapter_model.safetensors: tensor {key} does not belong to any adapter")
 
 
+def test_non_finite_tensor(lora_folder: Path) -> None:
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    edit_weights(lora_folder, lambda sd: {**sd, key: torch.full_like(sd[key], float("nan"))})
+    assert_fails_cleanly(lora_folder, rf"adapter_model.safetensors: tensor {key} holds NaN or infinite values")
+
+
 def test_source_hash_mismatch(lora_folder: Path) -> None:
     assert_fails_cleanly(lora_folder, r"restora.json: adapter was trained on base aaa111, this base is bbb222",
                          expected_source_hash="bbb222")

@@ -405,7 +405,7 @@ def test_failing_prefill_answers_only_its_request(setup):
     already running and a request that joins in the same prefill finish with the output they have alone."""
     import queue
 
-    from restora.adapters.batched import MultiAdapterModel
+    from restora.adapters.multi import MultiAdapterModel
     from restora.serve.adapters_root import AdapterRoot, ResidentAdapters
     from restora.serve.engine import Engine, EngineConfig, Request, SamplingParams
 

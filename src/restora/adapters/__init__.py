@@ -1,6 +1,6 @@
 """Adapters over any base format: LoRA, (IA)³ (+ T-Few losses), target injection, PEFT-compatible folders."""
 
-from restora.adapters.batched import BASE, MultiAdapterModel, MultiLoRALinear, load_adapters, set_rows
+from restora.adapters.batched import BASE, MultiLoRALinear, set_rows
 from restora.adapters.files import AdapterInfo, load_adapter, read_adapter_config, save_adapter
 from restora.adapters.ia3 import (
     IA3Config, IA3Linear, choice_scores, length_normalized_choice_loss, token_log_probs, unlikelihood_loss,
@@ -10,6 +10,7 @@ from restora.adapters.inject import (
     remove_adapters, select_targets, target_names,
 )
 from restora.adapters.lora import AdapterModule, LoRAConfig, LoRALinear, adapter_modules, disable_adapters, replace_weight
+from restora.adapters.multi import MultiAdapterModel, load_adapters
 
 __all__ = [
     "LoRAConfig", "LoRALinear", "IA3Config", "IA3Linear", "AdapterModule", "AdapterInfo",

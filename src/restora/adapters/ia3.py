@@ -29,7 +29,7 @@ from torch import nn
 
 from restora.quant.linear import linear_shape, weight_of
 
-from restora.adapters.lora import replace_weight
+from restora.adapters.lora import replace_weight, swap_base_of
 
 __all__ = [
     "IA3Config", "IA3Linear", "token_log_probs", "choice_scores", "length_normalized_choice_loss",
@@ -141,15 +141,7 @@ class IA3Linear(nn.Module):
 
     def swap_base(self, new_base: nn.Module) -> nn.Module:
         """Put `new_base` under this adapter (PLR's restore step); returns the old base."""
-        if self.merged:
-            raise ValueError("cannot swap the base of a merged (IA)³ layer: call unmerge() first")
-        if linear_shape(new_base) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"new base has shape {linear_shape(new_base)} (out, in), the adapter needs"
-                f" {(self.out_features, self.in_features)}"
-            )
-        old, self.base_layer = self.base_layer, new_base
-        return old
+        return swap_base_of(self, new_base, "(IA)³ layer")
 
     def extra_repr(self) -> str:
         return f"feedforward={self.is_feedforward}, merged={self.merged}"

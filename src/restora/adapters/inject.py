@@ -30,6 +30,7 @@ from restora.adapters.ia3 import IA3Config, IA3Linear
 from restora.adapters.lora import AdapterModule, LoRAConfig, LoRALinear, adapter_modules
 
 __all__ = [
+    "checked_peft_state",
     "PEFT_PREFIX", "PRESETS", "linear_layers", "select_targets", "target_names", "add_lora", "add_ia3", "feedforward_paths",
     "remove_adapters", "mark_only_adapters_trainable", "adapter_state_dict", "load_adapter_state_dict",
 ]
@@ -169,17 +170,11 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Copy PEFT-keyed tensors into the model's adapters; one-line errors naming `source`.
-
-    Every adapter tensor must be present with its exact shape, and every key must belong to
-    an adapter (keys with PEFT's ".default" adapter name are accepted too).
-    """
+def checked_peft_state(state: dict[str, torch.Tensor], expected: dict[str, tuple[int, ...]],
+                       source: str) -> dict[str, torch.Tensor]:
+    """`state` with PEFT's adapter name (".default") dropped from its keys, once it holds exactly the `expected`
+    keys, each of its expected shape and with finite values; one-line errors naming `source`."""
     state = {k.replace(".default.", ".").removesuffix(".default"): v for k, v in state.items()}
-    expected: dict[str, tuple[AdapterModule, str, torch.Tensor]] = {}
-    for path, module in adapter_modules(model):
-        for key, tensor in module.peft_tensors().items():
-            expected[f"{PEFT_PREFIX}{path}.{key}"] = (module, key, tensor)
     missing = [k for k in expected if k not in state]
     if missing:
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
@@ -188,11 +183,26 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], so
     if unexpected:
         more = f" and {len(unexpected) - 1} more" if len(unexpected) > 1 else ""
         raise ValueError(f"{source}: tensor {unexpected[0]}{more} does not belong to any adapter of the model")
-    for k, (_, _, tensor) in expected.items():
-        if state[k].shape != tensor.shape:
-            raise ValueError(
-                f"{source}: shape mismatch for {k}: file has {tuple(state[k].shape)}, model needs {tuple(tensor.shape)}"
-            )
+    for k, shape in expected.items():
+        if tuple(state[k].shape) != tuple(shape):
+            raise ValueError(f"{source}: shape mismatch for {k}: file has {tuple(state[k].shape)}, model needs "
+                             f"{tuple(shape)}")
+        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all()):
+            raise ValueError(f"{source}: tensor {k} holds NaN or infinite values")
+    return state
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy PEFT-keyed tensors into the model's adapters; one-line errors naming `source`.
+
+    Every adapter tensor must be present with its exact shape and finite values, and every key must belong to
+    an adapter (keys with PEFT's ".default" adapter name are accepted too).
+    """
+    expected: dict[str, tuple[AdapterModule, str, torch.Tensor]] = {}
+    for path, module in adapter_modules(model):
+        for key, tensor in module.peft_tensors().items():
+            expected[f"{PEFT_PREFIX}{path}.{key}"] = (module, key, tensor)
+    state = checked_peft_state(state, {k: tuple(t.shape) for k, (_, _, t) in expected.items()}, source)
     by_module: dict[int, tuple[AdapterModule, dict[str, torch.Tensor]]] = {}
     for k, (module, key, _) in expected.items():
         by_module.setdefault(id(module), (module, {}))[1][key] = state[k]

@@ -35,6 +35,7 @@ from torch import nn
 from restora.quant.linear import linear_shape, weight_of
 
 __all__ = [
+    "swap_base_of",
     "LoRAConfig", "LoRALinear", "AdapterModule", "adapter_modules", "disable_adapters", "replace_weight",
 ]
 
@@ -104,6 +105,18 @@ class AdapterModule(Protocol):
     def unmerge(self) -> None: ...
 
     def swap_base(self, new_base: nn.Module) -> nn.Module: ...
+
+
+def swap_base_of(layer: nn.Module, new_base: nn.Module, what: str) -> nn.Module:
+    """Put `new_base` under the adapter `layer` (PLR's restore step) once its shape is checked and the layer is
+    not merged; returns the old base."""
+    if getattr(layer, "merged", False):
+        raise ValueError(f"cannot swap the base of a merged {what}: call unmerge() first")
+    need = (layer.out_features, layer.in_features)
+    if linear_shape(new_base) != need:
+        raise ValueError(f"new base has shape {linear_shape(new_base)} (out, in), the {what} needs {need}")
+    old, layer.base_layer = layer.base_layer, new_base
+    return old
 
 
 @torch.no_grad()
@@ -231,15 +244,7 @@ class LoRALinear(nn.Module):
 
     def swap_base(self, new_base: nn.Module) -> nn.Module:
         """Put `new_base` under this adapter (PLR's restore step); returns the old base."""
-        if self.merged:
-            raise ValueError("cannot swap the base of a merged LoRA layer: call unmerge() first")
-        if linear_shape(new_base) != (self.out_features, self.in_features):
-            raise ValueError(
-                f"new base has shape {linear_shape(new_base)} (out, in), the adapter needs"
-                f" {(self.out_features, self.in_features)}"
-            )
-        old, self.base_layer = self.base_layer, new_base
-        return old
+        return swap_base_of(self, new_base, "LoRA layer")
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"

@@ -23,7 +23,7 @@ from collections import OrderedDict
 from collections.abc import Collection
 from pathlib import Path, PurePosixPath
 
-from restora.adapters.batched import MultiAdapterModel
+from restora.adapters.multi import MultiAdapterModel
 from restora.adapters.files import CONFIG_NAME, PROVENANCE_NAME, WEIGHTS_NAME
 
 __all__ = ["AdapterPathError", "AdapterRoot", "AdapterBusyError", "AdapterLoadError", "ResidentAdapters",

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from restora.adapters.batched import MultiAdapterModel
+from restora.adapters.multi import MultiAdapterModel
 from restora.adapters.files import CONFIG_NAME
 from restora.models.bases import BaseChoice, build_base
 from restora.models.load import MANIFEST, load_model, resolve_source
