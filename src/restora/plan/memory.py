@@ -277,6 +277,67 @@ def plan_memory(
     offload: serve with the decoder blocks paged in from their file a block at a time (restora.models.offload):
     two blocks' weights resident (the running one and the one read ahead), no packed or kernel copies.
     """
+    _check_plan(mode, format, bits, group_size, double_quant, float_dtype, source_dtype, batch_size, seq_len, rank,
+                adapters, offload)
+    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
+    fb = DTYPE_BYTES[float_dtype]
+    act = 2 if bf16 else fb
+    H, V, L = shape.hidden, shape.vocab, shape.layers
+    label = "float" if format == "float" else f"{format}-{bits}b-g{group_size}" + ("-dq" if double_quant else "")
+    lin = L * sum(linear_bytes(o, i, format, bits, group_size, double_quant, float_bytes=fb) for _, o, i in shape.linears())
+    embed = V * H * (1 if shape.tied else 2) + shape.positions * H
+    norms = (2 * L + 1) * H
+    resident_blocks = min(2, L) if offload else L
+    items = [
+        Item("framework", framework_bytes, "Python, torch, transformers, restora, tokenizer (measured)"),
+        Item("base linear weights", lin * resident_blocks // L, f"{label}: {shape.linear_params() / 1e6:.1f}M weights, "
+             f"{8 * lin / shape.linear_params():.2f} bits each"
+             + (f"; offloaded: {resident_blocks} of {L} blocks resident" if offload else "")),
+        Item("float weights", (embed + norms) * fb, f"embeddings{'' if shape.tied else ' + LM head'} + norms, {float_dtype}"),
+    ]
+    if source_dtype is not None and not offload:  # an offloaded base maps a checkpoint written before
+        items += load_items(shape, format, bits, DTYPE_BYTES[source_dtype], calib_tokens, from_cache)
+    sizes = _adapter_params(shape, adapter, rank, targets)
+    if mode in ("quantize", "restore"):  # restore: the l-bit base built from the source, plus the adapter
+        settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, float_dtype=float_dtype,
+                        double_quant=double_quant, source_dtype=source_dtype, calib_tokens=calib_tokens,
+                        framework_bytes=framework_bytes, adapter=adapter, rank=rank, targets=targets)
+        if mode == "restore":
+            items.append(Item("adapter", 2 * 4 * sum(sizes), f"{adapter} r{rank} {targets}, fp32, and its bytes "
+                              "while safetensors writes them"))
+        return MemoryPlan(mode, f"{label} {'checkpoint' if mode == 'quantize' else 'base + adapter'} from a "
+                          f"{source_dtype or float_dtype} source", format, 16 if format == "float" else bits, items,
+                          settings)
+    what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
+    # kept once made: training's bf16 cast of a float head (restora.kernels.head_loss: none when the head is bf16
+    # already), and the server's packed bf16 head (restora.kernels.packed: a copy in oneDNN's layout, whatever the
+    # head's dtype; `restora serve` packs it on a CPU with bf16)
+    head_cast = V * H * 2 if bf16 and (fb != 2 or mode == "serve") else 0
+    if head_cast:
+        items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the head under bf16 autocast"
+                          + (" (packed for decoding)" if mode == "serve" else "")))
+    if mode == "serve":
+        layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 and not offload else 0
+        items += _serve_items(shape, fb, act, batch_size, seq_len, seq_len if prompt_len is None else prompt_len,
+                              adapters, sizes, what, layouts)
+        desc = f"{label} base{' (offloaded)' if offload else ''}, {adapters} x {what}, batch {batch_size} x {seq_len}"
+    else:
+        items += _train_items(shape, format, fb, act, batch_size, seq_len, adapter, rank, targets, dropout, sizes, what,
+                              optimizer, grad_checkpointing, bf16, compiled)
+        desc = f"{label} base, {what}, micro-batch {batch_size} x {seq_len}{', checkpointing' if grad_checkpointing else ''}"
+    settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, batch_size=batch_size, seq_len=seq_len,
+                    rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
+                    grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
+                    bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes,
+                    compiled=compiled, source_dtype=source_dtype, calib_tokens=calib_tokens, from_cache=from_cache,
+                    offload=offload)
+    return MemoryPlan(mode, desc, format, 16 if format == "float" else bits, items, settings)
+
+
+def _check_plan(mode: str, format: str, bits: int, group_size: int, double_quant: bool, float_dtype: str,
+                source_dtype: str | None, batch_size: int, seq_len: int, rank: int, adapters: int,
+                offload: bool) -> None:
+    """One-line errors for plan_memory's arguments."""
     if mode not in ("train", "serve", "quantize", "restore"):
         raise ValueError(f"mode must be train, serve, quantize or restore, got {mode!r}")
     if source_dtype is not None and source_dtype not in DTYPE_BYTES:
@@ -290,102 +351,66 @@ def plan_memory(
         raise ValueError(f"adapters must be >= 0, got {adapters}")
     if format != "float":
         QuantSpec(format=format, bits=bits, group_size=group_size, double_quant=double_quant)  # one-line errors
-    shape = config if isinstance(config, ModelShape) else ModelShape.from_config(config)
-    fb = DTYPE_BYTES[float_dtype]
-    act = 2 if bf16 else fb
-    H, V, L = shape.hidden, shape.vocab, shape.layers
-    label = "float" if format == "float" else f"{format}-{bits}b-g{group_size}" + ("-dq" if double_quant else "")
-    lin = L * sum(linear_bytes(o, i, format, bits, group_size, double_quant, float_bytes=fb) for _, o, i in shape.linears())
-    embed = V * H * (1 if shape.tied else 2) + shape.positions * H
-    norms = (2 * L + 1) * H
     if offload and mode != "serve":
         raise ValueError("offload plans a server (mode serve): training and quantizing hold their base")
-    resident_blocks = min(2, L) if offload else L
-    items = [
-        Item("framework", framework_bytes, "Python, torch, transformers, restora, tokenizer (measured)"),
-        Item("base linear weights", lin * resident_blocks // L, f"{label}: {shape.linear_params() / 1e6:.1f}M weights, "
-             f"{8 * lin / shape.linear_params():.2f} bits each"
-             + (f"; offloaded: {resident_blocks} of {L} blocks resident" if offload else "")),
-        Item("float weights", (embed + norms) * fb, f"embeddings{'' if shape.tied else ' + LM head'} + norms, {float_dtype}"),
-    ]
-    if source_dtype is not None and not offload:  # an offloaded base maps a checkpoint written before
-        items += load_items(shape, format, bits, DTYPE_BYTES[source_dtype], calib_tokens, from_cache)
-    if mode in ("quantize", "restore"):  # restore: the l-bit base built from the source, plus the adapter
-        settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, float_dtype=float_dtype,
-                        double_quant=double_quant, source_dtype=source_dtype, calib_tokens=calib_tokens,
-                        framework_bytes=framework_bytes, adapter=adapter, rank=rank, targets=targets)
-        if mode == "restore":
-            sizes = _adapter_params(shape, adapter, rank, targets)
-            items.append(Item("adapter", 2 * 4 * sum(sizes), f"{adapter} r{rank} {targets}, fp32, and its bytes "
-                              "while safetensors writes them"))
-        return MemoryPlan(mode, f"{label} {'checkpoint' if mode == 'quantize' else 'base + adapter'} from a "
-                          f"{source_dtype or float_dtype} source", format, 16 if format == "float" else bits, items,
-                          settings)
-    sizes = _adapter_params(shape, adapter, rank, targets)
-    what = f"LoRA r{rank} {targets}" if adapter == "lora" else "IA3"
-    # kept once made: training's bf16 cast of a float head (restora.kernels.head_loss: none when the head is bf16
-    # already), and the server's packed bf16 head (restora.kernels.packed: a copy in oneDNN's layout, whatever the
-    # head's dtype; `restora serve` packs it on a CPU with bf16)
-    head_cast = V * H * 2 if bf16 and (fb != 2 or mode == "serve") else 0
-    if head_cast:
-        items.append(Item("LM head bf16 copy", head_cast, f"{V} x {H} x 2 B, the head under bf16 autocast"
-                          + (" (packed for decoding)" if mode == "serve" else "")))
-    if mode == "serve":
-        items.append(Item("server", SERVER_BYTES, "FastAPI, uvicorn, engine and tokenizer threads (measured)"))
-        P = seq_len if prompt_len is None else prompt_len
-        items.append(Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32"))
-        layouts = _kernel_layout_bytes(shape, format, bits, group_size) if bf16 and not offload else 0
-        if layouts:
-            items.append(Item("4-bit kernel layouts", layouts, "codes re-laid for restora's int4 kernel, kept once "
-                              "built: codes + fp32 scales and zeros"))
-        vb = _cached_value_bytes(fb, act)
-        kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + vb)
-        items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
-                          f"{shape.head_dim} x (K at {fb} B + V at {vb} B)"))
-        prefill = batch_size * P * V * act + batch_size * P * (3 * shape.intermediate + 4 * H) * 4
-        items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {P} prompt tokens, "
-                          "one layer's work", transient=True))
+
+
+def _serve_items(shape: ModelShape, fb: int, act: int, batch_size: int, seq_len: int, prompt_len: int, adapters: int,
+                 sizes: list[int], what: str, layouts: int) -> list[Item]:
+    """What a server holds beside its base: itself, the resident adapters, kernel layouts, the KV cache of
+    `batch_size` x `seq_len` tokens, and a prefill of `prompt_len` tokens per row (transient)."""
+    H, V, L = shape.hidden, shape.vocab, shape.layers
+    items = [Item("server", SERVER_BYTES, "FastAPI, uvicorn, engine and tokenizer threads (measured)"),
+             Item("adapters", adapters * 4 * sum(sizes), f"{adapters} x {what}, fp32")]
+    if layouts:
+        items.append(Item("4-bit kernel layouts", layouts, "codes re-laid for restora's int4 kernel, kept once "
+                          "built: codes + fp32 scales and zeros"))
+    vb = _cached_value_bytes(fb, act)
+    kv = L * batch_size * seq_len * shape.kv_heads * shape.head_dim * (fb + vb)
+    items.append(Item("KV cache", kv, f"{L} layers x {batch_size} x {seq_len} tokens x {shape.kv_heads} kv heads x "
+                      f"{shape.head_dim} x (K at {fb} B + V at {vb} B)"))
+    prefill = batch_size * prompt_len * V * act + batch_size * prompt_len * (3 * shape.intermediate + 4 * H) * 4
+    items.append(Item("prefill transient", prefill, f"logits of {batch_size} x {prompt_len} prompt tokens, "
+                      "one layer's work", transient=True))
+    return items
+
+
+def _train_items(shape: ModelShape, format: str, fb: int, act: int, batch_size: int, seq_len: int, adapter: str,
+                 rank: int, targets: str, dropout: float, sizes: list[int], what: str, optimizer: str,
+                 grad_checkpointing: bool, bf16: bool, compiled: bool) -> list[Item]:
+    """What a training step holds beside its base: the adapter, its gradients and optimizer states, the
+    activations saved for backward and one chunk of the loss (both transient)."""
+    H, V, L = shape.hidden, shape.vocab, shape.layers
+    n_params = sum(sizes)
+    items = [Item("adapter parameters", 4 * n_params, f"{what}: {n_params / 1e6:.2f}M fp32"),
+             Item("gradients", 4 * n_params, "adapter only, fp32"),
+             Item("optimizer states", _optimizer_bytes(sizes, optimizer), optimizer)]
+    N = batch_size * seq_len
+    layer_bytes = _compiled_layer_activation_bytes if compiled else _layer_activation_bytes
+    per_layer = layer_bytes(shape, adapter, rank, targets, act, fb, dropout)
+    if grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
+        saved = N * (L * H * fb + per_layer)
+        note = f"{batch_size} x {seq_len} tokens: layer inputs + one recomputed layer"
     else:
-        n_params = sum(sizes)
-        items.append(Item("adapter parameters", 4 * n_params, f"{what}: {n_params / 1e6:.2f}M fp32"))
-        items.append(Item("gradients", 4 * n_params, "adapter only, fp32"))
-        items.append(Item("optimizer states", _optimizer_bytes(sizes, optimizer), optimizer))
-        N = batch_size * seq_len
-        layer_bytes = _compiled_layer_activation_bytes if compiled else _layer_activation_bytes
-        per_layer = layer_bytes(shape, adapter, rank, targets, act, fb, dropout)
-        if grad_checkpointing:  # each layer keeps its input; one layer is recomputed at a time
-            saved = N * (L * H * fb + per_layer)
-            note = f"{batch_size} x {seq_len} tokens: layer inputs + one recomputed layer"
-        else:
-            saved = N * L * per_layer
-            note = f"{batch_size} x {seq_len} tokens x {L} layers x {per_layer / 1024:.1f} KiB/token"
-        saved += N * H * (fb + 4)  # final norm input, gathered label hidden states
-        if bf16 and fb != 2:  # autocast keeps a bf16 copy of each trainable weight until backward
-            saved += 2 * n_params
-        if format == "float" and bf16 and fb != 2:  # frozen float layers under autocast save their bf16 weight
-            saved += 2 * shape.linear_params()
-            note += " + bf16 weight copies"
-        elif compiled and format != "float" and not grad_checkpointing:  # compiled blocks keep dequantized weights
-            saved += 2 * shape.linear_params()
-            note += " + dequantized bf16 weights"
-        if compiled:
-            items.append(Item("compiler", COMPILE_BYTES, "torch.compile state in the process (measured)"))
-        items.append(Item("activations", saved, note, transient=True))
-        n_logit = min(batch_size * (seq_len - 1), LOGIT_CHUNK)
-        per_logit = COMPILED_LOGIT_BYTES if compiled else LOGIT_BYTES
-        items.append(Item("loss chunk", n_logit * V * per_logit,
-                          f"{n_logit} label positions x {V} vocab x {per_logit} B", transient=True))
-    settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, batch_size=batch_size, seq_len=seq_len,
-                    rank=rank, targets=targets, adapter=adapter, adapters=adapters, optimizer=optimizer,
-                    grad_checkpointing=grad_checkpointing, float_dtype=float_dtype, double_quant=double_quant,
-                    bf16=bf16, dropout=dropout, prompt_len=prompt_len, framework_bytes=framework_bytes,
-                    compiled=compiled, source_dtype=source_dtype, calib_tokens=calib_tokens, from_cache=from_cache,
-                    offload=offload)
-    if mode == "serve":
-        desc = f"{label} base{' (offloaded)' if offload else ''}, {adapters} x {what}, batch {batch_size} x {seq_len}"
-    else:
-        desc = f"{label} base, {what}, micro-batch {batch_size} x {seq_len}{', checkpointing' if grad_checkpointing else ''}"
-    return MemoryPlan(mode, desc, format, 16 if format == "float" else bits, items, settings)
+        saved = N * L * per_layer
+        note = f"{batch_size} x {seq_len} tokens x {L} layers x {per_layer / 1024:.1f} KiB/token"
+    saved += N * H * (fb + 4)  # final norm input, gathered label hidden states
+    if bf16 and fb != 2:  # autocast keeps a bf16 copy of each trainable weight until backward
+        saved += 2 * n_params
+    if format == "float" and bf16 and fb != 2:  # frozen float layers under autocast save their bf16 weight
+        saved += 2 * shape.linear_params()
+        note += " + bf16 weight copies"
+    elif compiled and format != "float" and not grad_checkpointing:  # compiled blocks keep dequantized weights
+        saved += 2 * shape.linear_params()
+        note += " + dequantized bf16 weights"
+    if compiled:
+        items.append(Item("compiler", COMPILE_BYTES, "torch.compile state in the process (measured)"))
+    items.append(Item("activations", saved, note, transient=True))
+    n_logit = min(batch_size * (seq_len - 1), LOGIT_CHUNK)
+    per_logit = COMPILED_LOGIT_BYTES if compiled else LOGIT_BYTES
+    items.append(Item("loss chunk", n_logit * V * per_logit,
+                      f"{n_logit} label positions x {V} vocab x {per_logit} B", transient=True))
+    return items
 
 
 SERVE_LADDER: list[tuple[str, int]] = [("float", 16), ("int8", 8), ("nf4", 4), ("rtn", 4), ("rtn", 3), ("rtn", 2)]
