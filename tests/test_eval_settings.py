@@ -62,6 +62,8 @@ def test_the_grids_own_eval_keys_are_a_checked_dataclass():
                           ({"merge_dtypes": ["fp16"]}, "merge_dtypes: 'fp16' is unknown: expected some of float32"),
                           ({"loss_limit": -1}, "loss_limit must be 0 \\(all rows\\) or more"),
                           ({"restore_format": "q4"}, "restore_format must be one of"),
+                          ({"restore_modes": ["partial"]}, "restore_modes: 'partial' is unknown"),
+                          ({"auto_min_gain": 1.5}, r"auto_min_gain must be in \[0, 1\)"),
                           ({"auto_min_gain": "0.01"}, "'auto_min_gain' must be a number")):
         with pytest.raises(ValueError, match=message):
             _grid_eval(flat, where="g.toml: ")
@@ -73,3 +75,21 @@ def test_a_bad_grid_eval_key_fails_when_the_config_loads(tmp_path):
                  'eval = { merge_dtypes = ["float32", "half"] }\n')
     with pytest.raises(ValueError, match="g.toml: sql-gptq-4b-s0: merge_dtypes: 'half' is unknown"):
         load_grid_config(p)
+
+
+def test_list_settings_keep_their_declared_kind():
+    from dataclasses import dataclass
+
+    from restora.core.settings import checked_value
+
+    assert checked_value("k", (1, 2), list[int]) == [1, 2]
+    assert checked_value("k", [1, 2], tuple[int, ...]) == (1, 2)
+    assert checked_value("k", None, tuple[int, ...] | None) is None
+    assert checked_value("k", [1, "a"], tuple[int, str]) == [1, "a"]  # fixed shapes: the dataclass decides
+
+    @dataclass
+    class S:
+        xs: list[float]
+
+    with pytest.raises(ValueError, match=r"setting 'xs\[1\]' must be a number, got 'b'"):
+        settings_from(S, {"xs": [1, "b"]})

@@ -16,14 +16,14 @@ _KIND_NAMES = {bool: "true or false", int: "a whole number", float: "a number", 
 
 def checked_value(key: str, value: Any, hint: Any, where: str = "", noun: str = "setting") -> Any:
     """`value` if the field's annotation `hint` admits it (a whole number where a float is expected becomes that
-    float; a list or tuple where a list is expected becomes a tuple, each item checked); otherwise a one-line
-    error saying what the field takes."""
+    float; a list or tuple where list[X] or tuple[X, ...] is expected becomes that kind, each item checked);
+    otherwise a one-line error saying what the field takes."""
     options = get_args(hint) if get_origin(hint) in (Union, UnionType) else (hint,)
     for option in options:
-        if get_origin(option) in (list, tuple):
+        if _sequence_of(option) is not None:
             if isinstance(value, (list, tuple)):
-                item = get_args(option)[0]
-                return tuple(checked_value(f"{key}[{i}]", v, item, where, noun) for i, v in enumerate(value))
+                items = [checked_value(f"{key}[{i}]", v, _sequence_of(option), where, noun) for i, v in enumerate(value)]
+                return items if get_origin(option) is list else tuple(items)
         elif get_origin(option) is Literal:
             if value in get_args(option) and type(value) is not bool:
                 return value
@@ -39,10 +39,20 @@ def checked_value(key: str, value: Any, hint: Any, where: str = "", noun: str = 
     raise ValueError(f"{where}{noun} {key!r} must be {_describe(options)}, got {value!r}")
 
 
+def _sequence_of(hint: Any) -> Any:
+    """X for list[X] or tuple[X, ...] (a sequence of any length), else None."""
+    args = get_args(hint)
+    if get_origin(hint) is list and len(args) == 1:
+        return args[0]
+    if get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis:
+        return args[0]
+    return None
+
+
 def _describe(options: tuple) -> str:
     words = []
     for option in options:
-        if get_origin(option) in (list, tuple):
+        if _sequence_of(option) is not None:
             words.append("a list")
         elif get_origin(option) is Literal:
             words.append("one of " + ", ".join(repr(v) for v in get_args(option)))

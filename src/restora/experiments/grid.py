@@ -67,7 +67,9 @@ _METHOD = {"name", "format", "bits", "init", "group_size", "train", "seeds", "ev
 _UNIT_SET = {"format", "bits", "group_size", "init", "seed"}
 _TRAIN = {"adapter"} | {f.name for cls in SETTING_GROUPS.values() for f in fields(cls)} - _UNIT_SET
 _MERGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_GRID_MODES = (*MODES, "trained")  # "trained": the adapter merged into its dequantized k-bit base
+# the restorations a grid cell can name ("partial" modes need layer ranges the grid does not take), and "trained":
+# the adapter merged into its dequantized k-bit base
+_GRID_MODES = (*(m for m in MODES if not m.startswith("partial")), "trained")
 
 
 @dataclass(frozen=True)
@@ -76,9 +78,10 @@ class GridEvalSettings:
 
     Args:
         loss_limit: log loss over the first N test rows (at least `limit`; unset: `limit`; 0: all).
-        restore_format: the format of restored bases below 16 bits (unset: the method's, where it has the level).
-        restore_modes: the restorations evaluated above k (restora.restore.modes.MODES, and "trained": merged
-            into the dequantized k-bit base).
+        restore_format: the format of bases restored above k and below 16 bits (unset: the method's); where the
+            format has no such level, int8 at 8 bits and RTN otherwise.
+        restore_modes: the restorations evaluated: plain, bias-correct, mean-match, loftq (LoftQ units only) and
+            auto above k, and "trained" (the adapter merged into its dequantized k-bit base) at k.
         mode_bits: the levels at which modes other than plain are evaluated (unset: every level).
         auto_min_gain: the validation gain auto needs before it restores.
         merge_dtypes: storage dtypes in which the merged weights are also scored (float32, bfloat16, float16).
@@ -99,8 +102,11 @@ class GridEvalSettings:
             bad = [v for v in value if v not in known]
             if bad:
                 raise ValueError(f"{name}: {bad[0]!r} is unknown: expected some of {', '.join(known)}")
-        if self.restore_format is not None and self.restore_format not in SUPPORTED_BITS:
-            raise ValueError(f"restore_format must be one of {', '.join(SUPPORTED_BITS)}, got {self.restore_format!r}")
+        quantized = [f for f in SUPPORTED_BITS if f != "float"]
+        if self.restore_format is not None and self.restore_format not in quantized:
+            raise ValueError(f"restore_format must be one of {', '.join(quantized)}, got {self.restore_format!r}")
+        if not 0 <= self.auto_min_gain < 1:
+            raise ValueError(f"auto_min_gain must be in [0, 1), got {self.auto_min_gain}")
         for name in ("loss_limit", "merge_limit"):
             if (getattr(self, name) or 0) < 0:
                 raise ValueError(f"{name} must be 0 (all rows) or more, got {getattr(self, name)}")

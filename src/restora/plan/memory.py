@@ -297,7 +297,7 @@ def plan_memory(
     ]
     if source_dtype is not None and not offload:  # an offloaded base maps a checkpoint written before
         items += load_items(shape, format, bits, DTYPE_BYTES[source_dtype], calib_tokens, from_cache)
-    sizes = _adapter_params(shape, adapter, rank, targets)
+    sizes = [] if mode == "quantize" else _adapter_params(shape, adapter, rank, targets)  # quantize: no adapter
     if mode in ("quantize", "restore"):  # restore: the l-bit base built from the source, plus the adapter
         settings = dict(mode=mode, format=format, bits=bits, group_size=group_size, float_dtype=float_dtype,
                         double_quant=double_quant, source_dtype=source_dtype, calib_tokens=calib_tokens,
