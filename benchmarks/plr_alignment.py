@@ -35,6 +35,7 @@ from restora.adapters.loftq import lora_scaling
 from restora.data import encode_rows, get_task, task_split
 from restora.models.bases import base_choice, build_base
 from restora.quant.linear import QuantLinear
+from restora.restore.corrections import summed_inputs
 from restora.restore.plr import build_trained_base
 
 
@@ -69,22 +70,9 @@ def _errors(quantized: torch.nn.Module, source: dict[str, torch.Tensor], names: 
 def input_grams(model: torch.nn.Module, tokenizer, task: str, names: list[str], rows: int,
                 data_dir: str | None) -> dict[str, torch.Tensor]:
     """H = XᵀX of each named layer's inputs over the first `rows` training rows of `task` (float64)."""
-    grams = {n: torch.zeros(model.get_submodule(n).in_features, model.get_submodule(n).in_features,
-                            dtype=torch.float64) for n in names}
-
-    def hook(name):
-        def add(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            grams[name] += x.T @ x
-        return add
-
-    handles = [model.get_submodule(n).register_forward_pre_hook(hook(n)) for n in names]
     examples = encode_rows(get_task(task), tokenizer, task_split(task, "train", 0, data_dir, limit=rows), 512, False)
-    with torch.no_grad():
-        for ex in examples:
-            model(torch.tensor([ex["input_ids"]]))
-    for h in handles:
-        h.remove()
+    batches = ({"input_ids": torch.tensor([ex["input_ids"]])} for ex in examples)
+    grams, _ = summed_inputs(model, batches, names, lambda x: x.double().T @ x.double())
     return grams
 
 

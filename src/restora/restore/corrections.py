@@ -24,7 +24,7 @@ the base's own bias (float or QuantLinear), which is what plain transformers loa
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from torch import nn
 from restora.quant.linear import QuantLinear
 from restora.core.modules import set_module
 
-__all__ = ["BiasedLinear", "fold_biases", "mean_inputs", "mean_match_biases", "output_means"]
+__all__ = ["BiasedLinear", "fold_biases", "mean_inputs", "mean_match_biases", "output_means", "summed_inputs"]
 
 
 class BiasedLinear(nn.Module):
@@ -75,15 +75,17 @@ def fold_biases(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def mean_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: Sequence[str], max_len: int = 256) -> dict[str, torch.Tensor]:
-    """E[x] per layer: the mean input vector over all tokens of `texts` (one row at a time)."""
+def summed_inputs(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], names: Sequence[str],
+                  of: Callable[[torch.Tensor], torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Per named layer, Σ of(x) over the forwards of `batches` (model keyword arguments), x the layer's inputs
+    (tokens, in) in float32, and the number of tokens seen: of = x.sum(0) gives E[x], of = xᵀx the Gram matrix."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {n: 0 for n in names}
 
     def hook(name: str):  # noqa: ANN202
         def fn(_m: nn.Module, args: tuple, _out: Any) -> None:
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in)
-            sums[name] = sums.get(name, 0) + x.sum(0)
+            sums[name] = sums[name] + of(x) if name in sums else of(x)
             counts[name] += x.shape[0]
         return fn
 
@@ -91,13 +93,20 @@ def mean_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: S
     was = model.training
     model.eval()
     try:
-        for t in texts:
-            ids = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]
-            model(input_ids=ids)
+        for batch in batches:
+            model(**batch)
     finally:
         for h in hooks:
             h.remove()
         model.train(was)
+    return sums, counts
+
+
+def mean_inputs(model: nn.Module, tokenizer: Any, texts: Sequence[str], names: Sequence[str], max_len: int = 256) -> dict[str, torch.Tensor]:
+    """E[x] per layer: the mean input vector over all tokens of `texts` (one row at a time)."""
+    rows = ({"input_ids": tokenizer(t, return_tensors="pt", truncation=True, max_length=max_len)["input_ids"]}
+            for t in texts)
+    sums, counts = summed_inputs(model, rows, names, lambda x: x.sum(0))
     return {n: sums[n] / max(counts[n], 1) for n in names if n in sums}
 
 
