@@ -98,6 +98,14 @@ def test_auto_picks_the_validation_minimum(adapter):
     assert evaluate_loss(got.model, enc, got.tokenizer.pad_token_id, 8, True) == pytest.approx(rec["val_loss"], rel=1e-5)
 
 
+def test_auto_scores_keep_once_over_several_levels(adapter):
+    _, _, rec = restore_with_mode(adapter, 16, RestorationMode("auto", calib_rows=4, val_rows=8, min_gain=0,
+                                                                auto_bits=(8, 16)))
+    names = [e["candidate"] for e in rec["evidence"]]
+    assert names.count("keep k-bit base") == 1 and "plain PLR8" in names and "plain PLR16" in names
+    assert rec["val_loss"] == min(e["val_loss"] for e in rec["evidence"])
+
+
 def test_auto_keeps_the_k_bit_base_unless_a_restoration_gains_min_gain(adapter):
     got, _, rec = restore_with_mode(adapter, 16, RestorationMode("auto", calib_rows=4, val_rows=8, min_gain=0.99))
     assert rec["restore_bits"] == 3 and rec["chosen"].startswith("keep k-bit base")

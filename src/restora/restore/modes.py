@@ -252,8 +252,9 @@ def _auto(adapter_dir: Any, mode: RestorationMode, format: str | None, model: st
         pick_mlp = layer_selector(m, None, "mlp")
         n_blocks = len(decoder_blocks(m))
         half = layer_selector(m, f"0-{n_blocks // 2 - 1}", None)
-        candidates: list[tuple[str, set[str], str | None]] = [
-            ("keep k-bit base", set(), None),
+        # "keep" is the same model at every level: scored once, at the first
+        candidates: list[tuple[str, set[str], str | None]] = [("keep k-bit base", set(), None)] if level == levels[0] else []
+        candidates += [
             (f"plain PLR{level}", everything, None),
             (f"bias-correct {level}", everything, "bias"),
             (f"mean-match {level}", everything, "mean-match"),
