@@ -170,6 +170,24 @@ def test_plot_has_one_column_per_restoration_mode(tmp_path):
     assert width == 3 * 550 and height == 400  # 3 mode columns x 1 (task, metric) row at 100 dpi
 
 
+def test_table_gives_auto_one_column_whatever_level_it_chose():
+    from restora.experiments.report import markdown_table
+
+    def cell(task, bits, mode, loss, seed=0):
+        return {"task": task, "method": "gptq", "train_bits": 4, "restore_bits": bits, "restore_mode": mode,
+                "seed": seed, "test_log_loss": loss, "metrics": {"exact_match": {"value": 0.5}} if task == "sql" else {}}
+
+    cells = [cell("sql", 4, "plain", 0.5), cell("sql", 16, "plain", 0.6), cell("sql", 16, "mean-match", 0.45),
+             cell("sql", 8, "auto", 0.4), cell("sql", 16, "auto", 0.2, seed=1), cell("gsm8k", 4, "plain", 0.9)]
+    lines = markdown_table(cells).splitlines()
+    header = lines[0].split(" | ")
+    assert sum(h.startswith("4b QLoRA → auto") for h in header) == 1 and header[-1] == "4b QLoRA → auto |"
+    assert "4b QLoRA → PLR16 mean-match" in header
+    sql_loss = next(line for line in lines if line.startswith("| sql | log loss"))
+    assert sql_loss.endswith("| 0.300 |")  # the two seeds' auto cells averaged, though they chose 8 and 16
+    assert not any(line.startswith("| gsm8k | exact_match") for line in lines)  # no metric row a task lacks
+
+
 def test_priority_order_alternates_tasks_and_takes_method_overrides(tmp_path, tiny_dir):
     text = CONFIG.format(model=tiny_dir).replace('tasks = ["sql"]', 'tasks = ["sql", "gsm8k"]')
     text = text.replace('bits = [4, 2]\n', 'bits = [4, 2]\nseeds = [0, 1]\n')

@@ -57,12 +57,18 @@ def _value(cell: dict[str, Any], metric: str) -> float | None:
 
 
 def _level(cell: dict[str, Any]) -> Any:
-    """Restore level key: the bits, or (bits, mode) for a restoration mode other than plain."""
+    """Restore level key: the bits, "BITS MODE" for a restoration mode other than plain, or "auto": auto picks its
+    own bits per adapter, so its cells share one column (and seeds average) whatever level each chose."""
     mode = cell.get("restore_mode", "plain")
+    if mode == "auto":
+        return "auto"
     return cell["restore_bits"] if mode == "plain" else f"{cell['restore_bits']} {mode}"
 
 
 def _bits(level: Any) -> int:
+    """Sort position of a level key: its bits; auto after every level."""
+    if level == "auto":
+        return 17
     return level if isinstance(level, int) else int(str(level).split()[0])
 
 
@@ -76,21 +82,20 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
             v = _value(c, m)
             if v is not None:
                 groups[(c["task"], m, c["method"], c["train_bits"], _level(c))].append(v)
-    columns: list[tuple[str, int, int]] = []
-    for (method, k, level) in sorted({key[2:] for key in groups}, key=lambda t: (t[1] != 16, -t[1], t[0], _bits(t[2]), str(t[2]))):
-        if (method, k, level) not in columns:
-            columns.append((method, k, level))
+    columns = sorted({key[2:] for key in groups}, key=lambda t: (t[1] != 16, -t[1], t[0], _bits(t[2]), str(t[2])))
 
-    def header(method: str, k: int, level: int) -> str:
+    def header(method: str, k: int, level: Any) -> str:
         if k == 16:
             return "16-bit LoRA" if method in ("lora", "lora16", "float") else f"{method} 16-bit"
         own = f"{k}b QLoRA" if method in ("gptq", "qlora") else f"{method} {k}b"
         if level == k:
             return own
+        if level == "auto":
+            return f"{own} → auto"
         if isinstance(level, int):
             return f"{own} → PLR{level}"
         bits, mode = str(level).split(" ", 1)
-        return f"{own} → {mode}" if mode == "auto" else f"{own} → PLR{bits} {mode}"
+        return f"{own} → PLR{bits} {mode}"
 
     lines = ["| task | metric | " + " | ".join(header(*col) for col in columns) + " |",
              "|---|---|" + "---|" * len(columns)]
@@ -105,6 +110,8 @@ def markdown_table(cells: list[dict[str, Any]]) -> str:
                     vals.append(f"{_mean(v):.3f}")
                 else:
                     vals.append(f"{100 * _mean(v):.1f}")
+            if not any(vals):
+                continue  # a metric this task does not report
             label = "log loss (nats/token)" if m == "test_log_loss" else f"{m} (%)"
             lines.append(f"| {Path(task).stem} | {label} | " + " | ".join(vals) + " |")
     return "\n".join(lines) + "\n"
